@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Convert a PyTorch CrossFormer / CrossFormer++ checkpoint into a crossformer_jax directory.
+
+    python convert_torch_weights.py --checkpoint crossformer-s.pth --output weights/small [--verify]
+
+See `python convert_torch_weights.py --help`. The logic lives in crossformer_jax.convert.
+"""
+
+import sys
+
+from crossformer_jax.convert import main
+
+if __name__ == '__main__':
+    sys.exit(main())
