@@ -1,0 +1,93 @@
+"""Parameter and multiply-accumulate (MAC) counts of the CrossFormer variants.
+
+`count_macs` is analytic: it counts the MACs of every convolution, dense layer and attention
+matmul the Flax model runs (attention over padded groups included), one image at a time.
+Normalisations, activations and softmax are not counted, as in the paper's GMACs.
+
+    python -m crossformer_jax.complexity [--image-size 224] [--num-classes 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+
+from crossformer_jax.crossformer import VARIANTS, create_model, cross_scale_channels, group_layout
+
+
+def count_params(name: str, num_classes: int = 1000, features_only: bool = False,
+                 **overrides) -> int:
+    """Number of parameters of a registered variant (shapes only; nothing is allocated)."""
+    model = create_model(name, num_classes, features_only, **overrides)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
+
+
+def _conv_macs(out_h: int, out_w: int, kernel: int, in_ch: int, out_ch: int, groups: int = 1):
+    return out_h * out_w * kernel * kernel * (in_ch // groups) * out_ch
+
+
+def _block_macs(h: int, w: int, dim: int, heads: int, mlp_ratio: float, layout) -> int:
+    hp, wp = layout.padded
+    gh, gw = layout.group
+    tokens = gh * gw
+    groups = hp * wp // tokens
+    pos_dim = (dim // 4) // 4
+    rows = (2 * gh - 1) * (2 * gw - 1)
+    macs = hp * wp * dim * 3 * dim                     # qkv (padded tokens included)
+    macs += 2 * groups * tokens * tokens * dim         # q @ k^T and weights @ v over all heads
+    macs += hp * wp * dim * dim                        # proj
+    macs += rows * (2 * pos_dim + 2 * pos_dim * pos_dim + pos_dim * heads)   # DPB MLP
+    macs += 2 * h * w * dim * int(dim * mlp_ratio)     # fc1 + fc2
+    return macs
+
+
+def count_macs(name: str, image_size: tuple[int, int] | int = 224, num_classes: int = 1000,
+               features_only: bool = False, **overrides) -> int:
+    """MACs of one forward pass of one image of `image_size` (H, W) through a registered variant."""
+    model = create_model(name, num_classes, features_only, **overrides)
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    stride = model.patch_kernel_sizes[0]
+    h, w = height // stride, width // stride
+    channels = cross_scale_channels(model.embed_dim, len(model.patch_kernel_sizes))
+    macs = sum(_conv_macs(h, w, k, 3, ch) for k, ch in zip(model.patch_kernel_sizes, channels))
+    dim = model.embed_dim
+    for s, depth in enumerate(model.depths):
+        for j in range(depth):
+            layout = group_layout(h, w, group_size=model.group_size[s],
+                                  interval=model.interval[s], long_distance=j % 2 == 1,
+                                  version=model.version)
+            macs += _block_macs(h, w, dim, model.num_heads[s], model.mlp_ratio, layout)
+            if model.version == 'pp' and (j + 1) % 3 == 0 and j < depth - 1:
+                macs += _conv_macs(h, w, 3, dim, dim, groups=dim)        # ACL depthwise conv
+        if s < len(model.depths) - 1:
+            merge_channels = cross_scale_channels(2 * dim, len(model.merge_kernel_sizes))
+            macs += sum(_conv_macs(h // 2, w // 2, k, dim, ch)
+                        for k, ch in zip(model.merge_kernel_sizes, merge_channels))
+            h, w, dim = h // 2, w // 2, 2 * dim
+    if not features_only:
+        macs += dim * num_classes
+    return int(macs)
+
+
+def report(image_size: int = 224, num_classes: int = 1000) -> list[dict]:
+    """Parameters and GMACs of every variant: [{'model', 'params', 'gmacs'}]."""
+    return [dict(model=name, params=count_params(name, num_classes),
+                 gmacs=count_macs(name, image_size, num_classes) / 1e9) for name in VARIANTS]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--image-size', type=int, default=224)
+    parser.add_argument('--num-classes', type=int, default=1000)
+    args = parser.parse_args(argv)
+    print(f'{"model":<22} {"params":>12} {"GMACs@" + str(args.image_size):>12}')
+    for row in report(args.image_size, args.num_classes):
+        print(f'{row["model"]:<22} {row["params"]:>12,} {row["gmacs"]:>12.2f}')
+
+
+if __name__ == '__main__':
+    main()
