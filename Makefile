@@ -1,0 +1,31 @@
+# Quick start:  make demo  (train a small CrossFormer on the built-in digits example)
+#               make test  (install what the tests need, run the whole suite)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= workdirs/digits_demo
+
+.PHONY: install test test-slow demo benchmark report clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+report: install
+	$(PY) -m crossformer_jax.complexity
+
+benchmark: install
+	$(PY) benchmarks/cpu_benchmark.py --model crossformer_tiny
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache
