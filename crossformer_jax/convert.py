@@ -440,6 +440,9 @@ def _shape_of(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...] | None
 def describe_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The architecture facts visible in a state dict: embed_dim, depths, heads, ACL, classes."""
     state_dict = {_strip_module_prefix(k): v for k, v in state_dict.items()}
+    if any(k.startswith('backbone.') for k in state_dict):  # a detection/segmentation state dict
+        state_dict = {k[len('backbone.'):]: v for k, v in state_dict.items()
+                      if k.startswith('backbone.')}
     norm = _shape_of(state_dict, 'patch_embed.norm.weight')
     blocks: dict[int, set[int]] = {}
     for key in state_dict:

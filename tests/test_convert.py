@@ -271,6 +271,7 @@ def test_infer_model_name_and_key_sets_of_every_variant(name):
                  if not k.startswith(('head.', 'norm.'))}
     backbone, _ = C.extract_state_dict({'state_dict': detection})
     assert C.infer_model_name(backbone) == name
+    assert C.infer_model_name(detection) == name
 
 
 def test_infer_model_name_errors():
