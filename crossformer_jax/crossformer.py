@@ -208,8 +208,9 @@ class GroupAttention(nn.Module):
         n, g, t, c = x.shape
         head_dim = self.dim // self.num_heads
         qkv = dense(3 * self.dim, 'qkv', self.dtype)(x).reshape(n, g, t, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]   # (N, groups, T, heads, hd)
-        logits = jnp.einsum('ngqhd,ngkhd->nghqk', q * head_dim ** -0.5, k)
+        # Head-major (N, groups, heads, T, hd) operands: XLA's batched matmuls are ~2x faster so.
+        q, k, v = jnp.transpose(qkv, (3, 0, 1, 4, 2, 5))
+        logits = jnp.einsum('nghqd,nghkd->nghqk', q * head_dim ** -0.5, k)
 
         offsets, index = relative_offsets(*group)
         table = DynamicPositionBias((self.dim // 4) // 4, self.num_heads, name='pos')(offsets)
@@ -219,7 +220,8 @@ class GroupAttention(nn.Module):
             logits = logits + key_bias                                   # (groups, 1, 1, T)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not train)
-        out = jnp.einsum('nghqk,ngkhd->ngqhd', weights, v).reshape(n, g, t, c)
+        out = jnp.einsum('nghqk,nghkd->nghqd', weights, v)
+        out = jnp.transpose(out, (0, 1, 3, 2, 4)).reshape(n, g, t, c)
         out = dense(self.dim, 'proj', self.dtype)(out)
         return nn.Dropout(self.dropout_rate)(out, deterministic=not train)
 
