@@ -1,7 +1,7 @@
 """Conversion of PyTorch CrossFormer / CrossFormer++ checkpoints to Flax parameters.
 
 The mapping between PyTorch state-dict keys and the Flax parameter tree is the one fixed in
-docs/CONTRACTS.md. Rather than hard-coding every key, the converter derives the expected PyTorch
+docs/parameter_names.md. Rather than hard-coding every key, the converter derives the expected PyTorch
 keys and shapes from the Flax model itself (`jax.eval_shape` of `create_model(...).init`, so no
 memory is allocated) and then checks the given state dict against them: every missing key, every
 unused key and every shape mismatch is reported together in one `StateDictMismatchError`.
