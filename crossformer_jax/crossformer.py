@@ -86,6 +86,12 @@ def conv(features: int, kernel: int, stride: int, padding: int, in_features: int
                    name=name)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU as x/2 * (1 + erf(x/sqrt 2)), PyTorch's formula; XLA:CPU evaluates erf much faster
+    than the erfc of `jax.nn.gelu` (stage-0 MLP of tiny, batch 32: 6.3 -> 2.3 ms forward)."""
+    return x * 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 def cross_scale_channels(total: int, num_kernels: int) -> list[int]:
     """Channels of each kernel of a CEL: halves for all but the last kernel, e.g. 64 -> 32,16,8,8."""
     return [total // 2 ** (i + 1) for i in range(num_kernels - 1)] + [total // 2 ** (num_kernels - 1)]
@@ -235,7 +241,7 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.gelu(dense(self.hidden_dim, 'fc1', self.dtype)(x), approximate=False)
+        x = gelu(dense(self.hidden_dim, 'fc1', self.dtype)(x))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         x = dense(self.dim, 'fc2', self.dtype)(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
