@@ -1,0 +1,1 @@
+"""Experiment configurations for train.py (one get_config() per file)."""

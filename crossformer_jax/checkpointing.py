@@ -1,0 +1,98 @@
+"""Checkpoints of the train state in a workdir, with orbax.
+
+Two CheckpointManagers, in two directories, so that both guarantees hold independently:
+
+* `WORKDIR/checkpoints/`: the most recent `keep` saves (periodic, final, and on preemption); this
+  is what a restarted run resumes from.
+* `WORKDIR/checkpoints_best/`: the single checkpoint with the best validation top-1 seen so far,
+  with its evaluation metrics (orbax's `best_fn` picks what to keep).
+
+Saves are asynchronous (the device-to-host copy happens in `save`, the writing in a background
+thread), so the train step may donate the state right after `save` returns. Orbax writes into a
+temporary directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoints intact and the half-written one is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+
+LATEST_DIR = 'checkpoints'
+BEST_DIR = 'checkpoints_best'
+BEST_METRIC = 'top1'
+
+
+class Checkpoints:
+    """The 'latest' and 'best' checkpoints of one workdir."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        workdir = os.path.abspath(workdir)
+        self.latest = ocp.CheckpointManager(
+            os.path.join(workdir, LATEST_DIR),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+        self.best = ocp.CheckpointManager(
+            os.path.join(workdir, BEST_DIR),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda metrics: metrics[BEST_METRIC], best_mode='max',
+                keep_checkpoints_without_metrics=False, create=True,
+                enable_async_checkpointing=async_save))
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    def latest_step(self) -> Optional[int]:
+        return self.latest.latest_step()
+
+    def best_step(self) -> Optional[int]:
+        return self.best.best_step()
+
+    def best_metrics(self) -> Optional[dict[str, float]]:
+        step = self.best_step()
+        return None if step is None else dict(self.best.metrics(step))
+
+    def best_top1(self) -> float:
+        metrics = self.best_metrics()
+        return float('-inf') if metrics is None else float(metrics[BEST_METRIC])
+
+    # -- saving ------------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any) -> bool:
+        """Saves state as the latest checkpoint at step (no-op if that step is already saved)."""
+        if step in self.latest.all_steps():
+            return False
+        return self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    def save_if_best(self, step: int, state: Any, metrics: dict[str, float]) -> bool:
+        """Saves state into the 'best' directory if metrics[BEST_METRIC] beats every earlier one."""
+        value = float(metrics[BEST_METRIC])
+        if value <= self.best_top1() or step in self.best.all_steps():
+            return False
+        return self.best.save(step, args=ocp.args.StandardSave(state),
+                              metrics={k: float(v) for k, v in metrics.items()}, force=True)
+
+    # -- restoring ---------------------------------------------------------------------------------
+
+    def restore(self, target: Any, *, which: str = 'latest', step: Optional[int] = None) -> Any:
+        """Restores the 'latest' or 'best' checkpoint (or a given step) into the target's layout.
+
+        target: the train state's structure with jax.ShapeDtypeStruct leaves that carry the
+        shardings to restore into (see sharding.with_shardings).
+        """
+        manager = {'latest': self.latest, 'best': self.best}[which]
+        if step is None:
+            step = manager.latest_step() if which == 'latest' else manager.best_step()
+        if step is None:
+            raise FileNotFoundError(f'no {which} checkpoint in {manager.directory}')
+        return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()

@@ -1,0 +1,677 @@
+"""Training, evaluation and throughput measurement of CrossFormer image classifiers.
+
+Read top to bottom:
+
+1. configuration checks (`validate_config`), learning-rate schedule and optimizer;
+2. the train state and the pure, jit-compiled `train_step` / `eval_step`;
+3. `train_and_evaluate`: the loop (resume, train, log, evaluate, checkpoint, preemption);
+4. `evaluate` and `measure_throughput`, the other two modes of train.py.
+
+Parallelism is explicit: one 1-D mesh with axis 'data' over all devices (crossformer_jax.sharding);
+batches are split along it, the state is replicated or (config.fsdp) split FSDP-style. Every random
+number of step s comes from fold_in(key(seed), s), and the input pipeline restarts at any step, so a
+resumed run repeats exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Iterator, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import traverse_util
+from jax.sharding import NamedSharding
+
+from crossformer_jax import checkpointing
+from crossformer_jax import crossformer
+from crossformer_jax import sharding as sharding_lib
+
+
+class ConfigError(ValueError):
+    """The configuration cannot work (unknown model, indivisible batch, missing data...)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss (or parameters); nothing was saved after it."""
+
+
+# -------------------------------------------------------------------------------------------------
+# Configuration checks.
+
+def validate_config(config: ml_collections.ConfigDict, *, mode: str, device_count: int) -> None:
+    """Raises ConfigError with a readable message for configurations that cannot run."""
+    name = config.model.name
+    if name not in crossformer.VARIANTS:
+        raise ConfigError(f'unknown model {name!r} (config.model.name); available: '
+                          f'{", ".join(crossformer.list_models())}')
+    try:
+        crossformer.model_config(name, **model_overrides(config))
+    except ValueError as e:
+        raise ConfigError(f'config.model: {e}') from None
+
+    size = config.data.image_size
+    if size <= 0 or size % 32:
+        raise ConfigError(f'config.data.image_size must be a positive multiple of 32, got {size}')
+
+    if mode == 'train':
+        batch, accum = config.batch_size, config.grad_accum_steps
+        if batch <= 0 or accum <= 0:
+            raise ConfigError(f'config.batch_size ({batch}) and config.grad_accum_steps ({accum}) '
+                              f'must be positive')
+        if batch % device_count:
+            raise ConfigError(f'the global batch size config.batch_size={batch} is not divisible '
+                              f'by the number of devices ({device_count})')
+        if batch % (accum * device_count):
+            raise ConfigError(f'config.batch_size={batch} must be divisible by '
+                              f'config.grad_accum_steps * devices = {accum} * {device_count}, so '
+                              f'that every micro-batch splits evenly over the devices')
+        for field in ('log_every_steps', 'checkpoint_every_steps'):
+            if config[field] <= 0:
+                raise ConfigError(f'config.{field} must be positive, got {config[field]}')
+    if mode in ('train', 'evaluate') and config.eval_batch_size % device_count:
+        raise ConfigError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by '
+                          f'the number of devices ({device_count})')
+    if mode == 'throughput':
+        batch = config.throughput.batch_size or config.batch_size
+        if batch % device_count:
+            raise ConfigError(f'throughput batch size {batch} is not divisible by the number of '
+                              f'devices ({device_count})')
+
+    if mode in ('train', 'evaluate'):
+        data = config.data
+        if data.dataset == 'image_folder':
+            if not data.data_dir:
+                raise ConfigError("config.data.data_dir must be set for dataset 'image_folder'")
+            splits = [data.eval_split] + ([data.train_split] if mode == 'train' else [])
+            for split in splits:
+                path = os.path.join(data.data_dir, split)
+                if not os.path.isdir(path):
+                    raise ConfigError(f'data directory {path!r} does not exist (config.data.data_dir'
+                                      f'={data.data_dir!r}, split {split!r})')
+        elif data.dataset == 'imagenet2012':
+            if data.data_dir and not os.path.isdir(data.data_dir):
+                raise ConfigError(f'config.data.data_dir={data.data_dir!r} does not exist')
+        else:
+            raise ConfigError(f"config.data.dataset must be 'imagenet2012' or 'image_folder', got "
+                              f'{data.dataset!r}')
+    if config.init_from and not os.path.isdir(config.init_from):
+        raise ConfigError(f'config.init_from={config.init_from!r} is not a directory')
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Everything in config.model except the name: keyword overrides for create_model."""
+    return {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    return crossformer.create_model(config.model.name, num_classes=num_classes,
+                                    **model_overrides(config))
+
+
+# -------------------------------------------------------------------------------------------------
+# Learning rate and optimizer.
+
+def create_learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                                  total_steps: int) -> optax.Schedule:
+    """Linear warm-up from warmup_lr to base_lr, then cosine to min_lr; updated every step.
+
+    All three rates are given for a batch of config.lr_reference_batch (512) and scaled linearly
+    by batch_size / 512. (The reference code evaluates the cosine at step / total from step 0, so
+    its rate just after warm-up is a hair below the peak; here the cosine starts at the peak.)
+    """
+    scale = config.batch_size / config.lr_reference_batch
+    warmup_steps = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=config.warmup_lr * scale, peak_value=config.base_lr * scale,
+        warmup_steps=warmup_steps, decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=config.min_lr * scale)
+
+
+def decay_mask(params: Any) -> Any:
+    """True for parameters that get weight decay: everything but 1-D ones (biases, norm scales)."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Gradient-norm clipping, then AdamW with decoupled weight decay off for 1-D parameters."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                    weight_decay=config.weight_decay, mask=decay_mask))
+
+
+# -------------------------------------------------------------------------------------------------
+# Train state and steps.
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation) -> 'TrainState':
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over the batch of -sum_c targets_c log softmax(logits)_c (targets sum to 1)."""
+    return jnp.mean(jnp.sum(-targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1))
+
+
+def mix_or_smooth(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
+                  mixup_config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """Mixup/CutMix with label smoothing folded in, or plain smoothed one-hot targets if both off."""
+    m = mixup_config
+    if m.mixup_alpha > 0 or m.cutmix_alpha > 0:
+        from crossformer_jax import mixup  # noqa: PLC0415 (kept local: only needed when mixing)
+        return mixup.mix_batch(rng, images, labels, num_classes=num_classes,
+                               mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha,
+                               switch_prob=m.switch_prob, label_smoothing=m.label_smoothing)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), m.label_smoothing)
+    return images, targets
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               num_classes: int, mixup_config: ml_collections.ConfigDict, grad_accum_steps: int,
+               mesh: jax.sharding.Mesh) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch (pure; jit-compiled by the caller).
+
+    The batch is mixed as a whole, then (with gradient accumulation) cut into grad_accum_steps
+    micro-batches whose gradients are averaged inside a lax.scan before the single update.
+    """
+    rng = jax.random.fold_in(base_rng, state.step)
+    mix_rng, dropout_rng = jax.random.split(rng)
+    images, targets = mix_or_smooth(mix_rng, batch['image'], batch['label'],
+                                    num_classes=num_classes, mixup_config=mixup_config)
+
+    def loss_fn(params, images, targets, rng):
+        logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
+        return soft_target_cross_entropy(logits, targets)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+    if grad_accum_steps == 1:
+        loss, grads = grad_fn(state.params, images, targets, dropout_rng)
+    else:
+        # Micro-batch i takes rows i, i + A, i + 2A, ... so that each micro-batch is still spread
+        # evenly over the devices (rows are laid out device after device).
+        micro_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA_AXIS))
+
+        def split(x):
+            x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+            return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1), micro_sharding)
+
+        def accumulate(carry, micro):
+            loss_sum, grad_sum = carry
+            index, images, targets = micro
+            loss, grads = grad_fn(state.params, images, targets,
+                                  jax.random.fold_in(dropout_rng, index))
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss, grads), _ = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), zeros),
+            (jnp.arange(grad_accum_steps), split(images), split(targets)))
+        loss = loss / grad_accum_steps
+        grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # The parameter norm is logged, and tells the loop whether the new parameters are finite.
+    metrics = {'loss': loss, 'grad_norm': global_norm(grads), 'param_norm': global_norm(params),
+               'learning_rate': schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
+    """Sums of loss / top-1 / top-5 hits over the real (mask=1) examples of a batch."""
+    logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
+    labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
+    num_classes = logits.shape[-1]
+    losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    top1 = jnp.argmax(logits, axis=-1) == labels
+    _, top5_classes = jax.lax.top_k(logits, min(5, num_classes))
+    top5 = jnp.any(top5_classes == labels[:, None], axis=-1)
+    return {'loss': jnp.sum(losses * mask), 'top1': jnp.sum(top1 * mask),
+            'top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """L2 norm of all leaves together (what clip_by_global_norm compares with its limit)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+# -------------------------------------------------------------------------------------------------
+# Building blocks of the loop.
+
+def _input_pipeline():
+    from crossformer_jax import input_pipeline  # noqa: PLC0415 (imports TensorFlow)
+    return input_pipeline
+
+
+def init_params(model: nn.Module, rng: jax.Array, image_size: int) -> Any:
+    return model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))['params']
+
+
+def load_pretrained_params(directory: str, params: Any) -> Any:
+    """Takes every parameter of a converted checkpoint whose path and shape match `params`.
+
+    The Dynamic Position Bias makes every weight independent of the image size, so a checkpoint
+    loads at any resolution. A head of another shape (new num_classes) keeps its fresh
+    initialisation (as does a missing final norm, for a backbone-only checkpoint); any other
+    mismatch means a different architecture and is an error.
+    """
+    from crossformer_jax import pretrained  # noqa: PLC0415
+    _, variables = pretrained.load_pretrained(directory)
+    logging.info('Initialising from %s (%s).', directory,
+                 pretrained.read_metadata(directory)['model_name'])
+    source = traverse_util.flatten_dict(flax.core.unfreeze(variables['params']), sep='/')
+    target = traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+    merged, fresh, problems = {}, [], []
+    for path, value in target.items():
+        loaded = source.get(path)
+        if loaded is not None and tuple(loaded.shape) == tuple(value.shape):
+            merged[path] = jnp.asarray(loaded, value.dtype)
+        else:
+            merged[path] = value
+            # The classifier (norm + head) may be new: other classes, or a backbone checkpoint.
+            classifier = path.startswith('head/') or (path.startswith('norm/') and loaded is None)
+            (fresh if classifier else problems).append(
+                f'{path}: model {tuple(value.shape)}, checkpoint '
+                f'{None if loaded is None else tuple(loaded.shape)}')
+    unused = sorted(set(source) - set(target))
+    if problems or unused:
+        raise ConfigError(f'checkpoint {directory!r} does not fit config.model '
+                          f'({config_hint(problems, unused)})')
+    if fresh:
+        logging.info('Re-initialised from scratch (shape differs from %s): %s', directory,
+                     '; '.join(fresh))
+    logging.info('Loaded %d of %d parameter arrays from %s', len(target) - len(fresh), len(target),
+                 directory)
+    return traverse_util.unflatten_dict(merged, sep='/')
+
+
+def config_hint(problems: list[str], unused: list[str]) -> str:
+    parts = []
+    if problems:
+        parts.append(f'{len(problems)} mismatched, e.g. {problems[0]}')
+    if unused:
+        parts.append(f'{len(unused)} unused, e.g. {unused[0]}')
+    return '; '.join(parts)
+
+
+class MetricWriter:
+    """TensorBoard scalars plus a metrics.jsonl file in the workdir; silent off process 0."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
+        import tensorflow as tf  # noqa: PLC0415
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+        self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.active:
+            return
+        with self._writer.as_default():
+            for name, value in scalars.items():
+                self._tf.summary.scalar(name, value, step=step)
+        self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self._writer.flush()
+            self._jsonl.close()
+
+
+class PreemptionWatcher:
+    """Notices SIGTERM. On one process a Python handler sets a flag; on several, the JAX
+    distributed runtime's preemption notice makes every process stop at the same step."""
+
+    def __init__(self):
+        self._received = False
+        self._previous = None
+        self._multiprocess = jax.process_count() > 1
+        if not self._multiprocess:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        del frame
+        logging.warning('Received signal %d; will checkpoint and stop after this step.', signum)
+        self._received = True
+
+    def should_stop(self, step: int) -> bool:
+        if self._multiprocess:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._received
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def prefetch_to_device(iterator: Iterator[dict[str, np.ndarray]], mesh, size: int = 2):
+    """Yields global, sharded batches, keeping `size` of them in flight ahead of the consumer."""
+    queue = collections.deque()
+    for batch in iterator:
+        queue.append(sharding_lib.global_batch(batch, mesh))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
+    """Raises NonFiniteLossError at the first pending step with a NaN/inf loss or parameters.
+
+    Called before every save, with the metrics of every step since the last check, so a
+    checkpoint is only ever written from parameters that were finite at every step.
+    """
+    for step, metrics in jax.device_get(pending):
+        loss, param_norm = float(metrics['loss']), float(metrics['param_norm'])
+        if not math.isfinite(loss):
+            what = f'non-finite loss {loss} at step {step}'
+        elif not math.isfinite(param_norm):
+            what = f'non-finite parameters after step {step} (loss {loss:.4g})'
+        else:
+            continue
+        raise NonFiniteLossError(
+            f'{what} (learning rate {float(metrics["learning_rate"]):.3g}, gradient norm '
+            f'{float(metrics["grad_norm"]):.3g}); stopping without saving. The last good '
+            f'checkpoint is kept; lower the learning rate or check the data.')
+
+
+# -------------------------------------------------------------------------------------------------
+# Mode 'train'.
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (resuming from workdir if it holds a checkpoint), evaluates, checkpoints."""
+    mesh = sharding_lib.create_mesh()
+    validate_config(config, mode='train', device_count=mesh.size)
+    pipeline = _input_pipeline()
+    os.makedirs(workdir, exist_ok=True)
+
+    info = pipeline.get_dataset_info(config.data)
+    num_classes = info.num_classes
+    steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
+    total_steps = (config.num_train_steps if config.num_train_steps > 0
+                   else int(config.num_epochs * steps_per_epoch))
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+    logging.info('%s on %d %s device(s) in %d process(es); %d classes, %d training images, '
+                 '%d steps per epoch, %d steps in all.', config.model.name, mesh.size,
+                 jax.devices()[0].platform, jax.process_count(), num_classes,
+                 info.num_train_examples, steps_per_epoch, total_steps)
+
+    model = create_model(config, num_classes)
+    schedule = create_learning_rate_schedule(config, steps_per_epoch, total_steps)
+    tx = create_optimizer(config, schedule)
+
+    # Shapes first, then shardings, then the real arrays created directly in their layout.
+    seed_rng = jax.random.key(config.seed)
+    init_rng, train_rng = jax.random.split(seed_rng)
+    image_size = config.data.image_size
+    abstract_params = jax.eval_shape(functools.partial(init_params, model, image_size=image_size),
+                                     init_rng)
+    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_params)
+    state_sharding = sharding_lib.state_shardings(abstract_state, mesh, fsdp=config.fsdp,
+                                                  min_size=config.fsdp_min_size)
+    repl = sharding_lib.replicated(mesh)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+
+    ckpts = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
+    if ckpts.latest_step() is not None:
+        state = ckpts.restore(sharding_lib.with_shardings(abstract_state, state_sharding))
+        logging.info('Resumed from %s at step %d.', ckpts.latest.directory, ckpts.latest_step())
+    else:
+        params = jax.jit(functools.partial(init_params, model, image_size=image_size),
+                         out_shardings=state_sharding.params)(init_rng)
+        if config.init_from:
+            params = jax.device_put(load_pretrained_params(config.init_from, params),
+                                    state_sharding.params)
+        state = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=state_sharding,
+                        donate_argnums=0)(params)
+    start_step = int(jax.device_get(state.step))
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+    logging.info('Model has %s parameters.', f'{num_params:,}')
+    save_config(config, workdir)
+
+    p_train_step = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                          num_classes=num_classes, mixup_config=config.mixup,
+                          grad_accum_steps=config.grad_accum_steps, mesh=mesh),
+        in_shardings=(state_sharding, batch_sharding, repl),
+        out_shardings=(state_sharding, repl), donate_argnums=0)
+    p_eval_step = jax.jit(functools.partial(eval_step, model=model),
+                          in_shardings=(state_sharding.params, batch_sharding), out_shardings=repl)
+
+    train_iter = pipeline.create_train_iterator(
+        config.data, local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    train_iter = prefetch_to_device(train_iter, mesh)
+
+    def run_eval() -> dict[str, float]:
+        return evaluate_params(p_eval_step, state.params, config, mesh)
+
+    if start_step >= total_steps:
+        logging.info('Nothing to do: the checkpoint is at step %d of %d.', start_step, total_steps)
+    writer = MetricWriter(workdir)
+    preemption = PreemptionWatcher()
+    pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked/logged
+    eval_metrics: dict[str, float] = {}
+    step = start_step
+    timer_step, timer_start = step, time.time()
+    try:
+        while step < total_steps:
+            if preemption.should_stop(step):
+                _check_finite(pending)
+                ckpts.save(step, state)
+                ckpts.wait()
+                logging.warning('Preempted: saved a checkpoint at step %d in %s; exiting. Run the '
+                                'same command again to resume.', step, ckpts.latest.directory)
+                return state
+
+            state, metrics = p_train_step(state, next(train_iter), train_rng)
+            step += 1
+            pending.append((step, metrics))
+            if step == start_step + 1:  # the first step includes compilation
+                jax.block_until_ready(metrics)
+                logging.info('First step (with compilation) took %.1f s.', time.time() - timer_start)
+                timer_step, timer_start = step, time.time()
+
+            is_last = step == total_steps
+            if step % config.log_every_steps == 0 or is_last:
+                _check_finite(pending)
+                now = time.time()
+                averaged = {k: float(np.mean([float(m[k]) for _, m in pending]))
+                            for k in ('loss', 'grad_norm', 'param_norm')}
+                averaged['learning_rate'] = float(pending[-1][1]['learning_rate'])
+                seconds_per_step = (now - timer_start) / max(step - timer_step, 1)
+                images_per_second = config.batch_size / seconds_per_step
+                logging.info(
+                    'step %d/%d | epoch %.2f | loss %.4f | lr %.3e | grad_norm %.3f | %.1f img/s '
+                    '| ETA %s', step, total_steps, step / steps_per_epoch, averaged['loss'],
+                    averaged['learning_rate'], averaged['grad_norm'], images_per_second,
+                    _format_eta(seconds_per_step * (total_steps - step)))
+                corrupt = pipeline.corrupt_image_count()
+                if corrupt:
+                    logging.warning('%d corrupt image(s) skipped so far (see the warnings that '
+                                    'name them).', corrupt)
+                writer.write(step, {f'train/{k}': v for k, v in averaged.items()} |
+                             {'train/images_per_second': images_per_second,
+                              'train/epoch': step / steps_per_epoch,
+                              'train/corrupt_images': corrupt})
+                pending.clear()
+                timer_step, timer_start = step, time.time()
+
+            if step % eval_every == 0 or is_last:
+                eval_start = time.time()
+                eval_metrics = run_eval()
+                logging.info('eval at step %d | top-1 %.2f%% | top-5 %.2f%% | loss %.4f | '
+                             '%d images', step, 100 * eval_metrics['top1'],
+                             100 * eval_metrics['top5'], eval_metrics['loss'],
+                             eval_metrics['count'])
+                writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()
+                                    if k != 'count'})
+                _check_finite(pending)
+                if ckpts.save_if_best(step, state, eval_metrics):
+                    logging.info('New best top-1 %.2f%%: saved to %s.', 100 * eval_metrics['top1'],
+                                 ckpts.best.directory)
+                timer_start += time.time() - eval_start  # keep evaluation out of img/s
+
+            if step % config.checkpoint_every_steps == 0 or is_last:
+                _check_finite(pending)
+                ckpts.save(step, state)
+        ckpts.wait()
+    finally:
+        preemption.close()
+        writer.close()
+        ckpts.close()
+
+    if eval_metrics:
+        logging.info('Final validation top-1: %.2f%% (top-5 %.2f%%, loss %.4f) after %d steps.',
+                     100 * eval_metrics['top1'], 100 * eval_metrics['top5'],
+                     eval_metrics['loss'], step)
+    return state
+
+
+def evaluate_params(p_eval_step, params: Any, config: ml_collections.ConfigDict,
+                    mesh) -> dict[str, float]:
+    """One pass over the validation split; padded examples (mask 0) are not counted."""
+    eval_iter = _input_pipeline().create_eval_iterator(
+        config.data, local_batch_size=config.eval_batch_size // jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count())
+    totals = None
+    for batch in prefetch_to_device(eval_iter, mesh):
+        sums = p_eval_step(params, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise ValueError('the validation split is empty')
+    totals = jax.device_get(totals)
+    count = float(totals['count'])
+    return {'top1': float(totals['top1']) / count, 'top5': float(totals['top5']) / count,
+            'loss': float(totals['loss']) / count, 'count': int(count)}
+
+
+# -------------------------------------------------------------------------------------------------
+# Mode 'evaluate'.
+
+def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[str, float]:
+    """Top-1, top-5 and loss on the validation split.
+
+    Weights come from the workdir's best checkpoint (or latest, per config.eval_checkpoint) if it
+    has one, else from the converted checkpoint directory config.init_from.
+    """
+    mesh = sharding_lib.create_mesh()
+    validate_config(config, mode='evaluate', device_count=mesh.size)
+    info = _input_pipeline().get_dataset_info(config.data)
+
+    ckpts = checkpointing.Checkpoints(workdir) if workdir and os.path.isdir(
+        os.path.join(workdir, checkpointing.LATEST_DIR)) else None
+    has_ckpt = ckpts is not None and ckpts.latest_step() is not None
+    if has_ckpt:
+        which = config.eval_checkpoint
+        if which == 'best' and ckpts.best_step() is None:
+            logging.info('No best checkpoint in %s yet; using the latest.', workdir)
+            which = 'latest'
+        model = create_model(config, info.num_classes)
+        steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
+        tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch, 1))
+        abstract_params = jax.eval_shape(
+            functools.partial(init_params, model, image_size=config.data.image_size),
+            jax.random.key(0))
+        abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_params)
+        shardings = sharding_lib.state_shardings(abstract_state, mesh, fsdp=config.fsdp,
+                                                 min_size=config.fsdp_min_size)
+        state = ckpts.restore(sharding_lib.with_shardings(abstract_state, shardings), which=which)
+        params, params_sharding = state.params, shardings.params
+        source = f'{which} checkpoint of {workdir} (step {int(state.step)})'
+        ckpts.close()
+    elif config.init_from:
+        from crossformer_jax import pretrained  # noqa: PLC0415
+        model, variables = pretrained.load_pretrained(config.init_from,
+                                                      dtype=config.model.get('dtype'))
+        if getattr(model, 'num_classes', info.num_classes) != info.num_classes:
+            raise ConfigError(f'{config.init_from} has a {model.num_classes}-class head but the '
+                              f'dataset has {info.num_classes} classes')
+        params_sharding = sharding_lib.replicated(mesh)
+        params = jax.device_put(variables['params'], params_sharding)
+        source = f'converted checkpoint {config.init_from}'
+    else:
+        raise ConfigError(f'nothing to evaluate: no checkpoint in workdir {workdir!r} and no '
+                          f'config.init_from')
+
+    logging.info('Evaluating the %s on %s/%s at %dx%d.', source, config.data.dataset,
+                 config.data.eval_split, config.data.image_size, config.data.image_size)
+    p_eval_step = jax.jit(functools.partial(eval_step, model=model),
+                          in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
+                          out_shardings=sharding_lib.replicated(mesh))
+    metrics = evaluate_params(p_eval_step, params, config, mesh)
+    logging.info('Validation top-1 %.2f%% | top-5 %.2f%% | loss %.4f | %d images',
+                 100 * metrics['top1'], 100 * metrics['top5'], metrics['loss'], metrics['count'])
+    return metrics
+
+
+# -------------------------------------------------------------------------------------------------
+# Mode 'throughput'.
+
+def measure_throughput(config: ml_collections.ConfigDict) -> float:
+    """Images per second of the jit-compiled forward pass (inference) after warm-up.
+
+    Uses config.throughput.batch_size (or config.batch_size when 0) images of
+    config.data.image_size, random weights with a 1000-class head, and the configured dtype.
+    """
+    mesh = sharding_lib.create_mesh()
+    validate_config(config, mode='throughput', device_count=mesh.size)
+    batch_size = config.throughput.batch_size or config.batch_size
+    size = config.data.image_size
+    model = create_model(config, num_classes=1000)
+    repl = sharding_lib.replicated(mesh)
+    params = jax.jit(functools.partial(init_params, model, image_size=size),
+                     out_shardings=repl)(jax.random.key(config.seed))
+    images = jax.jit(lambda k: jax.random.normal(k, (batch_size, size, size, 3), jnp.float32),
+                     out_shardings=sharding_lib.batch_sharding(mesh))(jax.random.key(1))
+    forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False),
+                      in_shardings=(repl, sharding_lib.batch_sharding(mesh)))
+    for _ in range(config.throughput.warmup_steps):
+        jax.block_until_ready(forward(params, images))
+    start = time.perf_counter()
+    for _ in range(config.throughput.num_steps):
+        out = forward(params, images)
+    jax.block_until_ready(out)
+    elapsed = time.perf_counter() - start
+    rate = batch_size * config.throughput.num_steps / elapsed
+    logging.info('%s at %dx%d, batch %d, %s on %d %s device(s): %.1f images/s.',
+                 config.model.name, size, size, batch_size, config.model.get('dtype', 'float32'),
+                 mesh.size, jax.devices()[0].platform, rate)
+    return rate
