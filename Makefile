@@ -27,5 +27,10 @@ report: install
 benchmark: install
 	$(PY) benchmarks/cpu_benchmark.py --model crossformer_tiny
 
+# The built-in example: scikit-learn's digits as an image folder, then train.py on it.
+demo: install
+	$(PY) scripts/make_digits_dataset.py --out workdirs/digits_data
+	$(PY) train.py --config configs/digits_demo.py --workdir $(DEMO_DIR)
+
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache
