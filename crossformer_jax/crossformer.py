@@ -68,8 +68,48 @@ def conv_bias_init(fan_in: int):
     return init
 
 
-def layer_norm(name: str, dtype) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, name=name)
+@jax.custom_vjp
+def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """LayerNorm over the last axis of float32 x (..., C) with scale and bias (C,)."""
+    return _normalize_fwd(x, scale, bias)[0]
+
+
+def _normalize_fwd(x, scale, bias):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    rstd = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + LAYER_NORM_EPS)
+    return centered * rstd * scale + bias, (x, mean, rstd, scale)
+
+
+def _normalize_bwd(residuals, grad):
+    # The textbook LayerNorm gradient. XLA:CPU runs autodiff's version about 4x slower, as it
+    # materialises several broadcasts of the row statistics (tiny train step: -150 ms).
+    x, mean, rstd, scale = residuals
+    x_hat = (x - mean) * rstd
+    grad_hat = grad * scale
+    grad_x = rstd * (grad_hat - jnp.mean(grad_hat, axis=-1, keepdims=True)
+                     - x_hat * jnp.mean(grad_hat * x_hat, axis=-1, keepdims=True))
+    axes = tuple(range(x.ndim - 1))
+    return grad_x, jnp.sum(grad * x_hat, axis=axes), jnp.sum(grad, axis=axes)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+class LayerNorm(nn.Module):
+    """PyTorch's LayerNorm over the last axis (eps 1e-5, parameters 'scale' and 'bias' as in
+    nn.LayerNorm); statistics in float32, output in `dtype`."""
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+        return _normalize(x.astype(jnp.float32), scale, bias).astype(self.dtype)
+
+
+def layer_norm(name: str, dtype) -> LayerNorm:
+    return LayerNorm(dtype=dtype, name=name)
 
 
 def dense(features: int, name: str, dtype) -> nn.Dense:
