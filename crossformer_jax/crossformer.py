@@ -132,6 +132,27 @@ def gelu(x: jax.Array) -> jax.Array:
     return x * 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
+class PatchConv(nn.Module):
+    """A convolution whose kernel equals its stride and that has no padding (parameters as nn.Conv:
+    'kernel' (k, k, Cin, out), 'bias'), computed as space-to-depth plus one matmul: XLA:CPU runs
+    this several times faster than its convolution, mostly in the weight gradient (tiny, batch 16:
+    stride-2 merge at stage 0 30 -> 17 ms, first 4x4 embedding 10.5 -> 6 ms with gradient)."""
+    features: int
+    kernel: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (N, H, W, Cin) with H, W multiples of kernel -> (N, H/kernel, W/kernel, features)."""
+        n, h, w, c = x.shape
+        k = self.kernel
+        kernel = self.param('kernel', conv_kernel_init(), (k, k, c, self.features), jnp.float32)
+        bias = self.param('bias', conv_bias_init(k * k * c), (self.features,), jnp.float32)
+        x = x.reshape(n, h // k, k, w // k, k, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(n, h // k, w // k, k * k * c).astype(self.dtype)
+        return x @ kernel.reshape(k * k * c, self.features).astype(self.dtype) + bias.astype(self.dtype)
+
+
 def cross_scale_channels(total: int, num_kernels: int) -> list[int]:
     """Channels of each kernel of a CEL: halves for all but the last kernel, e.g. 64 -> 32,16,8,8."""
     return [total // 2 ** (i + 1) for i in range(num_kernels - 1)] + [total // 2 ** (num_kernels - 1)]
@@ -356,6 +377,7 @@ class CrossScaleEmbedding(nn.Module):
             x = layer_norm('norm', self.dtype)(x)
         channels = cross_scale_channels(self.out_dim, len(self.kernel_sizes))
         x = jnp.concatenate([
+            PatchConv(ch, k, self.dtype, name=f'{self.conv_name}_{i}')(x) if k == self.stride else
             conv(ch, k, self.stride, (k - self.stride) // 2, x.shape[-1], f'{self.conv_name}_{i}',
                  self.dtype)(x)
             for i, (k, ch) in enumerate(zip(self.kernel_sizes, channels))], axis=-1)
