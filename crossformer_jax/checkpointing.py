@@ -29,7 +29,8 @@ class Checkpoints:
     """The 'latest' and 'best' checkpoints of one workdir."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        workdir = os.path.abspath(workdir)
+        if '://' not in workdir:  # local paths must be absolute for orbax; gs:// etc. as they are
+            workdir = os.path.abspath(workdir)
         self.latest = ocp.CheckpointManager(
             os.path.join(workdir, LATEST_DIR),
             options=ocp.CheckpointManagerOptions(

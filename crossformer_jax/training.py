@@ -98,17 +98,28 @@ def validate_config(config: ml_collections.ConfigDict, *, mode: str, device_coun
             splits = [data.eval_split] + ([data.train_split] if mode == 'train' else [])
             for split in splits:
                 path = os.path.join(data.data_dir, split)
-                if not os.path.isdir(path):
+                if not _isdir(path):
                     raise ConfigError(f'data directory {path!r} does not exist (config.data.data_dir'
                                       f'={data.data_dir!r}, split {split!r})')
         elif data.dataset == 'imagenet2012':
-            if data.data_dir and not os.path.isdir(data.data_dir):
+            if data.data_dir and not _isdir(data.data_dir):
                 raise ConfigError(f'config.data.data_dir={data.data_dir!r} does not exist')
         else:
             raise ConfigError(f"config.data.dataset must be 'imagenet2012' or 'image_folder', got "
                               f'{data.dataset!r}')
-    if config.init_from and not os.path.isdir(config.init_from):
+    if config.init_from and not _isdir(config.init_from):
         raise ConfigError(f'config.init_from={config.init_from!r} is not a directory')
+
+
+def _is_remote(path: str) -> bool:
+    return '://' in path  # gs://, s3://...: go through tf.io.gfile
+
+
+def _isdir(path: str) -> bool:
+    if _is_remote(path):
+        import tensorflow as tf  # noqa: PLC0415
+        return tf.io.gfile.isdir(path)
+    return os.path.isdir(path)
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -316,7 +327,8 @@ def config_hint(problems: list[str], unused: list[str]) -> str:
 
 
 class MetricWriter:
-    """TensorBoard scalars plus a metrics.jsonl file in the workdir; silent off process 0."""
+    """TensorBoard scalars in WORKDIR/tensorboard, plus WORKDIR/metrics.jsonl (one JSON object
+    per write) when the workdir is local; silent off process 0."""
 
     def __init__(self, workdir: str):
         self.active = jax.process_index() == 0
@@ -325,7 +337,8 @@ class MetricWriter:
         import tensorflow as tf  # noqa: PLC0415
         self._tf = tf
         self._writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
-        self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+        self._jsonl = (None if _is_remote(workdir)
+                       else open(os.path.join(workdir, 'metrics.jsonl'), 'a'))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.active:
@@ -333,13 +346,15 @@ class MetricWriter:
         with self._writer.as_default():
             for name, value in scalars.items():
                 self._tf.summary.scalar(name, value, step=step)
-        self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
-        self._jsonl.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+            self._jsonl.flush()
 
     def close(self) -> None:
         if self.active:
             self._writer.flush()
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
 
 
 class PreemptionWatcher:
@@ -387,7 +402,8 @@ def _format_eta(seconds: float) -> str:
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        import tensorflow as tf  # noqa: PLC0415
+        with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
@@ -419,7 +435,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     mesh = sharding_lib.create_mesh()
     validate_config(config, mode='train', device_count=mesh.size)
     pipeline = _input_pipeline()
-    os.makedirs(workdir, exist_ok=True)
+    if _is_remote(workdir):
+        import tensorflow as tf  # noqa: PLC0415
+        tf.io.gfile.makedirs(workdir)
+    else:
+        os.makedirs(workdir, exist_ok=True)
 
     info = pipeline.get_dataset_info(config.data)
     num_classes = info.num_classes
@@ -447,6 +467,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                   min_size=config.fsdp_min_size)
     repl = sharding_lib.replicated(mesh)
     batch_sharding = sharding_lib.batch_sharding(mesh)
+    if config.fsdp:
+        split = [x for x, sh in zip(jax.tree.leaves(abstract_params),
+                                    jax.tree.leaves(state_sharding.params))
+                 if not sh.is_fully_replicated]
+        logging.info('FSDP: %d of %d parameter arrays (%.1f%% of the parameters) are split over '
+                     'the %d devices, with their optimizer moments.', len(split),
+                     len(jax.tree.leaves(abstract_params)),
+                     100 * sum(x.size for x in split) /
+                     sum(x.size for x in jax.tree.leaves(abstract_params)), mesh.size)
 
     ckpts = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
     if ckpts.latest_step() is not None:
@@ -513,9 +542,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if step % config.log_every_steps == 0 or is_last:
                 _check_finite(pending)
                 now = time.time()
-                averaged = {k: float(np.mean([float(m[k]) for _, m in pending]))
+                host = [m for _, m in jax.device_get(pending)]
+                averaged = {k: float(np.mean([m[k] for m in host]))
                             for k in ('loss', 'grad_norm', 'param_norm')}
-                averaged['learning_rate'] = float(pending[-1][1]['learning_rate'])
+                averaged['learning_rate'] = float(host[-1]['learning_rate'])
                 seconds_per_step = (now - timer_start) / max(step - timer_step, 1)
                 images_per_second = config.batch_size / seconds_per_step
                 logging.info(
@@ -596,7 +626,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[
     validate_config(config, mode='evaluate', device_count=mesh.size)
     info = _input_pipeline().get_dataset_info(config.data)
 
-    ckpts = checkpointing.Checkpoints(workdir) if workdir and os.path.isdir(
+    ckpts = checkpointing.Checkpoints(workdir) if workdir and _isdir(
         os.path.join(workdir, checkpointing.LATEST_DIR)) else None
     has_ckpt = ckpts is not None and ckpts.latest_step() is not None
     if has_ckpt:
