@@ -4,7 +4,7 @@ The architecture follows SPEC.md: a Cross-scale Embedding Layer (CEL) in front o
 that alternate Short Distance Attention (SDA) and Long Distance Attention (LDA) over groups of
 tokens, a Dynamic Position Bias (DPB) MLP that turns relative offsets into attention biases, and for
 CrossFormer++ the Activation Cooling Layer (ACL). Images are (N, H, W, 3); H and W must be
-multiples of 32. Parameter names mirror the PyTorch state dict (see docs/CONTRACTS.md).
+multiples of 32. Parameter names mirror the PyTorch state dict (see docs/parameter_names.md).
 """
 
 from __future__ import annotations
