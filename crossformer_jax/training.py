@@ -513,7 +513,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         return evaluate_params(p_eval_step, state.params, config, mesh)
 
     if start_step >= total_steps:
-        logging.info('Nothing to do: the checkpoint is at step %d of %d.', start_step, total_steps)
+        logging.info('Training is complete: the checkpoint is at step %d of %d; evaluating it.',
+                     start_step, total_steps)
     writer = MetricWriter(workdir)
     preemption = PreemptionWatcher()
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked/logged
@@ -582,6 +583,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if step % config.checkpoint_every_steps == 0 or is_last:
                 _check_finite(pending)
                 ckpts.save(step, state)
+        if not eval_metrics:  # nothing left to train: report the finished run's accuracy
+            eval_metrics = run_eval()
         ckpts.wait()
     finally:
         preemption.close()
