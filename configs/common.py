@@ -7,17 +7,7 @@ what differs. Any field can be overridden from the command line, e.g.
 
 import ml_collections
 
-# Stochastic-depth rate of each variant (SPEC.md).
-DROP_PATH_RATES = {
-    'crossformer_tiny': 0.1,
-    'crossformer_small': 0.2,
-    'crossformer_base': 0.3,
-    'crossformer_large': 0.5,
-    'crossformer_pp_small': 0.2,
-    'crossformer_pp_base': 0.3,
-    'crossformer_pp_large': 0.5,
-    'crossformer_pp_huge': 0.5,
-}
+from crossformer_jax.crossformer import VARIANTS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,7 +22,7 @@ def get_config(model_name: str) -> ml_collections.ConfigDict:
     # an override (any CrossFormer field: embed_dim, depths, group_size, dropout_rate...).
     config.model = ml_collections.ConfigDict()
     config.model.name = model_name
-    config.model.drop_path_rate = DROP_PATH_RATES[model_name]
+    config.model.drop_path_rate = VARIANTS[model_name]['drop_path_rate']  # SPEC's rate
     config.model.dtype = 'bfloat16'  # compute dtype; parameters and optimizer state stay float32
     config.model.remat = False       # rematerialise every block (less memory, ~1/3 more compute)
 
