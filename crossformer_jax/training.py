@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding
 
 from crossformer_jax import checkpointing
 from crossformer_jax import crossformer
+from crossformer_jax import mixup
 from crossformer_jax import sharding as sharding_lib
 
 
@@ -184,19 +185,6 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
     return jnp.mean(jnp.sum(-targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1))
 
 
-def mix_or_smooth(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
-                  mixup_config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-    """Mixup/CutMix with label smoothing folded in, or plain smoothed one-hot targets if both off."""
-    m = mixup_config
-    if m.mixup_alpha > 0 or m.cutmix_alpha > 0:
-        from crossformer_jax import mixup  # noqa: PLC0415 (kept local: only needed when mixing)
-        return mixup.mix_batch(rng, images, labels, num_classes=num_classes,
-                               mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha,
-                               switch_prob=m.switch_prob, label_smoothing=m.label_smoothing)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), m.label_smoothing)
-    return images, targets
-
-
 def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                num_classes: int, mixup_config: ml_collections.ConfigDict, grad_accum_steps: int,
@@ -208,8 +196,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
     """
     rng = jax.random.fold_in(base_rng, state.step)
     mix_rng, dropout_rng = jax.random.split(rng)
-    images, targets = mix_or_smooth(mix_rng, batch['image'], batch['label'],
-                                    num_classes=num_classes, mixup_config=mixup_config)
+    m = mixup_config  # both alphas 0: no mixing, only label smoothing
+    images, targets = mixup.mix_batch(mix_rng, batch['image'], batch['label'],
+                                      num_classes=num_classes, mixup_alpha=m.mixup_alpha,
+                                      cutmix_alpha=m.cutmix_alpha, switch_prob=m.switch_prob,
+                                      label_smoothing=m.label_smoothing)
 
     def loss_fn(params, images, targets, rng):
         logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
@@ -244,7 +235,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The parameter norm is logged, and tells the loop whether the new parameters are finite.
-    metrics = {'loss': loss, 'grad_norm': global_norm(grads), 'param_norm': global_norm(params),
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'param_norm': optax.global_norm(params),
                'learning_rate': schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -260,11 +252,6 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> 
     top5 = jnp.any(top5_classes == labels[:, None], axis=-1)
     return {'loss': jnp.sum(losses * mask), 'top1': jnp.sum(top1 * mask),
             'top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
-
-
-def global_norm(tree: Any) -> jax.Array:
-    """L2 norm of all leaves together (what clip_by_global_norm compares with its limit)."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 # -------------------------------------------------------------------------------------------------
