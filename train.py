@@ -17,19 +17,21 @@ import logging as pylogging
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment configuration file (configs/*.py).',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', None, 'Experiment configuration file (configs/*.py).', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and the resolved config.')
 flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'throughput'], 'What to do.')
-flags.DEFINE_bool('multihost', os.environ.get('CROSSFORMER_MULTIHOST', '') == '1',
-                  'Call jax.distributed.initialize() first (multi-host TPU/GPU; also set by '
-                  'CROSSFORMER_MULTIHOST=1).')
+flags.DEFINE_bool(
+    'multihost',
+    os.environ.get('CROSSFORMER_MULTIHOST', '') == '1',
+    'Call jax.distributed.initialize() first (multi-host TPU/GPU; also set by '
+    'CROSSFORMER_MULTIHOST=1).',
+)
 flags.mark_flags_as_required(['config'])
 
 
@@ -47,25 +49,31 @@ def main(argv):
         raise app.UsageError('--workdir is required for --mode train')
 
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    import jax  # noqa: PLC0415 (after flag parsing, so --help is fast)
+    import jax
+
     if FLAGS.multihost:
         jax.distributed.initialize()
     if jax.process_index() != 0:  # only process 0 talks
         logging.set_verbosity(logging.ERROR)
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
+
     tf.config.set_visible_devices([], 'GPU')  # the input pipeline must leave the GPUs to JAX
 
-    from crossformer_jax import training  # noqa: PLC0415
-    logging.info('JAX %s, %d process(es), devices: %s', jax.__version__, jax.process_count(),
-                 jax.devices())
+    from crossformer_jax import training
+
+    logging.info(
+        'JAX %s, %d process(es), devices: %s', jax.__version__, jax.process_count(), jax.devices()
+    )
     config = FLAGS.config
     try:
         if FLAGS.mode == 'train':
             training.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == 'evaluate':
             metrics = training.evaluate(config, FLAGS.workdir)
-            print(f'top-1 {100 * metrics["top1"]:.2f}%  top-5 {100 * metrics["top5"]:.2f}%  '
-                  f'loss {metrics["loss"]:.4f}  ({metrics["count"]} images)')
+            print(
+                f'top-1 {100 * metrics["top1"]:.2f}%  top-5 {100 * metrics["top5"]:.2f}%  '
+                f'loss {metrics["loss"]:.4f}  ({metrics["count"]} images)'
+            )
         else:
             rate = training.measure_throughput(config)
             print(f'{rate:.1f} images/s')

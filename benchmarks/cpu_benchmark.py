@@ -65,7 +65,6 @@ def time_steps(step, iters: int, warmup: int) -> dict[str, float]:
 
 def benchmark_flax(args: argparse.Namespace, modes: list[str]) -> dict[str, dict[str, float]]:
     import jax
-    import jax.numpy as jnp
     import optax
 
     from crossformer_jax import create_model
@@ -167,14 +166,14 @@ def main() -> None:
         f'{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, '
         f'{len(cpus)} threads (CPUs {cpus}), jax {jax.__version__}, torch {torch.__version__}'
     )
-    print(f"{'framework':<10}{'mode':<11}{'images/s':>10}{'step ms':>10}{'compile s':>11}")
+    print(f'{"framework":<10}{"mode":<11}{"images/s":>10}{"step ms":>10}{"compile s":>11}')
     for framework, by_mode in results.items():
         for mode, result in by_mode.items():
             result['images_per_s'] = args.batch_size / result['median_s']
-            compile_s = f"{result['compile_s']:.1f}" if 'compile_s' in result else '-'
+            compile_s = f'{result["compile_s"]:.1f}' if 'compile_s' in result else '-'
             print(
-                f"{framework:<10}{mode:<11}{result['images_per_s']:>10.1f}"
-                f"{1000 * result['median_s']:>10.1f}{compile_s:>11}"
+                f'{framework:<10}{mode:<11}{result["images_per_s"]:>10.1f}'
+                f'{1000 * result["median_s"]:>10.1f}{compile_s:>11}'
             )
     ratios = {
         mode: results['flax'][mode]['images_per_s'] / results['pytorch'][mode]['images_per_s']

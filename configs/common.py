@@ -24,7 +24,7 @@ def get_config(model_name: str) -> ml_collections.ConfigDict:
     config.model.name = model_name
     config.model.drop_path_rate = VARIANTS[model_name]['drop_path_rate']  # SPEC's rate
     config.model.dtype = 'bfloat16'  # compute dtype; parameters and optimizer state stay float32
-    config.model.remat = False       # rematerialise every block (less memory, ~1/3 more compute)
+    config.model.remat = False  # rematerialise every block (less memory, ~1/3 more compute)
 
     # A converted (or earlier) checkpoint directory written by crossformer_jax.pretrained to start
     # from; a head of another size is re-initialised. '' trains from scratch.
@@ -32,13 +32,13 @@ def get_config(model_name: str) -> ml_collections.ConfigDict:
 
     # Input pipeline (crossformer_jax.input_pipeline).
     config.data = ml_collections.ConfigDict()
-    config.data.dataset = 'imagenet2012'   # TFDS name, or 'image_folder' (DATA_DIR/<split>/<class>/)
-    config.data.data_dir = ''              # TFDS data dir ('' = TFDS default) or image-folder root
+    config.data.dataset = 'imagenet2012'  # TFDS name, or 'image_folder' (DATA_DIR/<split>/<class>/)
+    config.data.data_dir = ''  # TFDS data dir ('' = TFDS default) or image-folder root
     config.data.train_split = 'train'
     config.data.eval_split = 'validation'
     config.data.image_size = 224
     config.data.eval_crop_fraction = 0.875  # resize the short side to 224 / 0.875 = 256, crop 224
-    config.data.rrc_scale = (0.08, 1.0)     # random resized crop (bicubic)
+    config.data.rrc_scale = (0.08, 1.0)  # random resized crop (bicubic)
     config.data.rrc_ratio = (3 / 4, 4 / 3)
     config.data.hflip = True
     config.data.randaugment = 'rand-m9-mstd0.5-inc1'
@@ -46,7 +46,7 @@ def get_config(model_name: str) -> ml_collections.ConfigDict:
     config.data.mean = IMAGENET_MEAN
     config.data.std = IMAGENET_STD
     config.data.shuffle_buffer = 16 * 1024
-    config.data.num_parallel_calls = -1    # -1: tf.data AUTOTUNE
+    config.data.num_parallel_calls = -1  # -1: tf.data AUTOTUNE
     config.data.prefetch = 2
 
     # Mixup / CutMix on device, label smoothing folded into the mixed targets.
@@ -58,16 +58,16 @@ def get_config(model_name: str) -> ml_collections.ConfigDict:
 
     # Optimisation. Learning rates are for a batch of lr_reference_batch and are scaled by
     # batch_size / lr_reference_batch (5e-4 * 1024 / 512 = 1e-3 at the paper's batch).
-    config.batch_size = 1024          # global, over all devices and hosts
-    config.grad_accum_steps = 1       # micro-batches per optimizer step (batch_size is the total)
+    config.batch_size = 1024  # global, over all devices and hosts
+    config.grad_accum_steps = 1  # micro-batches per optimizer step (batch_size is the total)
     config.num_epochs = 300
-    config.num_train_steps = -1       # > 0 overrides num_epochs (the schedule follows it)
+    config.num_train_steps = -1  # > 0 overrides num_epochs (the schedule follows it)
     config.warmup_epochs = 20
     config.base_lr = 5e-4
     config.warmup_lr = 5e-7
     config.min_lr = 5e-6
     config.lr_reference_batch = 512
-    config.weight_decay = 0.05        # not applied to 1-D parameters (biases, norm scales)
+    config.weight_decay = 0.05  # not applied to 1-D parameters (biases, norm scales)
     config.adam_b1 = 0.9
     config.adam_b2 = 0.999
     config.adam_eps = 1e-8
@@ -76,15 +76,15 @@ def get_config(model_name: str) -> ml_collections.ConfigDict:
     # Parallelism: data parallel over all devices; fsdp=True also splits parameters and
     # optimizer state (largest dimension divisible by the device count, arrays >= fsdp_min_size).
     config.fsdp = False
-    config.fsdp_min_size = 2 ** 16
+    config.fsdp_min_size = 2**16
 
     # Evaluation, logging, checkpoints.
     config.eval_batch_size = 1024
-    config.eval_every_steps = -1      # <= 0: once per epoch (and always at the end)
+    config.eval_every_steps = -1  # <= 0: once per epoch (and always at the end)
     config.log_every_steps = 100
     config.checkpoint_every_steps = 1000
-    config.keep_checkpoints = 3       # last N in WORKDIR/checkpoints (+ the best in checkpoints_best)
-    config.eval_checkpoint = 'best'   # --mode evaluate: 'best' or 'latest' checkpoint of the workdir
+    config.keep_checkpoints = 3  # last N in WORKDIR/checkpoints (+ the best in checkpoints_best)
+    config.eval_checkpoint = 'best'  # --mode evaluate: 'best' or 'latest' checkpoint of the workdir
 
     # --mode throughput: forward pass only.
     config.throughput = ml_collections.ConfigDict()

@@ -49,7 +49,7 @@ def get_config():
     config.min_lr = 1e-5
 
     config.log_every_steps = 50
-    config.eval_every_steps = 110   # every 5 epochs
+    config.eval_every_steps = 110  # every 5 epochs
     config.checkpoint_every_steps = 200
     config.keep_checkpoints = 2
     return config

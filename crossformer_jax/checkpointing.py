@@ -16,7 +16,7 @@ checkpoints intact and the half-written one is ignored.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import orbax.checkpoint as ocp
 
@@ -34,23 +34,30 @@ class Checkpoints:
         self.latest = ocp.CheckpointManager(
             os.path.join(workdir, LATEST_DIR),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            ),
+        )
         self.best = ocp.CheckpointManager(
             os.path.join(workdir, BEST_DIR),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda metrics: metrics[BEST_METRIC], best_mode='max',
-                keep_checkpoints_without_metrics=False, create=True,
-                enable_async_checkpointing=async_save))
+                max_to_keep=1,
+                best_fn=lambda metrics: metrics[BEST_METRIC],
+                best_mode='max',
+                keep_checkpoints_without_metrics=False,
+                create=True,
+                enable_async_checkpointing=async_save,
+            ),
+        )
 
     # -- queries -----------------------------------------------------------------------------------
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def best_step(self) -> Optional[int]:
+    def best_step(self) -> int | None:
         return self.best.best_step()
 
-    def best_metrics(self) -> Optional[dict[str, float]]:
+    def best_metrics(self) -> dict[str, float] | None:
         step = self.best_step()
         return None if step is None else dict(self.best.metrics(step))
 
@@ -71,12 +78,16 @@ class Checkpoints:
         value = float(metrics[BEST_METRIC])
         if value <= self.best_top1() or step in self.best.all_steps():
             return False
-        return self.best.save(step, args=ocp.args.StandardSave(state),
-                              metrics={k: float(v) for k, v in metrics.items()}, force=True)
+        return self.best.save(
+            step,
+            args=ocp.args.StandardSave(state),
+            metrics={k: float(v) for k, v in metrics.items()},
+            force=True,
+        )
 
     # -- restoring ---------------------------------------------------------------------------------
 
-    def restore(self, target: Any, *, which: str = 'latest', step: Optional[int] = None) -> Any:
+    def restore(self, target: Any, *, which: str = 'latest', step: int | None = None) -> Any:
         """Restores the 'latest' or 'best' checkpoint (or a given step) into the target's layout.
 
         target: the train state's structure with jax.ShapeDtypeStruct leaves that carry the

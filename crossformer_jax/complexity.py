@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from crossformer_jax.crossformer import VARIANTS, create_model, cross_scale_channels, group_layout
 
 
-def count_params(name: str, num_classes: int = 1000, features_only: bool = False,
-                 **overrides) -> int:
+def count_params(
+    name: str, num_classes: int = 1000, features_only: bool = False, **overrides
+) -> int:
     """Number of parameters of a registered variant (shapes only; nothing is allocated)."""
     model = create_model(name, num_classes, features_only, **overrides)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
@@ -37,16 +38,21 @@ def _block_macs(h: int, w: int, dim: int, heads: int, mlp_ratio: float, layout) 
     groups = hp * wp // tokens
     pos_dim = (dim // 4) // 4
     rows = (2 * gh - 1) * (2 * gw - 1)
-    macs = hp * wp * dim * 3 * dim                     # qkv (padded tokens included)
-    macs += 2 * groups * tokens * tokens * dim         # q @ k^T and weights @ v over all heads
-    macs += hp * wp * dim * dim                        # proj
-    macs += rows * (2 * pos_dim + 2 * pos_dim * pos_dim + pos_dim * heads)   # DPB MLP
-    macs += 2 * h * w * dim * int(dim * mlp_ratio)     # fc1 + fc2
+    macs = hp * wp * dim * 3 * dim  # qkv (padded tokens included)
+    macs += 2 * groups * tokens * tokens * dim  # q @ k^T and weights @ v over all heads
+    macs += hp * wp * dim * dim  # proj
+    macs += rows * (2 * pos_dim + 2 * pos_dim * pos_dim + pos_dim * heads)  # DPB MLP
+    macs += 2 * h * w * dim * int(dim * mlp_ratio)  # fc1 + fc2
     return macs
 
 
-def count_macs(name: str, image_size: tuple[int, int] | int = 224, num_classes: int = 1000,
-               features_only: bool = False, **overrides) -> int:
+def count_macs(
+    name: str,
+    image_size: tuple[int, int] | int = 224,
+    num_classes: int = 1000,
+    features_only: bool = False,
+    **overrides,
+) -> int:
     """MACs of one forward pass of one image of `image_size` (H, W) through a registered variant."""
     model = create_model(name, num_classes, features_only, **overrides)
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -57,16 +63,23 @@ def count_macs(name: str, image_size: tuple[int, int] | int = 224, num_classes: 
     dim = model.embed_dim
     for s, depth in enumerate(model.depths):
         for j in range(depth):
-            layout = group_layout(h, w, group_size=model.group_size[s],
-                                  interval=model.interval[s], long_distance=j % 2 == 1,
-                                  version=model.version)
+            layout = group_layout(
+                h,
+                w,
+                group_size=model.group_size[s],
+                interval=model.interval[s],
+                long_distance=j % 2 == 1,
+                version=model.version,
+            )
             macs += _block_macs(h, w, dim, model.num_heads[s], model.mlp_ratio, layout)
             if model.version == 'pp' and (j + 1) % 3 == 0 and j < depth - 1:
-                macs += _conv_macs(h, w, 3, dim, dim, groups=dim)        # ACL depthwise conv
+                macs += _conv_macs(h, w, 3, dim, dim, groups=dim)  # ACL depthwise conv
         if s < len(model.depths) - 1:
             merge_channels = cross_scale_channels(2 * dim, len(model.merge_kernel_sizes))
-            macs += sum(_conv_macs(h // 2, w // 2, k, dim, ch)
-                        for k, ch in zip(model.merge_kernel_sizes, merge_channels))
+            macs += sum(
+                _conv_macs(h // 2, w // 2, k, dim, ch)
+                for k, ch in zip(model.merge_kernel_sizes, merge_channels)
+            )
             h, w, dim = h // 2, w // 2, 2 * dim
     if not features_only:
         macs += dim * num_classes
@@ -75,8 +88,14 @@ def count_macs(name: str, image_size: tuple[int, int] | int = 224, num_classes: 
 
 def report(image_size: int = 224, num_classes: int = 1000) -> list[dict]:
     """Parameters and GMACs of every variant: [{'model', 'params', 'gmacs'}]."""
-    return [dict(model=name, params=count_params(name, num_classes),
-                 gmacs=count_macs(name, image_size, num_classes) / 1e9) for name in VARIANTS]
+    return [
+        dict(
+            model=name,
+            params=count_params(name, num_classes),
+            gmacs=count_macs(name, image_size, num_classes) / 1e9,
+        )
+        for name in VARIANTS
+    ]
 
 
 def main(argv=None) -> None:

@@ -1,10 +1,10 @@
 """Conversion of PyTorch CrossFormer / CrossFormer++ checkpoints to Flax parameters.
 
 The mapping between PyTorch state-dict keys and the Flax parameter tree is the one fixed in
-docs/parameter_names.md. Rather than hard-coding every key, the converter derives the expected PyTorch
-keys and shapes from the Flax model itself (`jax.eval_shape` of `create_model(...).init`, so no
-memory is allocated) and then checks the given state dict against them: every missing key, every
-unused key and every shape mismatch is reported together in one `StateDictMismatchError`.
+docs/parameter_names.md. Rather than hard-coding every key, the converter derives the expected
+PyTorch keys and shapes from the Flax model itself (`jax.eval_shape` of `create_model(...).init`,
+so no memory is allocated) and then checks the given state dict against them: every missing key,
+every unused key and every shape mismatch is reported together in one `StateDictMismatchError`.
 
 Library entry points:
 
@@ -29,8 +29,8 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Mapping
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +46,7 @@ _TRACE_IMAGE_SIZE = 64
 # -------------------------------------------------------------------------------------------------
 # Errors.
 
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or an object that holds no usable state dict."""
 
@@ -58,15 +59,21 @@ class StateDictMismatchError(ValueError):
     value that is not an array).
     """
 
-    def __init__(self, model_description: str, missing: Sequence[str] = (),
-                 unexpected: Sequence[str] = (),
-                 mismatched: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
-                 expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                 found_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                 invalid: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        model_description: str,
+        missing: Sequence[str] = (),
+        unexpected: Sequence[str] = (),
+        mismatched: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+        expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        found_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        invalid: Mapping[str, str] | None = None,
+    ):
         self.missing = sorted(missing, key=_natural_key)
         self.unexpected = sorted(unexpected, key=_natural_key)
-        self.mismatched = dict(sorted((mismatched or {}).items(), key=lambda kv: _natural_key(kv[0])))
+        self.mismatched = dict(
+            sorted((mismatched or {}).items(), key=lambda kv: _natural_key(kv[0]))
+        )
         self.invalid = dict(invalid or {})
         expected_shapes = expected_shapes or {}
         found_shapes = found_shapes or {}
@@ -83,14 +90,18 @@ class StateDictMismatchError(ValueError):
         if self.mismatched:
             counts.append(f'{len(self.mismatched)} with the wrong shape')
             lines.append('shape mismatches (PyTorch layout):')
-            lines += [f'  {k}  expected {_fmt_shape(e)}, found {_fmt_shape(f)}'
-                      for k, (e, f) in self.mismatched.items()]
+            lines += [
+                f'  {k}  expected {_fmt_shape(e)}, found {_fmt_shape(f)}'
+                for k, (e, f) in self.mismatched.items()
+            ]
         if self.invalid:
             counts.append(f'{len(self.invalid)} not arrays')
             lines.append('values that are not arrays:')
             lines += [f'  {k}  {desc}' for k, desc in self.invalid.items()]
-        super().__init__(f'state dict does not match {model_description}: keys '
-                         f'{", ".join(counts)}\n' + '\n'.join(lines))
+        super().__init__(
+            f'state dict does not match {model_description}: keys '
+            f'{", ".join(counts)}\n' + '\n'.join(lines)
+        )
 
 
 def _fmt_shape(shape) -> str:
@@ -107,6 +118,7 @@ def _natural_key(key: str):
 # -------------------------------------------------------------------------------------------------
 # Reading checkpoint files and finding the state dict inside.
 
+
 def _summarise_load_error(error: BaseException) -> str:
     """One line saying why torch.load refused a file."""
     text = str(error)
@@ -121,14 +133,18 @@ def _summarise_load_error(error: BaseException) -> str:
     if 'Weights only load failed' in text:
         match = re.search(r'GLOBAL ([\w.]+)', text)
         if match:
-            return (f'refused to unpickle {match.group(1)}: the file holds objects other than '
-                    'tensors and plain containers, which could run code when loaded; only '
-                    'weights-only checkpoints are read (re-save just the state dict with '
-                    'torch.save if you trust the file)')
+            return (
+                f'refused to unpickle {match.group(1)}: the file holds objects other than '
+                'tensors and plain containers, which could run code when loaded; only '
+                'weights-only checkpoints are read (re-save just the state dict with '
+                'torch.save if you trust the file)'
+            )
         match = re.search(r'Unsupported operand (\d+)', text)
         if match:
-            return ('not a PyTorch checkpoint (weights-only unpickling rejected pickle opcode '
-                    f'{match.group(1)})')
+            return (
+                'not a PyTorch checkpoint (weights-only unpickling rejected pickle opcode '
+                f'{match.group(1)})'
+            )
         return 'weights-only unpickling rejected the file (not a plain tensor checkpoint)'
     if 'failed finding central directory' in text or 'PytorchStreamReader' in text:
         return 'corrupt or truncated PyTorch checkpoint (its zip archive cannot be read)'
@@ -151,19 +167,23 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
     if not os.path.exists(path):
         raise CheckpointError(f'cannot read checkpoint {path}: no such file')
     if os.path.isdir(path):
-        raise CheckpointError(f'cannot read checkpoint {path}: is a directory, not a checkpoint file')
+        raise CheckpointError(
+            f'cannot read checkpoint {path}: is a directory, not a checkpoint file'
+        )
     if os.path.getsize(path) == 0:
         raise CheckpointError(f'cannot read checkpoint {path}: file is empty')
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is a declared optional dependency
-        raise CheckpointError(f'cannot read checkpoint {path}: reading .pth files needs PyTorch '
-                              '(pip install crossformer_jax[torch])') from e
+        raise CheckpointError(
+            f'cannot read checkpoint {path}: reading .pth files needs PyTorch '
+            '(pip install crossformer_jax[torch])'
+        ) from e
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+    except Exception as e:
         raise CheckpointError(f'cannot read checkpoint {path}: {_summarise_load_error(e)}') from e
 
 
@@ -173,7 +193,7 @@ def _is_array(value: Any) -> bool:
 
 def _strip_module_prefix(key: str) -> str:
     while key.startswith('module.'):
-        key = key[len('module.'):]
+        key = key[len('module.') :]
     return key
 
 
@@ -186,7 +206,9 @@ def extract_state_dict(checkpoint: Any) -> tuple[dict[str, Any], list[str]]:
     DataParallel `module.` prefix is removed. Returns (state_dict, skipped_keys).
     """
     if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f'checkpoint holds a {type(checkpoint).__name__}, not a dict of tensors')
+        raise CheckpointError(
+            f'checkpoint holds a {type(checkpoint).__name__}, not a dict of tensors'
+        )
     if isinstance(checkpoint.get('model'), Mapping):
         state_dict = checkpoint['model']
     elif isinstance(checkpoint.get('state_dict'), Mapping):
@@ -195,8 +217,10 @@ def extract_state_dict(checkpoint: Any) -> tuple[dict[str, Any], list[str]]:
         state_dict = checkpoint
     else:
         keys = ', '.join(repr(k) for k in list(checkpoint)[:10]) or 'none'
-        raise CheckpointError('no state dict found in the checkpoint: expected a dict of tensors, '
-                              f"or one under 'model' or 'state_dict'; top-level keys: {keys}")
+        raise CheckpointError(
+            'no state dict found in the checkpoint: expected a dict of tensors, '
+            f"or one under 'model' or 'state_dict'; top-level keys: {keys}"
+        )
     stripped: dict[str, Any] = {}
     for key, value in state_dict.items():
         if not isinstance(key, str):
@@ -206,7 +230,9 @@ def extract_state_dict(checkpoint: Any) -> tuple[dict[str, Any], list[str]]:
             raise CheckpointError(f'state dict has {new_key!r} twice (with and without "module.")')
         stripped[new_key] = value
     if any(k.startswith('backbone.') for k in stripped):
-        backbone = {k[len('backbone.'):]: v for k, v in stripped.items() if k.startswith('backbone.')}
+        backbone = {
+            k[len('backbone.') :]: v for k, v in stripped.items() if k.startswith('backbone.')
+        }
         skipped = sorted((k for k in stripped if not k.startswith('backbone.')), key=_natural_key)
         return backbone, skipped
     return stripped, []
@@ -215,13 +241,15 @@ def extract_state_dict(checkpoint: Any) -> tuple[dict[str, Any], list[str]]:
 # -------------------------------------------------------------------------------------------------
 # Key mapping between the Flax tree and the PyTorch state dict.
 
+
 @dataclasses.dataclass(frozen=True)
 class _Leaf:
     """One Flax parameter and the PyTorch tensor it comes from."""
-    path: tuple[str, ...]            # path under 'params'
+
+    path: tuple[str, ...]  # path under 'params'
     flax_shape: tuple[int, ...]
     torch_shape: tuple[int, ...]
-    kind: str                        # 'linear', 'conv' or 'copy'
+    kind: str  # 'linear', 'conv' or 'copy'
 
 
 _DPB_SEQUENTIAL = re.compile(r'^(pos\d+)_(norm|linear)$')
@@ -242,11 +270,13 @@ def _torch_module_name(flax_name: str) -> str:
 def _leaf_from_flax(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[str, _Leaf]:
     *modules, leaf = path
     prefix = '.'.join(_torch_module_name(m) for m in modules)
-    if leaf == 'kernel' and len(shape) == 2:      # Dense (in, out) <- Linear weight (out, in)
+    if leaf == 'kernel' and len(shape) == 2:  # Dense (in, out) <- Linear weight (out, in)
         return f'{prefix}.weight', _Leaf(path, shape, (shape[1], shape[0]), 'linear')
-    if leaf == 'kernel' and len(shape) == 4:      # Conv (kh, kw, in, out) <- (out, in, kh, kw)
-        return f'{prefix}.weight', _Leaf(path, shape, (shape[3], shape[2], shape[0], shape[1]), 'conv')
-    if leaf == 'scale':                           # LayerNorm
+    if leaf == 'kernel' and len(shape) == 4:  # Conv (kh, kw, in, out) <- (out, in, kh, kw)
+        return f'{prefix}.weight', _Leaf(
+            path, shape, (shape[3], shape[2], shape[0], shape[1]), 'conv'
+        )
+    if leaf == 'scale':  # LayerNorm
         return f'{prefix}.weight', _Leaf(path, shape, shape, 'copy')
     if leaf == 'bias':
         return f'{prefix}.bias', _Leaf(path, shape, shape, 'copy')
@@ -260,8 +290,9 @@ def _model_kwargs_key(num_classes: int, features_only: bool, overrides: Mapping[
     return (num_classes, features_only, tuple(items))
 
 
-def expected_torch_shapes(name: str, *, num_classes: int = 1000, features_only: bool = False,
-                          **overrides) -> dict[str, _Leaf]:
+def expected_torch_shapes(
+    name: str, *, num_classes: int = 1000, features_only: bool = False, **overrides
+) -> dict[str, _Leaf]:
     """PyTorch key -> expected parameter of `create_model(name, ...)`, traced without allocation."""
     key = _model_kwargs_key(num_classes, features_only, overrides)
     try:
@@ -312,9 +343,14 @@ def is_derived_buffer(key: str) -> bool:
     return key.endswith(DERIVED_BUFFER_SUFFIXES)
 
 
-def convert_torch_state_dict(state_dict: Mapping[str, Any], name: str, *,
-                             num_classes: int | None = None, features_only: bool | None = None,
-                             **overrides) -> dict[str, Any]:
+def convert_torch_state_dict(
+    state_dict: Mapping[str, Any],
+    name: str,
+    *,
+    num_classes: int | None = None,
+    features_only: bool | None = None,
+    **overrides,
+) -> dict[str, Any]:
     """PyTorch state dict -> Flax variables {'params': nested dict of float32 numpy arrays}.
 
     Values may be torch tensors or numpy arrays; `module.` prefixes are removed. Unless given,
@@ -323,18 +359,19 @@ def convert_torch_state_dict(state_dict: Mapping[str, Any], name: str, *,
     buffers `attn.biases` / `attn.relative_position_index` are ignored; any other unused key, any
     missing key and any shape mismatch raise one `StateDictMismatchError` that lists them all.
     """
-    variables, _ = convert_with_report(state_dict, name, num_classes=num_classes,
-                                       features_only=features_only, **overrides)
+    variables, _ = convert_with_report(
+        state_dict, name, num_classes=num_classes, features_only=features_only, **overrides
+    )
     return variables
 
 
 @dataclasses.dataclass
 class ConversionReport:
     model_name: str
-    num_classes: int | None       # None for a backbone
+    num_classes: int | None  # None for a backbone
     features_only: bool
     num_params: int
-    skipped_buffers: list[str]    # derived buffers that were ignored
+    skipped_buffers: list[str]  # derived buffers that were ignored
 
 
 def _describe_model(name: str, num_classes: int, features_only: bool, overrides) -> str:
@@ -352,13 +389,18 @@ def _prepare(state_dict, name, num_classes, features_only, overrides):
         features_only = not any(k.startswith('head.') for k in state_dict)
     if num_classes is None:
         head = state_dict.get('head.weight')
-        num_classes = int(head.shape[0]) if (not features_only and _is_array(head)
-                                             and len(head.shape) == 2) else 1000
-    expected = expected_torch_shapes(name, num_classes=num_classes, features_only=features_only,
-                                     **overrides)
+        num_classes = (
+            int(head.shape[0])
+            if (not features_only and _is_array(head) and len(head.shape) == 2)
+            else 1000
+        )
+    expected = expected_torch_shapes(
+        name, num_classes=num_classes, features_only=features_only, **overrides
+    )
 
-    skipped = sorted((k for k in state_dict if is_derived_buffer(k) and k not in expected),
-                     key=_natural_key)
+    skipped = sorted(
+        (k for k in state_dict if is_derived_buffer(k) and k not in expected), key=_natural_key
+    )
     found_shapes, invalid = {}, {}
     for k, v in state_dict.items():
         if _is_array(v):
@@ -366,34 +408,58 @@ def _prepare(state_dict, name, num_classes, features_only, overrides):
         elif k not in skipped:
             invalid[k] = f'{type(v).__name__} value'
     missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected and k not in skipped and k not in invalid]
-    mismatched = {k: (e.torch_shape, found_shapes[k]) for k, e in expected.items()
-                  if k in found_shapes and found_shapes[k] != e.torch_shape}
+    unexpected = [
+        k for k in state_dict if k not in expected and k not in skipped and k not in invalid
+    ]
+    mismatched = {
+        k: (e.torch_shape, found_shapes[k])
+        for k, e in expected.items()
+        if k in found_shapes and found_shapes[k] != e.torch_shape
+    }
     if missing or unexpected or mismatched or invalid:
         raise StateDictMismatchError(
-            _describe_model(name, num_classes, features_only, overrides), missing, unexpected,
-            mismatched, {k: e.torch_shape for k, e in expected.items()}, found_shapes, invalid)
-    report = ConversionReport(name, None if features_only else num_classes, features_only,
-                              int(sum(math.prod(e.torch_shape) for e in expected.values())),
-                              skipped)
+            _describe_model(name, num_classes, features_only, overrides),
+            missing,
+            unexpected,
+            mismatched,
+            {k: e.torch_shape for k, e in expected.items()},
+            found_shapes,
+            invalid,
+        )
+    report = ConversionReport(
+        name,
+        None if features_only else num_classes,
+        features_only,
+        int(sum(math.prod(e.torch_shape) for e in expected.values())),
+        skipped,
+    )
     return state_dict, expected, report
 
 
-def check_torch_state_dict(state_dict: Mapping[str, Any], name: str, *,
-                           num_classes: int | None = None, features_only: bool | None = None,
-                           **overrides) -> ConversionReport:
+def check_torch_state_dict(
+    state_dict: Mapping[str, Any],
+    name: str,
+    *,
+    num_classes: int | None = None,
+    features_only: bool | None = None,
+    **overrides,
+) -> ConversionReport:
     """Checks keys and shapes only (values may be meta tensors); raises StateDictMismatchError."""
     return _prepare(state_dict, name, num_classes, features_only, overrides)[2]
 
 
-def convert_with_report(state_dict: Mapping[str, Any], name: str, *,
-                        num_classes: int | None = None, features_only: bool | None = None,
-                        **overrides) -> tuple[dict[str, Any], ConversionReport]:
+def convert_with_report(
+    state_dict: Mapping[str, Any],
+    name: str,
+    *,
+    num_classes: int | None = None,
+    features_only: bool | None = None,
+    **overrides,
+) -> tuple[dict[str, Any], ConversionReport]:
     """`convert_torch_state_dict`, also returning a `ConversionReport`."""
     from flax.traverse_util import unflatten_dict
 
-    state_dict, expected, report = _prepare(state_dict, name, num_classes, features_only,
-                                            overrides)
+    state_dict, expected, report = _prepare(state_dict, name, num_classes, features_only, overrides)
     flat = {}
     for k, e in expected.items():
         value = _to_numpy(state_dict[k])
@@ -406,10 +472,10 @@ def convert_with_report(state_dict: Mapping[str, Any], name: str, *,
 
 
 def flax_to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The inverse mapping: Flax variables -> PyTorch-named numpy arrays (without derived buffers)."""
+    """Inverse mapping: Flax variables -> PyTorch-named numpy arrays (without derived buffers)."""
     from flax.traverse_util import flatten_dict
 
-    params = variables['params'] if 'params' in variables else variables
+    params = variables.get('params', variables)
     out = {}
     for path, value in flatten_dict(params).items():
         value = np.asarray(value, dtype=np.float32)
@@ -424,6 +490,7 @@ def flax_to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarr
 
 # -------------------------------------------------------------------------------------------------
 # Working out the variant from a state dict.
+
 
 class ModelNameError(ValueError):
     """The variant could not be worked out from a state dict, or an unknown name was given."""
@@ -441,8 +508,9 @@ def describe_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The architecture facts visible in a state dict: embed_dim, depths, heads, ACL, classes."""
     state_dict = {_strip_module_prefix(k): v for k, v in state_dict.items()}
     if any(k.startswith('backbone.') for k in state_dict):  # a detection/segmentation state dict
-        state_dict = {k[len('backbone.'):]: v for k, v in state_dict.items()
-                      if k.startswith('backbone.')}
+        state_dict = {
+            k[len('backbone.') :]: v for k, v in state_dict.items() if k.startswith('backbone.')
+        }
     norm = _shape_of(state_dict, 'patch_embed.norm.weight')
     blocks: dict[int, set[int]] = {}
     for key in state_dict:
@@ -470,35 +538,48 @@ def infer_model_name(state_dict: Mapping[str, Any]) -> str:
 
     Uses embed_dim (patch_embed.norm.weight), the number of blocks per stage, the heads of each
     stage (the DPB's last Linear) and the presence of ACL keys (ex_conv: CrossFormer++ only, which
-    tells crossformer_base from crossformer_pp_base and crossformer_large from crossformer_pp_large).
+    tells crossformer_base from crossformer_pp_base, crossformer_large from crossformer_pp_large).
     Raises `ModelNameError` listing what was found when no variant or several match.
     """
     from crossformer_jax.crossformer import VARIANTS
 
     facts = describe_state_dict(state_dict)
-    found = (f"embed_dim={facts['embed_dim']}, depths={facts['depths']}, "
-             f"num_heads={facts['num_heads']}, ACL (ex_conv) keys "
-             f"{'present' if facts['activation_cooling'] else 'absent'}")
+    found = (
+        f'embed_dim={facts["embed_dim"]}, depths={facts["depths"]}, '
+        f'num_heads={facts["num_heads"]}, ACL (ex_conv) keys '
+        f'{"present" if facts["activation_cooling"] else "absent"}'
+    )
     if facts['embed_dim'] is None or not facts['depths']:
-        raise ModelNameError('cannot infer the model from the state dict: no '
-                             "'patch_embed.norm.weight' or no 'layers.*.blocks.*' keys "
-                             f'(is this a CrossFormer checkpoint?); found {found}')
+        raise ModelNameError(
+            'cannot infer the model from the state dict: no '
+            "'patch_embed.norm.weight' or no 'layers.*.blocks.*' keys "
+            f'(is this a CrossFormer checkpoint?); found {found}'
+        )
     matches = []
     for name, cfg in VARIANTS.items():
-        if (cfg['embed_dim'] == facts['embed_dim'] and tuple(cfg['depths']) == facts['depths']
-                and (cfg['version'] == 'pp') == facts['activation_cooling']
-                and all(h is None or h == c for h, c in zip(facts['num_heads'], cfg['num_heads']))):
+        if (
+            cfg['embed_dim'] == facts['embed_dim']
+            and tuple(cfg['depths']) == facts['depths']
+            and (cfg['version'] == 'pp') == facts['activation_cooling']
+            and all(h is None or h == c for h, c in zip(facts['num_heads'], cfg['num_heads']))
+        ):
             matches.append(name)
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        known = '; '.join(f"{n}: embed_dim={c['embed_dim']}, depths={tuple(c['depths'])}, "
-                          f"num_heads={tuple(c['num_heads'])}, ACL={c['version'] == 'pp'}"
-                          for n, c in VARIANTS.items())
-        raise ModelNameError(f'no registered CrossFormer variant matches the state dict: found '
-                             f'{found}. Known variants: {known}')
-    raise ModelNameError(f'the state dict matches several variants ({", ".join(matches)}): found '
-                         f'{found}; pass the model name explicitly')
+        known = '; '.join(
+            f'{n}: embed_dim={c["embed_dim"]}, depths={tuple(c["depths"])}, '
+            f'num_heads={tuple(c["num_heads"])}, ACL={c["version"] == "pp"}'
+            for n, c in VARIANTS.items()
+        )
+        raise ModelNameError(
+            f'no registered CrossFormer variant matches the state dict: found '
+            f'{found}. Known variants: {known}'
+        )
+    raise ModelNameError(
+        f'the state dict matches several variants ({", ".join(matches)}): found '
+        f'{found}; pass the model name explicitly'
+    )
 
 
 def check_model_name(name: str) -> str:
@@ -511,6 +592,7 @@ def check_model_name(name: str) -> str:
 
 # -------------------------------------------------------------------------------------------------
 # Verification against the PyTorch reference.
+
 
 @dataclasses.dataclass
 class Comparison:
@@ -525,10 +607,18 @@ class Comparison:
         return self.max_abs_diff / max(self.max_abs_reference, np.finfo(np.float32).tiny)
 
 
-def compare_with_torch(state_dict: Mapping[str, Any], variables: Mapping[str, Any], name: str, *,
-                       num_classes: int | None, features_only: bool,
-                       image_size: tuple[int, int] = (224, 224), batch_size: int = 1, seed: int = 0,
-                       **overrides) -> list[Comparison]:
+def compare_with_torch(
+    state_dict: Mapping[str, Any],
+    variables: Mapping[str, Any],
+    name: str,
+    *,
+    num_classes: int | None,
+    features_only: bool,
+    image_size: tuple[int, int] = (224, 224),
+    batch_size: int = 1,
+    seed: int = 0,
+    **overrides,
+) -> list[Comparison]:
     """Runs the PyTorch reference (holding `state_dict`, loaded strictly) and the Flax model
     (holding `variables`) on the same seeded random images; returns one Comparison per output
     (the logits, or the four backbone maps compared in NCHW)."""
@@ -564,8 +654,10 @@ def compare_with_torch(state_dict: Mapping[str, Any], variables: Mapping[str, An
     outputs = jax.jit(lambda v, x: flax_model.apply(v, x))(variables, images.transpose(0, 2, 3, 1))
 
     if features_only:
-        pairs = [(f'stage {s} map', r.numpy(), np.asarray(o).transpose(0, 3, 1, 2))
-                 for s, (r, o) in enumerate(zip(reference, outputs))]
+        pairs = [
+            (f'stage {s} map', r.numpy(), np.asarray(o).transpose(0, 3, 1, 2))
+            for s, (r, o) in enumerate(zip(reference, outputs))
+        ]
         if len(reference) != len(outputs):
             raise RuntimeError(f'reference gave {len(reference)} maps, Flax {len(outputs)}')
     else:
@@ -574,13 +666,17 @@ def compare_with_torch(state_dict: Mapping[str, Any], variables: Mapping[str, An
     for label, ref, out in pairs:
         if ref.shape != out.shape:
             raise RuntimeError(f'{label}: reference shape {ref.shape} != Flax shape {out.shape}')
-        results.append(Comparison(label, ref.shape, float(np.max(np.abs(ref - out))),
-                                  float(np.max(np.abs(ref)))))
+        results.append(
+            Comparison(
+                label, ref.shape, float(np.max(np.abs(ref - out))), float(np.max(np.abs(ref)))
+            )
+        )
     return results
 
 
 # -------------------------------------------------------------------------------------------------
 # Command line (convert_torch_weights.py).
+
 
 def _parse_image_size(text: str) -> tuple[int, int]:
     match = re.fullmatch(r'\s*(\d+)\s*(?:[x,]\s*(\d+)\s*)?', text)
@@ -589,7 +685,9 @@ def _parse_image_size(text: str) -> tuple[int, int]:
     h = int(match.group(1))
     w = int(match.group(2)) if match.group(2) else h
     if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise argparse.ArgumentTypeError(f'image size must be positive multiples of 32, got {h}x{w}')
+        raise argparse.ArgumentTypeError(
+            f'image size must be positive multiples of 32, got {h}x{w}'
+        )
     return h, w
 
 
@@ -617,30 +715,53 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='convert_torch_weights.py',
         description='Convert a PyTorch CrossFormer / CrossFormer++ checkpoint (.pth) into a '
-                    'crossformer_jax pretrained directory (orbax checkpoint + metadata).')
-    parser.add_argument('--checkpoint', required=True,
-                        help="PyTorch checkpoint: {'model': sd}, {'state_dict': sd with backbone.*} "
-                             'or a bare state dict; read with weights-only unpickling')
-    parser.add_argument('--model', default=None,
-                        help='variant name (e.g. crossformer_small); inferred from the weights '
-                             'when omitted')
+        'crossformer_jax pretrained directory (orbax checkpoint + metadata).',
+    )
+    parser.add_argument(
+        '--checkpoint',
+        required=True,
+        help="PyTorch checkpoint: {'model': sd}, {'state_dict': sd with backbone.*} "
+        'or a bare state dict; read with weights-only unpickling',
+    )
+    parser.add_argument(
+        '--model',
+        default=None,
+        help='variant name (e.g. crossformer_small); inferred from the weights when omitted',
+    )
     parser.add_argument('--output', required=True, help='directory to write')
-    parser.add_argument('--overwrite', action='store_true',
-                        help='replace an existing output directory (only after the new one is '
-                             'complete)')
-    parser.add_argument('--num-classes', type=_positive_int, default=None,
-                        help='classes of the head (default: read from head.weight); an explicit '
-                             'value must match the checkpoint')
-    parser.add_argument('--verify', action='store_true',
-                        help='compare against the PyTorch reference on a random input before '
-                             'writing; exit 1 if they differ by more than the tolerance')
-    parser.add_argument('--tolerance', type=_positive_float, default=1e-4,
-                        help='--verify fails when max|diff| > tolerance * max|reference| '
-                             '(default 1e-4)')
-    parser.add_argument('--image-size', type=_parse_image_size, default=(224, 224),
-                        help='input size for --verify: SIZE or HEIGHTxWIDTH, multiples of 32 '
-                             '(default 224)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the --verify input (default 0)')
+    parser.add_argument(
+        '--overwrite',
+        action='store_true',
+        help='replace an existing output directory (only after the new one is complete)',
+    )
+    parser.add_argument(
+        '--num-classes',
+        type=_positive_int,
+        default=None,
+        help='classes of the head (default: read from head.weight); an explicit '
+        'value must match the checkpoint',
+    )
+    parser.add_argument(
+        '--verify',
+        action='store_true',
+        help='compare against the PyTorch reference on a random input before '
+        'writing; exit 1 if they differ by more than the tolerance',
+    )
+    parser.add_argument(
+        '--tolerance',
+        type=_positive_float,
+        default=1e-4,
+        help='--verify fails when max|diff| > tolerance * max|reference| (default 1e-4)',
+    )
+    parser.add_argument(
+        '--image-size',
+        type=_parse_image_size,
+        default=(224, 224),
+        help='input size for --verify: SIZE or HEIGHTxWIDTH, multiples of 32 (default 224)',
+    )
+    parser.add_argument(
+        '--seed', type=int, default=0, help='seed of the --verify input (default 0)'
+    )
     return parser
 
 
@@ -663,7 +784,7 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
     def say(text: str = '') -> None:
         print(text, file=out or sys.stdout, flush=True)
 
-    _check_output_path(args.output, args.overwrite)   # fail early, before the slow steps
+    _check_output_path(args.output, args.overwrite)  # fail early, before the slow steps
     checkpoint = read_torch_checkpoint(args.checkpoint)
     state_dict, skipped_outer = extract_state_dict(checkpoint)
     del checkpoint
@@ -681,21 +802,32 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
             except ModelNameError:
                 inferred = None
             if inferred is not None and inferred != name:
-                e.args = (f'{e}\n(the weights look like {inferred}; omit --model to use the '
-                          'inferred variant)',)
+                e.args = (
+                    f'{e}\n(the weights look like {inferred}; omit --model to use the '
+                    'inferred variant)',
+                )
         raise
 
     say(f'checkpoint: {args.checkpoint}')
-    kind = ('backbone, 4 feature maps' if report.features_only
-            else f'classifier, {report.num_classes} classes')
+    kind = (
+        'backbone, 4 feature maps'
+        if report.features_only
+        else f'classifier, {report.num_classes} classes'
+    )
     say(f'model: {name} ({kind})')
     say(f'parameters: {report.num_params:,} in {len(_leaves(variables))} arrays')
     skipped = skipped_outer + report.skipped_buffers
     if skipped:
-        say(f'skipped keys: {len(skipped)}'
+        say(
+            f'skipped keys: {len(skipped)}'
             + (f' ({len(skipped_outer)} outside the backbone)' if skipped_outer else '')
-            + (f' ({len(report.skipped_buffers)} derived buffers attn.biases / '
-               'attn.relative_position_index)' if report.skipped_buffers else ''))
+            + (
+                f' ({len(report.skipped_buffers)} derived buffers attn.biases / '
+                'attn.relative_position_index)'
+                if report.skipped_buffers
+                else ''
+            )
+        )
         for key in skipped[:8]:
             say(f'  {key}')
         if len(skipped) > 8:
@@ -707,27 +839,46 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
     if args.verify:
         h, w = args.image_size
         say(f'verifying against the PyTorch reference at {h}x{w} (seed {args.seed}) ...')
-        comparisons = compare_with_torch(state_dict, variables, name,
-                                         num_classes=report.num_classes,
-                                         features_only=report.features_only, image_size=(h, w),
-                                         seed=args.seed)
+        comparisons = compare_with_torch(
+            state_dict,
+            variables,
+            name,
+            num_classes=report.num_classes,
+            features_only=report.features_only,
+            image_size=(h, w),
+            seed=args.seed,
+        )
         for c in comparisons:
             ok = c.max_abs_diff <= args.tolerance * c.max_abs_reference
-            say(f'  {c.label} {c.shape}: max|diff| {c.max_abs_diff:.3e}, max|reference| '
+            say(
+                f'  {c.label} {c.shape}: max|diff| {c.max_abs_diff:.3e}, max|reference| '
                 f'{c.max_abs_reference:.3e}, relative {c.relative:.3e} '
-                f'{"ok" if ok else "FAILED"} (tolerance {args.tolerance:g})')
+                f'{"ok" if ok else "FAILED"} (tolerance {args.tolerance:g})'
+            )
             if not ok:
                 status = 1
         if status:
-            print(f'error: verification failed (relative difference above {args.tolerance:g}); '
-                  f'nothing written to {args.output}', file=sys.stderr, flush=True)
+            print(
+                f'error: verification failed (relative difference above {args.tolerance:g}); '
+                f'nothing written to {args.output}',
+                file=sys.stderr,
+                flush=True,
+            )
             return status
         say('verification passed')
 
-    save_pretrained(args.output, variables, model_name=name, num_classes=report.num_classes,
-                    features_only=report.features_only, overwrite=args.overwrite,
-                    extra_metadata={'source_file': os.path.abspath(args.checkpoint),
-                                    'skipped_keys': len(skipped)})
+    save_pretrained(
+        args.output,
+        variables,
+        model_name=name,
+        num_classes=report.num_classes,
+        features_only=report.features_only,
+        overwrite=args.overwrite,
+        extra_metadata={
+            'source_file': os.path.abspath(args.checkpoint),
+            'skipped_keys': len(skipped),
+        },
+    )
     say(f'wrote {args.output}')
     return status
 
@@ -742,7 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of convert_torch_weights.py; returns the exit status (0 ok, 1 verification
     failed, 2 user error: message on stderr, no traceback)."""
     parser = build_arg_parser()
-    args = parser.parse_args(argv)   # exits with status 2 and a usage message on bad arguments
+    args = parser.parse_args(argv)  # exits with status 2 and a usage message on bad arguments
     try:
         return run_cli(args)
     except (ValueError, OSError) as e:

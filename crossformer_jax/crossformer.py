@@ -1,10 +1,10 @@
 """CrossFormer and CrossFormer++ in Flax (channels-last).
 
-The architecture follows SPEC.md: a Cross-scale Embedding Layer (CEL) in front of every stage, blocks
-that alternate Short Distance Attention (SDA) and Long Distance Attention (LDA) over groups of
-tokens, a Dynamic Position Bias (DPB) MLP that turns relative offsets into attention biases, and for
-CrossFormer++ the Activation Cooling Layer (ACL). Images are (N, H, W, 3); H and W must be
-multiples of 32. Parameter names mirror the PyTorch state dict (see docs/parameter_names.md).
+A Cross-scale Embedding Layer (CEL) in front of every stage, blocks that alternate Short Distance
+Attention (SDA) and Long Distance Attention (LDA) over groups of tokens, a Dynamic Position Bias
+(DPB) MLP that turns relative offsets into attention biases, and for CrossFormer++ the Activation
+Cooling Layer (ACL). Images are (N, H, W, 3); H and W must be multiples of 32. Parameter names
+mirror the PyTorch state dict (see docs/parameter_names.md).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,32 +27,44 @@ _V1 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1), version='v1')
 _PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), version='pp')
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    'crossformer_tiny': dict(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16),
-                             drop_path_rate=0.1, **_V1),
-    'crossformer_small': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                              drop_path_rate=0.2, **_V1),
-    'crossformer_base': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                             drop_path_rate=0.3, **_V1),
-    'crossformer_large': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                              drop_path_rate=0.5, **_V1),
-    'crossformer_pp_small': dict(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16),
-                                 drop_path_rate=0.2, **_PP),
-    'crossformer_pp_base': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                                drop_path_rate=0.3, **_PP),
-    'crossformer_pp_large': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                                 drop_path_rate=0.5, **_PP),
-    'crossformer_pp_huge': dict(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32),
-                                drop_path_rate=0.5, **_PP),
+    'crossformer_tiny': dict(
+        embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.1, **_V1
+    ),
+    'crossformer_small': dict(
+        embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2, **_V1
+    ),
+    'crossformer_base': dict(
+        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_V1
+    ),
+    'crossformer_large': dict(
+        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_V1
+    ),
+    'crossformer_pp_small': dict(
+        embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.2, **_PP
+    ),
+    'crossformer_pp_base': dict(
+        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_PP
+    ),
+    'crossformer_pp_large': dict(
+        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_PP
+    ),
+    'crossformer_pp_huge': dict(
+        embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_PP
+    ),
 }
 
 LAYER_NORM_EPS = 1e-5  # PyTorch's default; Flax's is 1e-6.
-MASKED_LOGIT = -1e6    # added to the logits of padded keys (finite, so all-padding groups stay finite)
+MASKED_LOGIT = (
+    -1e6
+)  # added to the logits of padded keys (finite, so all-padding groups stay finite)
 
 
 def trunc_normal_init(stddev: float = 0.02):
-    """Normal(0, stddev) cut at +-2 stddev (PyTorch's trunc_normal_ as the original code uses it)."""
+    """Normal(0, stddev) cut at +-2 stddev (as PyTorch's trunc_normal_ in the original code)."""
+
     def init(key, shape, dtype=jnp.float32):
         return stddev * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+
     return init
 
 
@@ -63,8 +76,10 @@ def conv_kernel_init():
 def conv_bias_init(fan_in: int):
     """PyTorch's Conv2d default bias: U(+-1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
+
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
+
     return init
 
 
@@ -87,8 +102,11 @@ def _normalize_bwd(residuals, grad):
     x, mean, rstd, scale = residuals
     x_hat = (x - mean) * rstd
     grad_hat = grad * scale
-    grad_x = rstd * (grad_hat - jnp.mean(grad_hat, axis=-1, keepdims=True)
-                     - x_hat * jnp.mean(grad_hat * x_hat, axis=-1, keepdims=True))
+    grad_x = rstd * (
+        grad_hat
+        - jnp.mean(grad_hat, axis=-1, keepdims=True)
+        - x_hat * jnp.mean(grad_hat * x_hat, axis=-1, keepdims=True)
+    )
     axes = tuple(range(x.ndim - 1))
     return grad_x, jnp.sum(grad * x_hat, axis=axes), jnp.sum(grad, axis=axes)
 
@@ -99,6 +117,7 @@ _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 class LayerNorm(nn.Module):
     """PyTorch's LayerNorm over the last axis (eps 1e-5, parameters 'scale' and 'bias' as in
     nn.LayerNorm); statistics in float32, output in `dtype`."""
+
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -113,17 +132,37 @@ def layer_norm(name: str, dtype) -> LayerNorm:
 
 
 def dense(features: int, name: str, dtype) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, kernel_init=trunc_normal_init(),
-                    bias_init=nn.initializers.zeros, name=name)
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=trunc_normal_init(),
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
 
 
-def conv(features: int, kernel: int, stride: int, padding: int, in_features: int, name: str, dtype,
-         groups: int = 1) -> nn.Conv:
+def conv(
+    features: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    in_features: int,
+    name: str,
+    dtype,
+    groups: int = 1,
+) -> nn.Conv:
     fan_in = in_features // groups * kernel * kernel
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((padding, padding), (padding, padding)), feature_group_count=groups,
-                   dtype=dtype, kernel_init=conv_kernel_init(), bias_init=conv_bias_init(fan_in),
-                   name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        feature_group_count=groups,
+        dtype=dtype,
+        kernel_init=conv_kernel_init(),
+        bias_init=conv_bias_init(fan_in),
+        name=name,
+    )
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -137,6 +176,7 @@ class PatchConv(nn.Module):
     'kernel' (k, k, Cin, out), 'bias'), computed as space-to-depth plus one matmul: XLA:CPU runs
     this several times faster than its convolution, mostly in the weight gradient (tiny, batch 16:
     stride-2 merge at stage 0 30 -> 17 ms, first 4x4 embedding 10.5 -> 6 ms with gradient)."""
+
     features: int
     kernel: int
     dtype: Any = jnp.float32
@@ -150,16 +190,21 @@ class PatchConv(nn.Module):
         bias = self.param('bias', conv_bias_init(k * k * c), (self.features,), jnp.float32)
         x = x.reshape(n, h // k, k, w // k, k, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(n, h // k, w // k, k * k * c).astype(self.dtype)
-        return x @ kernel.reshape(k * k * c, self.features).astype(self.dtype) + bias.astype(self.dtype)
+        return x @ kernel.reshape(k * k * c, self.features).astype(self.dtype) + bias.astype(
+            self.dtype
+        )
 
 
 def cross_scale_channels(total: int, num_kernels: int) -> list[int]:
-    """Channels of each kernel of a CEL: halves for all but the last kernel, e.g. 64 -> 32,16,8,8."""
-    return [total // 2 ** (i + 1) for i in range(num_kernels - 1)] + [total // 2 ** (num_kernels - 1)]
+    """Channels of each CEL kernel: halves for all but the last kernel, e.g. 64 -> 32,16,8,8."""
+    return [total // 2 ** (i + 1) for i in range(num_kernels - 1)] + [
+        total // 2 ** (num_kernels - 1)
+    ]
 
 
 # -------------------------------------------------------------------------------------------------
 # Grouping of tokens for SDA / LDA.
+
 
 @dataclasses.dataclass(frozen=True)
 class GroupLayout:
@@ -169,6 +214,7 @@ class GroupLayout:
     a group in the grid (1 for SDA); padded: (Hp, Wp), the grid after bottom/right zero padding, a
     multiple of (Gh * I, Gw * I). A region of Gh*I x Gw*I tokens holds I*I groups.
     """
+
     group: tuple[int, int]
     interval: int
     padded: tuple[int, int]
@@ -178,23 +224,28 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def group_layout(height: int, width: int, *, group_size: int, interval: int, long_distance: bool,
-                 version: str) -> GroupLayout:
+def group_layout(
+    height: int, width: int, *, group_size: int, interval: int, long_distance: bool, version: str
+) -> GroupLayout:
     """The SDA/LDA grouping that SPEC prescribes for one block on a height x width token grid."""
     if min(height, width) <= group_size:
-        # Small maps: one SDA group size. v1 groups by the short side, ++ attends over the whole map.
+        # Small maps: one SDA group size; v1 groups by the short side, ++ attends to the whole map.
         size = min(height, width) if version == 'v1' else max(height, width)
         return GroupLayout((size, size), 1, (_round_up(height, size), _round_up(width, size)))
     if not long_distance:
-        return GroupLayout((group_size, group_size), 1,
-                           (_round_up(height, group_size), _round_up(width, group_size)))
+        return GroupLayout(
+            (group_size, group_size),
+            1,
+            (_round_up(height, group_size), _round_up(width, group_size)),
+        )
     if version == 'v1':
         # Fixed interval, groups growing with the image, one region (the dense-prediction rule).
         gh, gw = -(-height // interval), -(-width // interval)
         return GroupLayout((gh, gw), interval, (gh * interval, gw * interval))
     region = group_size * interval
-    return GroupLayout((group_size, group_size), interval,
-                       (_round_up(height, region), _round_up(width, region)))
+    return GroupLayout(
+        (group_size, group_size), interval, (_round_up(height, region), _round_up(width, region))
+    )
 
 
 def group_tokens(x: jax.Array, layout: GroupLayout) -> jax.Array:
@@ -217,9 +268,9 @@ def ungroup_tokens(x: jax.Array, layout: GroupLayout) -> jax.Array:
     return x.reshape(n, hp, wp, c)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def padding_key_bias(height: int, width: int, layout: GroupLayout) -> np.ndarray | None:
-    """(groups, 1, 1, Gh*Gw) logit bias: MASKED_LOGIT on padded keys; None when nothing is padded."""
+    """(groups, 1, 1, Gh*Gw) logit bias: MASKED_LOGIT on padded keys; None if nothing is padded."""
     hp, wp = layout.padded
     if (hp, wp) == (height, width):
         return None
@@ -229,7 +280,7 @@ def padding_key_bias(height: int, width: int, layout: GroupLayout) -> np.ndarray
     return np.where(grouped > 0, 0.0, MASKED_LOGIT).astype(np.float32)[:, None, None, :]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def relative_offsets(gh: int, gw: int) -> tuple[np.ndarray, np.ndarray]:
     """DPB inputs and gather index for a Gh x Gw group.
 
@@ -247,8 +298,10 @@ def relative_offsets(gh: int, gw: int) -> tuple[np.ndarray, np.ndarray]:
 # -------------------------------------------------------------------------------------------------
 # Modules.
 
+
 class DynamicPositionBias(nn.Module):
-    """DPB: an MLP from relative offsets (R, 2) to per-head biases (R, heads), computed in float32."""
+    """DPB: an MLP from relative offsets (R, 2) to per-head biases (R, heads), in float32."""
+
     pos_dim: int
     num_heads: int
 
@@ -263,28 +316,32 @@ class DynamicPositionBias(nn.Module):
 
 class GroupAttention(nn.Module):
     """Multi-head self-attention inside each group, with the dynamic position bias."""
+
     dim: int
     num_heads: int
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, group: tuple[int, int], key_bias: np.ndarray | None,
-                 train: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, group: tuple[int, int], key_bias: np.ndarray | None, train: bool
+    ) -> jax.Array:
         """x: (N, groups, T, C) with T = Gh*Gw -> (N, groups, T, C)."""
         n, g, t, c = x.shape
         head_dim = self.dim // self.num_heads
-        qkv = dense(3 * self.dim, 'qkv', self.dtype)(x).reshape(n, g, t, 3, self.num_heads, head_dim)
+        qkv = dense(3 * self.dim, 'qkv', self.dtype)(x).reshape(
+            n, g, t, 3, self.num_heads, head_dim
+        )
         # Head-major (N, groups, heads, T, hd) operands: XLA's batched matmuls are ~2x faster so.
         q, k, v = jnp.transpose(qkv, (3, 0, 1, 4, 2, 5))
-        logits = jnp.einsum('nghqd,nghkd->nghqk', q * head_dim ** -0.5, k)
+        logits = jnp.einsum('nghqd,nghkd->nghqk', q * head_dim**-0.5, k)
 
         offsets, index = relative_offsets(*group)
         table = DynamicPositionBias((self.dim // 4) // 4, self.num_heads, name='pos')(offsets)
-        bias = jnp.transpose(table[index], (2, 0, 1))                  # (heads, T, T)
+        bias = jnp.transpose(table[index], (2, 0, 1))  # (heads, T, T)
         logits = logits.astype(jnp.float32) + bias
         if key_bias is not None:
-            logits = logits + key_bias                                   # (groups, 1, 1, T)
+            logits = logits + key_bias  # (groups, 1, 1, T)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not train)
         out = jnp.einsum('nghqk,nghkd->nghqd', weights, v)
@@ -295,6 +352,7 @@ class GroupAttention(nn.Module):
 
 class Mlp(nn.Module):
     """fc1 -> exact GELU -> fc2."""
+
     dim: int
     hidden_dim: int
     dropout_rate: float = 0.0
@@ -310,6 +368,7 @@ class Mlp(nn.Module):
 
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample in training mode."""
+
     rate: float
 
     @nn.compact
@@ -317,12 +376,15 @@ class DropPath(nn.Module):
         if not train or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = jax.random.bernoulli(
+            self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
+        )
         return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
 
 
 class CrossFormerBlock(nn.Module):
     """norm1 -> group -> attention -> ungroup (+res), norm2 -> MLP (+res), optional ACL."""
+
     dim: int
     num_heads: int
     group_size: int
@@ -338,18 +400,26 @@ class CrossFormerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: (N, H, W, C) -> (N, H, W, C)."""
-        n, h, w, c = x.shape
-        layout = group_layout(h, w, group_size=self.group_size, interval=self.interval,
-                              long_distance=self.long_distance, version=self.version)
+        _n, h, w, _c = x.shape
+        layout = group_layout(
+            h,
+            w,
+            group_size=self.group_size,
+            interval=self.interval,
+            long_distance=self.long_distance,
+            version=self.version,
+        )
         hp, wp = layout.padded
         y = layer_norm('norm1', self.dtype)(x)
         y = jnp.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
         y = GroupAttention(self.dim, self.num_heads, self.dropout_rate, self.dtype, name='attn')(
-            group_tokens(y, layout), layout.group, padding_key_bias(h, w, layout), train)
+            group_tokens(y, layout), layout.group, padding_key_bias(h, w, layout), train
+        )
         y = ungroup_tokens(y, layout)[:, :h, :w]
         x = x + DropPath(self.drop_path)(y, train)
-        y = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dropout_rate, self.dtype, name='mlp')(
-            layer_norm('norm2', self.dtype)(x), train)
+        y = Mlp(
+            self.dim, int(self.dim * self.mlp_ratio), self.dropout_rate, self.dtype, name='mlp'
+        )(layer_norm('norm2', self.dtype)(x), train)
         x = x + DropPath(self.drop_path)(y, train)
         if self.activation_cooling:
             x = conv(self.dim, 3, 1, 1, self.dim, 'ex_conv', self.dtype, groups=self.dim)(x)
@@ -363,6 +433,7 @@ class CrossScaleEmbedding(nn.Module):
     Used as the first embedding (norm after the convolutions, stride 4) and as the merge between
     stages (norm before, stride 2). Each kernel k pads (k - stride) / 2, so all outputs align.
     """
+
     out_dim: int
     kernel_sizes: Sequence[int]
     stride: int
@@ -376,11 +447,23 @@ class CrossScaleEmbedding(nn.Module):
         if self.norm_first:
             x = layer_norm('norm', self.dtype)(x)
         channels = cross_scale_channels(self.out_dim, len(self.kernel_sizes))
-        x = jnp.concatenate([
-            PatchConv(ch, k, self.dtype, name=f'{self.conv_name}_{i}')(x) if k == self.stride else
-            conv(ch, k, self.stride, (k - self.stride) // 2, x.shape[-1], f'{self.conv_name}_{i}',
-                 self.dtype)(x)
-            for i, (k, ch) in enumerate(zip(self.kernel_sizes, channels))], axis=-1)
+        x = jnp.concatenate(
+            [
+                PatchConv(ch, k, self.dtype, name=f'{self.conv_name}_{i}')(x)
+                if k == self.stride
+                else conv(
+                    ch,
+                    k,
+                    self.stride,
+                    (k - self.stride) // 2,
+                    x.shape[-1],
+                    f'{self.conv_name}_{i}',
+                    self.dtype,
+                )(x)
+                for i, (k, ch) in enumerate(zip(self.kernel_sizes, channels))
+            ],
+            axis=-1,
+        )
         if not self.norm_first:
             x = layer_norm('norm', self.dtype)(x)
         return x
@@ -391,6 +474,7 @@ class CrossFormerStage(nn.Module):
 
     Returns (the last block's output (N, H, W, C), the merged map (N, H/2, W/2, 2C) or None).
     """
+
     dim: int
     depth: int
     num_heads: int
@@ -409,18 +493,35 @@ class CrossFormerStage(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array | None]:
         block = nn.remat(CrossFormerBlock, static_argnums=(2,)) if self.remat else CrossFormerBlock
         for j in range(self.depth):
-            x = block(self.dim, self.num_heads, self.group_size, self.interval,
-                      long_distance=j % 2 == 1, version=self.version, mlp_ratio=self.mlp_ratio,
-                      drop_path=self.drop_path[j], dropout_rate=self.dropout_rate,
-                      activation_cooling=(self.version == 'pp' and (j + 1) % 3 == 0
-                                          and j < self.depth - 1),
-                      dtype=self.dtype, name=f'blocks_{j}')(x, train)
+            x = block(
+                self.dim,
+                self.num_heads,
+                self.group_size,
+                self.interval,
+                long_distance=j % 2 == 1,
+                version=self.version,
+                mlp_ratio=self.mlp_ratio,
+                drop_path=self.drop_path[j],
+                dropout_rate=self.dropout_rate,
+                activation_cooling=(
+                    self.version == 'pp' and (j + 1) % 3 == 0 and j < self.depth - 1
+                ),
+                dtype=self.dtype,
+                name=f'blocks_{j}',
+            )(x, train)
         if not self.merge:
             return x, None
         if x.shape[1] % 2 or x.shape[2] % 2:
             raise ValueError(f'a CEL merge needs an even token grid, got {x.shape[1]}x{x.shape[2]}')
-        merged = CrossScaleEmbedding(2 * self.dim, self.merge_kernel_sizes, 2, norm_first=True,
-                                     conv_name='reductions', dtype=self.dtype, name='downsample')(x)
+        merged = CrossScaleEmbedding(
+            2 * self.dim,
+            self.merge_kernel_sizes,
+            2,
+            norm_first=True,
+            conv_name='reductions',
+            dtype=self.dtype,
+            name='downsample',
+        )(x)
         return x, merged
 
 
@@ -431,6 +532,7 @@ class CrossFormer(nn.Module):
     features_only the four stage maps [(N, H/4, W/4, C), (N, H/8, W/8, 2C), (N, H/16, W/16, 4C),
     (N, H/32, W/32, 8C)] with C = embed_dim. Parameters are float32; `dtype` is the compute dtype.
     """
+
     embed_dim: int
     depths: Sequence[int]
     num_heads: Sequence[int]
@@ -450,32 +552,52 @@ class CrossFormer(nn.Module):
     def check_images(self, images: jax.Array) -> None:
         """Raises ValueError unless images is (N, H, W, 3) with H and W multiples of 32."""
         if images.ndim != 4:
-            raise ValueError(f'expected images of rank 4 (N, H, W, 3), got shape {tuple(images.shape)}')
-        n, h, w, c = images.shape
+            raise ValueError(
+                f'expected images of rank 4 (N, H, W, 3), got shape {tuple(images.shape)}'
+            )
+        _n, h, w, c = images.shape
         if c != 3:
-            raise ValueError(f'expected 3 channels last (N, H, W, 3), got {c} channels in shape '
-                             f'{tuple(images.shape)}')
+            raise ValueError(
+                f'expected 3 channels last (N, H, W, 3), got {c} channels in shape '
+                f'{tuple(images.shape)}'
+            )
         if h % 32 or w % 32 or h == 0 or w == 0:
-            raise ValueError(f'expected height and width that are positive multiples of 32, got '
-                             f'{h}x{w}')
+            raise ValueError(
+                f'expected height and width that are positive multiples of 32, got {h}x{w}'
+            )
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False):
         self.check_images(images)
-        x = CrossScaleEmbedding(self.embed_dim, self.patch_kernel_sizes, self.patch_kernel_sizes[0],
-                                norm_first=False, conv_name='projs', dtype=self.dtype,
-                                name='patch_embed')(
-                                    images.astype(self.dtype))
+        x = CrossScaleEmbedding(
+            self.embed_dim,
+            self.patch_kernel_sizes,
+            self.patch_kernel_sizes[0],
+            norm_first=False,
+            conv_name='projs',
+            dtype=self.dtype,
+            name='patch_embed',
+        )(images.astype(self.dtype))
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
         features = []
         for s, depth in enumerate(self.depths):
             first = sum(self.depths[:s])
             out, merged = CrossFormerStage(
-                self.embed_dim * 2 ** s, depth, self.num_heads[s], self.group_size[s],
-                self.interval[s], self.version, tuple(rates[first:first + depth]),
-                merge=s < len(self.depths) - 1, mlp_ratio=self.mlp_ratio,
-                dropout_rate=self.dropout_rate, merge_kernel_sizes=self.merge_kernel_sizes,
-                remat=self.remat, dtype=self.dtype, name=f'layers_{s}')(x, train)
+                self.embed_dim * 2**s,
+                depth,
+                self.num_heads[s],
+                self.group_size[s],
+                self.interval[s],
+                self.version,
+                tuple(rates[first : first + depth]),
+                merge=s < len(self.depths) - 1,
+                mlp_ratio=self.mlp_ratio,
+                dropout_rate=self.dropout_rate,
+                merge_kernel_sizes=self.merge_kernel_sizes,
+                remat=self.remat,
+                dtype=self.dtype,
+                name=f'layers_{s}',
+            )(x, train)
             features.append(out)
             x = merged
         if self.features_only:
@@ -493,16 +615,23 @@ def list_models() -> list[str]:
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(CrossFormer)} - {'parent', 'name'}
 
 
-def model_config(name: str, num_classes: int = 1000, features_only: bool = False,
-                 **overrides) -> dict[str, Any]:
+def model_config(
+    name: str, num_classes: int = 1000, features_only: bool = False, **overrides
+) -> dict[str, Any]:
     """The constructor arguments of a registered variant, with overrides applied."""
     if name not in VARIANTS:
         raise ValueError(f'unknown model {name!r}; available: {", ".join(list_models())}')
     unknown = sorted(set(overrides) - _MODEL_FIELDS)
     if unknown:
-        raise ValueError(f'unknown override(s) {unknown} for {name}; allowed: {sorted(_MODEL_FIELDS)}')
-    kwargs = {**VARIANTS[name], 'num_classes': num_classes, 'features_only': features_only,
-              **overrides}
+        raise ValueError(
+            f'unknown override(s) {unknown} for {name}; allowed: {sorted(_MODEL_FIELDS)}'
+        )
+    kwargs = {
+        **VARIANTS[name],
+        'num_classes': num_classes,
+        'features_only': features_only,
+        **overrides,
+    }
     if kwargs['version'] not in ('v1', 'pp'):
         raise ValueError(f"version must be 'v1' or 'pp', got {kwargs['version']!r}")
     for field in ('depths', 'num_heads', 'group_size', 'interval'):
@@ -514,7 +643,8 @@ def model_config(name: str, num_classes: int = 1000, features_only: bool = False
     return kwargs
 
 
-def create_model(name: str, num_classes: int = 1000, features_only: bool = False,
-                 **overrides) -> CrossFormer:
+def create_model(
+    name: str, num_classes: int = 1000, features_only: bool = False, **overrides
+) -> CrossFormer:
     """A registered variant as a Flax module; features_only=True gives the 4-map backbone."""
     return CrossFormer(**model_config(name, num_classes, features_only, **overrides))

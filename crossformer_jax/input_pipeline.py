@@ -97,7 +97,7 @@ from crossformer_jax import preprocess_ops as ops
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 _INT64_MAX = np.iinfo(np.int64).max
 _DEFAULT_MEAN = (0.485, 0.456, 0.406)
 _DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -109,9 +109,9 @@ _GROUP_DOMAIN = 2
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  num_classes: int
-  num_train_examples: int
-  num_eval_examples: int
+    num_classes: int
+    num_train_examples: int
+    num_eval_examples: int
 
 
 # ----------------------------------------------------------------------------
@@ -122,37 +122,37 @@ _MISSING = object()
 
 
 def _get(cfg: Any, name: str, default: Any = _MISSING) -> Any:
-  if isinstance(cfg, dict) or hasattr(cfg, "get"):
-    value = cfg.get(name, default)
-  else:
-    value = getattr(cfg, name, default)
-  if value is _MISSING:
-    raise KeyError(f"config.data.{name} is required")
-  return value
+    if isinstance(cfg, dict) or hasattr(cfg, 'get'):
+        value = cfg.get(name, default)
+    else:
+        value = getattr(cfg, name, default)
+    if value is _MISSING:
+        raise KeyError(f'config.data.{name} is required')
+    return value
 
 
 def _parallel(cfg) -> int:
-  n = int(_get(cfg, "num_parallel_calls", -1))
-  return tf.data.AUTOTUNE if n <= 0 else n
+    n = int(_get(cfg, 'num_parallel_calls', -1))
+    return tf.data.AUTOTUNE if n <= 0 else n
 
 
 def _capped(parallel: int, cycle_length: int) -> int:
-  """tf.data wants num_parallel_calls <= cycle_length unless it is AUTOTUNE."""
-  return parallel if parallel == tf.data.AUTOTUNE else min(parallel, cycle_length)
+    """tf.data wants num_parallel_calls <= cycle_length unless it is AUTOTUNE."""
+    return parallel if parallel == tf.data.AUTOTUNE else min(parallel, cycle_length)
 
 
 def _eval_resize_size(cfg) -> int:
-  size = int(_get(cfg, "image_size", 224))
-  fraction = float(_get(cfg, "eval_crop_fraction", 0.875))
-  return int(math.floor(size / fraction + 1e-6))
+    size = int(_get(cfg, 'image_size', 224))
+    fraction = float(_get(cfg, 'eval_crop_fraction', 0.875))
+    return math.floor(size / fraction + 1e-6)
 
 
 def _randaugment_fill(cfg) -> tuple[float, float, float]:
-  fill = _get(cfg, "randaugment_fill", None)
-  if fill is None:
-    mean = _get(cfg, "mean", _DEFAULT_MEAN)
-    fill = tuple(min(255, round(255 * m)) for m in mean)
-  return tuple(float(v) for v in fill)
+    fill = _get(cfg, 'randaugment_fill', None)
+    if fill is None:
+        mean = _get(cfg, 'mean', _DEFAULT_MEAN)
+        fill = tuple(min(255, round(255 * m)) for m in mean)
+    return tuple(float(v) for v in fill)
 
 
 # ----------------------------------------------------------------------------
@@ -164,21 +164,21 @@ _CORRUPT_TOTAL = 0
 
 
 def corrupt_image_count() -> int:
-  """Number of corrupt images skipped so far by all iterators of this process."""
-  return _CORRUPT_TOTAL
+    """Number of corrupt images skipped so far by all iterators of this process."""
+    return _CORRUPT_TOTAL
 
 
 def reset_corrupt_image_count() -> None:
-  global _CORRUPT_TOTAL
-  with _COUNT_LOCK:
-    _CORRUPT_TOTAL = 0
+    global _CORRUPT_TOTAL
+    with _COUNT_LOCK:
+        _CORRUPT_TOTAL = 0
 
 
 def _add_corrupt(n: int) -> int:
-  global _CORRUPT_TOTAL
-  with _COUNT_LOCK:
-    _CORRUPT_TOTAL += n
-    return _CORRUPT_TOTAL
+    global _CORRUPT_TOTAL
+    with _COUNT_LOCK:
+        _CORRUPT_TOTAL += n
+        return _CORRUPT_TOTAL
 
 
 # ----------------------------------------------------------------------------
@@ -186,263 +186,295 @@ def _add_corrupt(n: int) -> int:
 
 
 def _shard_key(seed: int, process_index: int, domain: int) -> tf.Tensor:
-  key = tf.constant([seed, process_index], tf.int64)
-  return tf.random.experimental.stateless_fold_in(key, domain)
+    key = tf.constant([seed, process_index], tf.int64)
+    return tf.random.experimental.stateless_fold_in(key, domain)
 
 
 @functools.lru_cache(maxsize=16)
-def _list_folder(root: str, split: str,
-                 class_names: tuple[str, ...] | None) -> tuple[tuple[str, ...], np.ndarray, tuple[str, ...]]:
-  """Sorted (paths, labels, class_names) of ``root/split/<class>/*``."""
-  split_dir = os.path.join(root, split)
-  if not tf.io.gfile.isdir(split_dir):
-    raise FileNotFoundError(f"image folder split not found: {split_dir}")
-  found = sorted(
-      d.rstrip("/") for d in tf.io.gfile.listdir(split_dir)
-      if not d.startswith(".") and tf.io.gfile.isdir(os.path.join(split_dir, d)))
-  if class_names is None:
-    class_names = tuple(found)
-  index = {c: i for i, c in enumerate(class_names)}
-  unknown = [c for c in found if c not in index]
-  if unknown:
-    raise ValueError(f"{split_dir} has class folders not in the training split: "
-                     f"{unknown[:5]}")
-  paths, labels, skipped = [], [], 0
-  for c in found:
-    class_dir = os.path.join(split_dir, c)
-    for name in sorted(tf.io.gfile.listdir(class_dir)):
-      if name.startswith(".") or name.endswith("/"):
-        continue
-      if not name.lower().endswith(IMAGE_EXTENSIONS):
-        skipped += 1
-        continue
-      paths.append(os.path.join(class_dir, name))
-      labels.append(index[c])
-  if skipped:
-    logger.info("%s: ignored %d files without an image extension %s", split_dir,
-                skipped, IMAGE_EXTENSIONS)
-  return tuple(paths), np.asarray(labels, np.int64), class_names
+def _list_folder(
+    root: str, split: str, class_names: tuple[str, ...] | None
+) -> tuple[tuple[str, ...], np.ndarray, tuple[str, ...]]:
+    """Sorted (paths, labels, class_names) of ``root/split/<class>/*``."""
+    split_dir = os.path.join(root, split)
+    if not tf.io.gfile.isdir(split_dir):
+        raise FileNotFoundError(f'image folder split not found: {split_dir}')
+    found = sorted(
+        d.rstrip('/')
+        for d in tf.io.gfile.listdir(split_dir)
+        if not d.startswith('.') and tf.io.gfile.isdir(os.path.join(split_dir, d))
+    )
+    if class_names is None:
+        class_names = tuple(found)
+    index = {c: i for i, c in enumerate(class_names)}
+    unknown = [c for c in found if c not in index]
+    if unknown:
+        raise ValueError(f'{split_dir} has class folders not in the training split: {unknown[:5]}')
+    paths, labels, skipped = [], [], 0
+    for c in found:
+        class_dir = os.path.join(split_dir, c)
+        for name in sorted(tf.io.gfile.listdir(class_dir)):
+            if name.startswith('.') or name.endswith('/'):
+                continue
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                skipped += 1
+                continue
+            paths.append(os.path.join(class_dir, name))
+            labels.append(index[c])
+    if skipped:
+        logger.info(
+            '%s: ignored %d files without an image extension %s',
+            split_dir,
+            skipped,
+            IMAGE_EXTENSIONS,
+        )
+    return tuple(paths), np.asarray(labels, np.int64), class_names
 
 
 def _folder_classes(cfg) -> tuple[str, ...]:
-  root = _get(cfg, "data_dir")
-  train_split = _get(cfg, "train_split", "train")
-  if tf.io.gfile.isdir(os.path.join(root, train_split)):
-    return _list_folder(root, train_split, None)[2]
-  eval_split = _get(cfg, "eval_split", "validation")
-  logger.warning("No %s split in %s: class ids come from the %s split.",
-                 train_split, root, eval_split)
-  return _list_folder(root, eval_split, None)[2]
+    root = _get(cfg, 'data_dir')
+    train_split = _get(cfg, 'train_split', 'train')
+    if tf.io.gfile.isdir(os.path.join(root, train_split)):
+        return _list_folder(root, train_split, None)[2]
+    eval_split = _get(cfg, 'eval_split', 'validation')
+    logger.warning(
+        'No %s split in %s: class ids come from the %s split.', train_split, root, eval_split
+    )
+    return _list_folder(root, eval_split, None)[2]
 
 
 class _FolderSource:
-  """``root/<split>/<class>/<image>``; class ids = sorted train class folders."""
+    """``root/<split>/<class>/<image>``; class ids = sorted train class folders."""
 
-  def __init__(self, cfg, split: str, process_index: int, process_count: int):
-    root = _get(cfg, "data_dir")
-    paths, labels, _ = _list_folder(root, split, _folder_classes(cfg))
-    self.total_examples = len(paths)
-    self.max_shard_examples = -(-len(paths) // process_count)
-    self.paths = np.asarray(paths, dtype=object)[process_index::process_count]
-    self.labels = labels[process_index::process_count]
-    self.num_examples = len(self.paths)
+    def __init__(self, cfg, split: str, process_index: int, process_count: int):
+        root = _get(cfg, 'data_dir')
+        paths, labels, _ = _list_folder(root, split, _folder_classes(cfg))
+        self.total_examples = len(paths)
+        self.max_shard_examples = -(-len(paths) // process_count)
+        self.paths = np.asarray(paths, dtype=object)[process_index::process_count]
+        self.labels = labels[process_index::process_count]
+        self.num_examples = len(self.paths)
 
-  @staticmethod
-  def load(data: tf.Tensor) -> tf.Tensor:
-    return tf.io.read_file(data)
+    @staticmethod
+    def load(data: tf.Tensor) -> tf.Tensor:
+        return tf.io.read_file(data)
 
-  def _elements(self, index: tf.Tensor, paths: tf.Tensor, labels: tf.Tensor):
-    path = tf.gather(paths, index)
-    return {"data": path, "label": tf.gather(labels, index), "id": path}
+    def _elements(self, index: tf.Tensor, paths: tf.Tensor, labels: tf.Tensor):
+        path = tf.gather(paths, index)
+        return {'data': path, 'label': tf.gather(labels, index), 'id': path}
 
-  def train_stream(self, seed: int, process_index: int, start_epoch: int,
-                   start_position: int, cfg) -> tf.data.Dataset:
-    n = self.num_examples
-    paths = tf.constant(list(self.paths), tf.string)
-    labels = tf.constant(self.labels, tf.int64)
-    perm_key = _shard_key(seed, process_index, _PERMUTATION_DOMAIN)
+    def train_stream(
+        self, seed: int, process_index: int, start_epoch: int, start_position: int, cfg
+    ) -> tf.data.Dataset:
+        n = self.num_examples
+        paths = tf.constant(list(self.paths), tf.string)
+        labels = tf.constant(self.labels, tf.int64)
+        perm_key = _shard_key(seed, process_index, _PERMUTATION_DOMAIN)
 
-    def epoch(e):
-      perm = tf.random.experimental.stateless_shuffle(
-          tf.range(n, dtype=tf.int64),
-          seed=tf.random.experimental.stateless_fold_in(perm_key, e))
-      return tf.data.Dataset.from_tensor_slices({
-          "index": perm,
-          "epoch": tf.fill([n], e),
-          "position": tf.range(n, dtype=tf.int64)})
+        def epoch(e):
+            perm = tf.random.experimental.stateless_shuffle(
+                tf.range(n, dtype=tf.int64),
+                seed=tf.random.experimental.stateless_fold_in(perm_key, e),
+            )
+            return tf.data.Dataset.from_tensor_slices(
+                {'index': perm, 'epoch': tf.fill([n], e), 'position': tf.range(n, dtype=tf.int64)}
+            )
 
-    ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch)
-    ds = ds.skip(start_position)
+        ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch)
+        ds = ds.skip(start_position)
 
-    def lookup(el):
-      out = self._elements(el["index"], paths, labels)
-      out.update(epoch=el["epoch"], position=el["position"])
-      return out
+        def lookup(el):
+            out = self._elements(el['index'], paths, labels)
+            out.update(epoch=el['epoch'], position=el['position'])
+            return out
 
-    return ds.map(lookup)
+        return ds.map(lookup)
 
-  def eval_stream(self, cfg) -> tf.data.Dataset:
-    paths = tf.constant(list(self.paths), tf.string)
-    labels = tf.constant(self.labels, tf.int64)
-    ds = tf.data.Dataset.range(self.num_examples)
-    return ds.map(lambda i: self._elements(i, paths, labels))
+    def eval_stream(self, cfg) -> tf.data.Dataset:
+        paths = tf.constant(list(self.paths), tf.string)
+        labels = tf.constant(self.labels, tf.int64)
+        ds = tf.data.Dataset.range(self.num_examples)
+        return ds.map(lambda i: self._elements(i, paths, labels))
 
 
 class _TfdsSource:
-  """A TFDS dataset prepared in ``data_dir`` (TFRecord files), read by this
-  process's file instructions; images stay encoded until ``_guarded_decode``."""
+    """A TFDS dataset prepared in ``data_dir`` (TFRecord files), read by this
+    process's file instructions; images stay encoded until ``_guarded_decode``."""
 
-  def __init__(self, cfg, split: str, process_index: int, process_count: int):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    self._tfds = tfds
-    builder = _tfds_builder(_get(cfg, "dataset"), _get(cfg, "data_dir", "") or None)
-    info = builder.info
-    file_format = str(getattr(info, "file_format", "tfrecord")).lower()
-    if "tfrecord" not in file_format:
-      raise NotImplementedError(
-          f"Only TFRecord-prepared TFDS datasets are supported, got {file_format}")
-    if process_count > 1:
-      shards = tfds.even_splits(split, n=process_count)
-      sizes = [info.splits[s].num_examples for s in shards]
-      sub = info.splits[shards[process_index]]
-    else:
-      sub = info.splits[split]
-      sizes = [sub.num_examples]
-    self.total_examples = int(sum(sizes))
-    self.max_shard_examples = int(max(sizes))
-    self.num_examples = int(sub.num_examples)
-    self.instructions = [fi for fi in sub.file_instructions if fi.take > 0]
-    self.features = info.features
-    self._has_file_name = "file_name" in info.features
+    def __init__(self, cfg, split: str, process_index: int, process_count: int):
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  @staticmethod
-  def load(data: tf.Tensor) -> tf.Tensor:
-    return data
+        self._tfds = tfds
+        builder = _tfds_builder(_get(cfg, 'dataset'), _get(cfg, 'data_dir', '') or None)
+        info = builder.info
+        file_format = str(getattr(info, 'file_format', 'tfrecord')).lower()
+        if 'tfrecord' not in file_format:
+            raise NotImplementedError(
+                f'Only TFRecord-prepared TFDS datasets are supported, got {file_format}'
+            )
+        if process_count > 1:
+            shards = tfds.even_splits(split, n=process_count)
+            sizes = [info.splits[s].num_examples for s in shards]
+            sub = info.splits[shards[process_index]]
+        else:
+            sub = info.splits[split]
+            sizes = [sub.num_examples]
+        self.total_examples = int(sum(sizes))
+        self.max_shard_examples = int(max(sizes))
+        self.num_examples = int(sub.num_examples)
+        self.instructions = [fi for fi in sub.file_instructions if fi.take > 0]
+        self.features = info.features
+        self._has_file_name = 'file_name' in info.features
 
-  def _instruction_tensors(self):
-    return (tf.constant([fi.filename for fi in self.instructions], tf.string),
+    @staticmethod
+    def load(data: tf.Tensor) -> tf.Tensor:
+        return data
+
+    def _instruction_tensors(self):
+        return (
+            tf.constant([fi.filename for fi in self.instructions], tf.string),
             tf.constant([fi.skip for fi in self.instructions], tf.int64),
-            tf.constant([fi.take for fi in self.instructions], tf.int64))
+            tf.constant([fi.take for fi in self.instructions], tf.int64),
+        )
 
-  @staticmethod
-  def _read(filename, skip, take):
-    return tf.data.TFRecordDataset(filename, buffer_size=4 << 20).skip(skip).take(take)
+    @staticmethod
+    def _read(filename, skip, take):
+        return tf.data.TFRecordDataset(filename, buffer_size=4 << 20).skip(skip).take(take)
 
-  def _parse(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    ex = self.features.deserialize_example(
-        serialized, decoders={"image": self._tfds.decode.SkipDecoding()})
-    name = ex["file_name"] if self._has_file_name else tf.constant("")
-    return {"data": ex["image"], "label": tf.cast(ex["label"], tf.int64), "id": name}
+    def _parse(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        ex = self.features.deserialize_example(
+            serialized, decoders={'image': self._tfds.decode.SkipDecoding()}
+        )
+        name = ex['file_name'] if self._has_file_name else tf.constant('')
+        return {'data': ex['image'], 'label': tf.cast(ex['label'], tf.int64), 'id': name}
 
-  def _group_plan(self, cfg) -> int:
-    takes = [fi.take for fi in self.instructions]
-    buffer = int(_get(cfg, "shuffle_buffer", 16384))
-    per_file = max(1.0, float(np.mean(takes)))
-    return int(min(len(takes), max(1, round(buffer / per_file))))
+    def _group_plan(self, cfg) -> int:
+        takes = [fi.take for fi in self.instructions]
+        buffer = int(_get(cfg, 'shuffle_buffer', 16384))
+        per_file = max(1.0, float(np.mean(takes)))
+        return int(min(len(takes), max(1, round(buffer / per_file))))
 
-  def train_stream(self, seed: int, process_index: int, start_epoch: int,
-                   start_position: int, cfg) -> tf.data.Dataset:
-    m = len(self.instructions)
-    files_per_group = self._group_plan(cfg)
-    num_groups = -(-m // files_per_group)
-    names, skips, takes = self._instruction_tensors()
-    file_key = _shard_key(seed, process_index, _PERMUTATION_DOMAIN)
-    group_key = _shard_key(seed, process_index, _GROUP_DOMAIN)
-    parallel = _parallel(cfg)
+    def train_stream(
+        self, seed: int, process_index: int, start_epoch: int, start_position: int, cfg
+    ) -> tf.data.Dataset:
+        m = len(self.instructions)
+        files_per_group = self._group_plan(cfg)
+        num_groups = -(-m // files_per_group)
+        names, skips, takes = self._instruction_tensors()
+        file_key = _shard_key(seed, process_index, _PERMUTATION_DOMAIN)
+        group_key = _shard_key(seed, process_index, _GROUP_DOMAIN)
+        parallel = _parallel(cfg)
 
-    def file_order(e):
-      return tf.random.experimental.stateless_shuffle(
-          tf.range(m, dtype=tf.int64),
-          seed=tf.random.experimental.stateless_fold_in(file_key, e))
+        def file_order(e):
+            return tf.random.experimental.stateless_shuffle(
+                tf.range(m, dtype=tf.int64),
+                seed=tf.random.experimental.stateless_fold_in(file_key, e),
+            )
 
-    # Where the resume position falls: group g0 of epoch e0, offset inside it.
-    order0 = file_order(tf.constant(start_epoch, tf.int64)).numpy()
-    lengths0 = np.asarray([fi.take for fi in self.instructions])[order0]
-    group_sizes = np.add.reduceat(lengths0, np.arange(0, m, files_per_group))
-    group_starts = np.concatenate([[0], np.cumsum(group_sizes)])
-    g0 = int(np.searchsorted(group_starts, start_position, side="right") - 1)
-    offset = int(start_position - group_starts[g0])
+        # Where the resume position falls: group g0 of epoch e0, offset inside it.
+        order0 = file_order(tf.constant(start_epoch, tf.int64)).numpy()
+        lengths0 = np.asarray([fi.take for fi in self.instructions])[order0]
+        group_sizes = np.add.reduceat(lengths0, np.arange(0, m, files_per_group))
+        group_starts = np.concatenate([[0], np.cumsum(group_sizes)])
+        g0 = int(np.searchsorted(group_starts, start_position, side='right') - 1)
+        offset = int(start_position - group_starts[g0])
 
-    def load_group(e, g):
-      order = file_order(e)
-      lo = g * files_per_group
-      idx = order[lo:lo + files_per_group]
-      start = tf.reduce_sum(tf.gather(takes, order[:lo]))
-      group_takes = tf.gather(takes, idx)
-      total = tf.reduce_sum(group_takes)
-      records = tf.data.Dataset.from_tensor_slices(
-          (tf.gather(names, idx), tf.gather(skips, idx), group_takes))
-      records = records.interleave(
-          self._read, cycle_length=files_per_group, block_length=1,
-          num_parallel_calls=_capped(parallel, files_per_group), deterministic=True)
-      records = records.batch(total).get_single_element()
-      perm = tf.random.experimental.stateless_shuffle(
-          tf.range(total), seed=tf.random.experimental.stateless_fold_in(
-              tf.random.experimental.stateless_fold_in(group_key, e), g))
-      return {"record": tf.gather(records, perm),
-              "epoch": tf.fill([total], e),
-              "position": start + tf.range(total)}
+        def load_group(e, g):
+            order = file_order(e)
+            lo = g * files_per_group
+            idx = order[lo : lo + files_per_group]
+            start = tf.reduce_sum(tf.gather(takes, order[:lo]))
+            group_takes = tf.gather(takes, idx)
+            total = tf.reduce_sum(group_takes)
+            records = tf.data.Dataset.from_tensor_slices(
+                (tf.gather(names, idx), tf.gather(skips, idx), group_takes)
+            )
+            records = records.interleave(
+                self._read,
+                cycle_length=files_per_group,
+                block_length=1,
+                num_parallel_calls=_capped(parallel, files_per_group),
+                deterministic=True,
+            )
+            records = records.batch(total).get_single_element()
+            perm = tf.random.experimental.stateless_shuffle(
+                tf.range(total),
+                seed=tf.random.experimental.stateless_fold_in(
+                    tf.random.experimental.stateless_fold_in(group_key, e), g
+                ),
+            )
+            return {
+                'record': tf.gather(records, perm),
+                'epoch': tf.fill([total], e),
+                'position': start + tf.range(total),
+            }
 
-    groups = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(
-        lambda e: tf.data.Dataset.range(num_groups).map(lambda g: (e, g)))
-    groups = groups.skip(g0).map(load_group).prefetch(1)
-    ds = groups.unbatch().skip(offset)
+        groups = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(
+            lambda e: tf.data.Dataset.range(num_groups).map(lambda g: (e, g))
+        )
+        groups = groups.skip(g0).map(load_group).prefetch(1)
+        ds = groups.unbatch().skip(offset)
 
-    def parse(el):
-      out = self._parse(el["record"])
-      out.update(epoch=el["epoch"], position=el["position"])
-      return out
+        def parse(el):
+            out = self._parse(el['record'])
+            out.update(epoch=el['epoch'], position=el['position'])
+            return out
 
-    return ds.map(parse, num_parallel_calls=parallel, deterministic=True)
+        return ds.map(parse, num_parallel_calls=parallel, deterministic=True)
 
-  def eval_stream(self, cfg) -> tf.data.Dataset:
-    names, skips, takes = self._instruction_tensors()
-    ds = tf.data.Dataset.from_tensor_slices((names, skips, takes))
-    cycle = max(1, min(16, len(self.instructions)))
-    ds = ds.interleave(self._read, cycle_length=cycle, block_length=1,
-                       num_parallel_calls=_capped(_parallel(cfg), cycle),
-                       deterministic=True)
-    return ds.map(self._parse, num_parallel_calls=_parallel(cfg), deterministic=True)
+    def eval_stream(self, cfg) -> tf.data.Dataset:
+        names, skips, takes = self._instruction_tensors()
+        ds = tf.data.Dataset.from_tensor_slices((names, skips, takes))
+        cycle = max(1, min(16, len(self.instructions)))
+        ds = ds.interleave(
+            self._read,
+            cycle_length=cycle,
+            block_length=1,
+            num_parallel_calls=_capped(_parallel(cfg), cycle),
+            deterministic=True,
+        )
+        return ds.map(self._parse, num_parallel_calls=_parallel(cfg), deterministic=True)
 
 
 def _tfds_builder(name: str, data_dir: str | None):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.builder(name, data_dir=data_dir)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    return tfds.builder(name, data_dir=data_dir)
 
 
 def _make_source(cfg, split, process_index, process_count):
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"bad process_index {process_index} for {process_count} processes")
-  if _get(cfg, "dataset") == "image_folder":
-    return _FolderSource(cfg, split, process_index, process_count)
-  return _TfdsSource(cfg, split, process_index, process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'bad process_index {process_index} for {process_count} processes')
+    if _get(cfg, 'dataset') == 'image_folder':
+        return _FolderSource(cfg, split, process_index, process_count)
+    return _TfdsSource(cfg, split, process_index, process_count)
 
 
 def get_dataset_info(data_config) -> DatasetInfo:
-  """Number of classes and examples (whole splits, all processes)."""
-  cfg = data_config
-  train_split = _get(cfg, "train_split", "train")
-  eval_split = _get(cfg, "eval_split", "validation")
-  if _get(cfg, "dataset") == "image_folder":
-    root = _get(cfg, "data_dir")
-    classes = _folder_classes(cfg)
+    """Number of classes and examples (whole splits, all processes)."""
+    cfg = data_config
+    train_split = _get(cfg, 'train_split', 'train')
+    eval_split = _get(cfg, 'eval_split', 'validation')
+    if _get(cfg, 'dataset') == 'image_folder':
+        root = _get(cfg, 'data_dir')
+        classes = _folder_classes(cfg)
+
+        def count(split):
+            if not tf.io.gfile.isdir(os.path.join(root, split)):
+                return 0
+            return len(_list_folder(root, split, classes)[0])
+
+        return DatasetInfo(len(classes), count(train_split), count(eval_split))
+    info = _tfds_builder(_get(cfg, 'dataset'), _get(cfg, 'data_dir', '') or None).info
 
     def count(split):
-      if not tf.io.gfile.isdir(os.path.join(root, split)):
-        return 0
-      return len(_list_folder(root, split, classes)[0])
+        try:
+            return int(info.splits[split].num_examples)
+        except (KeyError, ValueError):
+            return 0
 
-    return DatasetInfo(len(classes), count(train_split), count(eval_split))
-  info = _tfds_builder(_get(cfg, "dataset"), _get(cfg, "data_dir", "") or None).info
-
-  def count(split):
-    try:
-      return int(info.splits[split].num_examples)
-    except (KeyError, ValueError):
-      return 0
-
-  return DatasetInfo(int(info.features["label"].num_classes), count(train_split),
-                     count(eval_split))
+    return DatasetInfo(
+        int(info.features['label'].num_classes), count(train_split), count(eval_split)
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -450,84 +482,91 @@ def get_dataset_info(data_config) -> DatasetInfo:
 
 
 def _guarded_decode(load_fn):
-  """Element -> one element with 'image' (uint8) and 'valid'; never raises.
+    """Element -> one element with 'image' (uint8) and 'valid'; never raises.
 
-  The decode runs in a one-element dataset with ``ignore_errors``; if it fails
-  the placeholder (1x1 black image, ``valid`` False) that follows is taken.
-  """
+    The decode runs in a one-element dataset with ``ignore_errors``; if it fails
+    the placeholder (1x1 black image, ``valid`` False) that follows is taken.
+    """
 
-  def fn(el):
-    meta = {k: v for k, v in el.items() if k != "data"}
+    def fn(el):
+        meta = {k: v for k, v in el.items() if k != 'data'}
 
-    def decode(e):
-      out = {k: v for k, v in e.items() if k != "data"}
-      out["image"] = ops.decode_image(load_fn(e["data"]))
-      out["valid"] = tf.constant(True)
-      return out
+        def decode(e):
+            out = {k: v for k, v in e.items() if k != 'data'}
+            out['image'] = ops.decode_image(load_fn(e['data']))
+            out['valid'] = tf.constant(True)
+            return out
 
-    good = tf.data.Dataset.from_tensors(el).map(decode).ignore_errors()
-    bad = dict(meta, image=tf.zeros([1, 1, 3], tf.uint8), valid=tf.constant(False))
-    return good.concatenate(tf.data.Dataset.from_tensors(bad)).take(1)
+        good = tf.data.Dataset.from_tensors(el).map(decode).ignore_errors()
+        bad = dict(meta, image=tf.zeros([1, 1, 3], tf.uint8), valid=tf.constant(False))
+        return good.concatenate(tf.data.Dataset.from_tensors(bad)).take(1)
 
-  return fn
+    return fn
 
 
 def _train_preprocess(cfg, seed: int, process_index: int):
-  size = int(_get(cfg, "image_size", 224))
-  scale = tuple(_get(cfg, "rrc_scale", (0.08, 1.0)))
-  ratio = tuple(_get(cfg, "rrc_ratio", (3 / 4, 4 / 3)))
-  hflip = bool(_get(cfg, "hflip", True))
-  ra_spec = _get(cfg, "randaugment", "rand-m9-mstd0.5-inc1") or ""
-  ra_cfg = ops.parse_randaugment(ra_spec) if ra_spec else None
-  fill = _randaugment_fill(cfg)
-  erase = float(_get(cfg, "random_erasing_prob", 0.25))
-  mean = tuple(_get(cfg, "mean", _DEFAULT_MEAN))
-  std = tuple(_get(cfg, "std", _DEFAULT_STD))
-  key = _shard_key(seed, process_index, _AUGMENT_DOMAIN)
+    size = int(_get(cfg, 'image_size', 224))
+    scale = tuple(_get(cfg, 'rrc_scale', (0.08, 1.0)))
+    ratio = tuple(_get(cfg, 'rrc_ratio', (3 / 4, 4 / 3)))
+    hflip = bool(_get(cfg, 'hflip', True))
+    ra_spec = _get(cfg, 'randaugment', 'rand-m9-mstd0.5-inc1') or ''
+    ra_cfg = ops.parse_randaugment(ra_spec) if ra_spec else None
+    fill = _randaugment_fill(cfg)
+    erase = float(_get(cfg, 'random_erasing_prob', 0.25))
+    mean = tuple(_get(cfg, 'mean', _DEFAULT_MEAN))
+    std = tuple(_get(cfg, 'std', _DEFAULT_STD))
+    key = _shard_key(seed, process_index, _AUGMENT_DOMAIN)
 
-  def fn(el):
-    s = tf.random.experimental.stateless_fold_in(
-        tf.random.experimental.stateless_fold_in(key, el["epoch"]), el["position"])
-    s_crop, s_flip, s_ra, s_erase = tf.unstack(
-        tf.random.experimental.stateless_split(s, 4))
-    image = ops.random_resized_crop(el["image"], s_crop, size=size, scale=scale,
-                                    ratio=ratio)
-    if hflip:
-      image = ops.random_flip_left_right(image, s_flip)
-    if ra_cfg is not None:
-      image = ops.randaugment(image, s_ra, ra_cfg, fill=fill)
-    image = ops.normalize(image, mean, std)
-    if erase > 0:
-      image = ops.random_erasing(image, s_erase, prob=erase)
-    return {"image": image, "label": tf.cast(el["label"], tf.int32),
-            "valid": el["valid"], "id": el["id"]}
+    def fn(el):
+        s = tf.random.experimental.stateless_fold_in(
+            tf.random.experimental.stateless_fold_in(key, el['epoch']), el['position']
+        )
+        s_crop, s_flip, s_ra, s_erase = tf.unstack(tf.random.experimental.stateless_split(s, 4))
+        image = ops.random_resized_crop(el['image'], s_crop, size=size, scale=scale, ratio=ratio)
+        if hflip:
+            image = ops.random_flip_left_right(image, s_flip)
+        if ra_cfg is not None:
+            image = ops.randaugment(image, s_ra, ra_cfg, fill=fill)
+        image = ops.normalize(image, mean, std)
+        if erase > 0:
+            image = ops.random_erasing(image, s_erase, prob=erase)
+        return {
+            'image': image,
+            'label': tf.cast(el['label'], tf.int32),
+            'valid': el['valid'],
+            'id': el['id'],
+        }
 
-  return fn
+    return fn
 
 
 def _eval_preprocess(cfg):
-  size = int(_get(cfg, "image_size", 224))
-  short = _eval_resize_size(cfg)
-  if short < size:
-    raise ValueError(f"eval_crop_fraction must be <= 1 (resize to {short} < crop {size})")
-  mean = tuple(_get(cfg, "mean", _DEFAULT_MEAN))
-  std = tuple(_get(cfg, "std", _DEFAULT_STD))
+    size = int(_get(cfg, 'image_size', 224))
+    short = _eval_resize_size(cfg)
+    if short < size:
+        raise ValueError(f'eval_crop_fraction must be <= 1 (resize to {short} < crop {size})')
+    mean = tuple(_get(cfg, 'mean', _DEFAULT_MEAN))
+    std = tuple(_get(cfg, 'std', _DEFAULT_STD))
 
-  def fn(el):
-    image = ops.resize_short_side(el["image"], short)
-    image = ops.center_crop(image, size)
-    image = ops.normalize(image, mean, std)
-    return {"image": image, "label": tf.cast(el["label"], tf.int32),
-            "valid": el["valid"], "id": el["id"]}
+    def fn(el):
+        image = ops.resize_short_side(el['image'], short)
+        image = ops.center_crop(image, size)
+        image = ops.normalize(image, mean, std)
+        return {
+            'image': image,
+            'label': tf.cast(el['label'], tf.int32),
+            'valid': el['valid'],
+            'id': el['id'],
+        }
 
-  return fn
+    return fn
 
 
 def _options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = 1
-  return options
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1
+    return options
 
 
 # ----------------------------------------------------------------------------
@@ -535,140 +574,167 @@ def _options() -> tf.data.Options:
 
 
 class _BaseIterator:
-  """Wraps a tf.data iterator; handles corrupt examples and counts them."""
+    """Wraps a tf.data iterator; handles corrupt examples and counts them."""
 
-  def __init__(self, ds: tf.data.Dataset, return_ids: bool):
-    self._it = ds.as_numpy_iterator()
-    self._return_ids = return_ids
-    self.corrupt_count = 0
-    self.corrupt_files: set[str] = set()
+    def __init__(self, ds: tf.data.Dataset, return_ids: bool):
+        self._it = ds.as_numpy_iterator()
+        self._return_ids = return_ids
+        self.corrupt_count = 0
+        self.corrupt_files: set[str] = set()
 
-  def __iter__(self):
-    return self
+    def __iter__(self):
+        return self
 
-  def _record_corrupt(self, ids) -> None:
-    total = _add_corrupt(len(ids))
-    self.corrupt_count += len(ids)
-    for raw in ids:
-      name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-      if name not in self.corrupt_files:
-        self.corrupt_files.add(name)
-        logger.warning("Skipping corrupt or unreadable image %r (%d skipped so far "
-                       "in this process).", name, total)
+    def _record_corrupt(self, ids) -> None:
+        total = _add_corrupt(len(ids))
+        self.corrupt_count += len(ids)
+        for raw in ids:
+            name = raw.decode('utf-8', 'replace') if isinstance(raw, bytes) else str(raw)
+            if name not in self.corrupt_files:
+                self.corrupt_files.add(name)
+                logger.warning(
+                    'Skipping corrupt or unreadable image %r (%d skipped so far in this process).',
+                    name,
+                    total,
+                )
 
 
 class TrainIterator(_BaseIterator):
-  """Endless iterator of training batches ``{'image', 'label'}`` (numpy)."""
+    """Endless iterator of training batches ``{'image', 'label'}`` (numpy)."""
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._it)
-    valid, ids = batch["valid"], batch["id"]
-    image, label = batch["image"], batch["label"]
-    if not valid.all():
-      bad = np.flatnonzero(~valid)
-      good = np.flatnonzero(valid)
-      self._record_corrupt(ids[bad])
-      if good.size:
-        src = good[np.arange(bad.size) % good.size]
-        image, label, ids = np.array(image), np.array(label), np.array(ids)
-        image[bad], label[bad], ids[bad] = image[src], label[src], ids[src]
-      else:
-        logger.error("Every image of a training batch was corrupt; the batch "
-                     "holds placeholders.")
-    out = {"image": image, "label": label}
-    if self._return_ids:
-      out["id"] = ids
-    return out
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        valid, ids = batch['valid'], batch['id']
+        image, label = batch['image'], batch['label']
+        if not valid.all():
+            bad = np.flatnonzero(~valid)
+            good = np.flatnonzero(valid)
+            self._record_corrupt(ids[bad])
+            if good.size:
+                src = good[np.arange(bad.size) % good.size]
+                image, label, ids = np.array(image), np.array(label), np.array(ids)
+                image[bad], label[bad], ids[bad] = image[src], label[src], ids[src]
+            else:
+                logger.error(
+                    'Every image of a training batch was corrupt; the batch holds placeholders.'
+                )
+        out = {'image': image, 'label': label}
+        if self._return_ids:
+            out['id'] = ids
+        return out
 
 
 class EvalIterator(_BaseIterator):
-  """One pass of eval batches ``{'image', 'label', 'mask'}``; ``len()`` batches."""
+    """One pass of eval batches ``{'image', 'label', 'mask'}``; ``len()`` batches."""
 
-  def __init__(self, ds, return_ids, batch_size, num_batches, image_size):
-    super().__init__(ds, return_ids)
-    self._batch_size = batch_size
-    self._num_batches = num_batches
-    self._image_size = image_size
-    self._emitted = 0
-    self._exhausted = False
+    def __init__(self, ds, return_ids, batch_size, num_batches, image_size):
+        super().__init__(ds, return_ids)
+        self._batch_size = batch_size
+        self._num_batches = num_batches
+        self._image_size = image_size
+        self._emitted = 0
+        self._exhausted = False
 
-  def __len__(self) -> int:
-    return self._num_batches
+    def __len__(self) -> int:
+        return self._num_batches
 
-  def _empty(self) -> dict[str, np.ndarray]:
-    b, s = self._batch_size, self._image_size
-    return {"image": np.zeros((b, s, s, 3), np.float32),
-            "label": np.zeros((b,), np.int32),
-            "mask": np.zeros((b,), bool),
-            "id": np.full((b,), b"", dtype=object)}
+    def _empty(self) -> dict[str, np.ndarray]:
+        b, s = self._batch_size, self._image_size
+        return {
+            'image': np.zeros((b, s, s, 3), np.float32),
+            'label': np.zeros((b,), np.int32),
+            'mask': np.zeros((b,), bool),
+            'id': np.full((b,), b'', dtype=object),
+        }
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._emitted >= self._num_batches:
-      raise StopIteration
-    out = self._empty()
-    if not self._exhausted:
-      try:
-        batch = next(self._it)
-      except StopIteration:
-        self._exhausted = True
-        batch = None
-      if batch is not None:
-        n, valid = len(batch["label"]), batch["valid"]
-        out["image"][:n] = batch["image"]
-        out["image"][:n][~valid] = 0.0
-        out["label"][:n] = batch["label"]
-        out["mask"][:n] = valid
-        out["id"][:n] = batch["id"]
-        if not valid.all():
-          self._record_corrupt(batch["id"][~valid])
-    self._emitted += 1
-    if not self._return_ids:
-      del out["id"]
-    return out
-
-
-def create_train_iterator(data_config, *, local_batch_size: int, seed: int,
-                          start_step: int = 0, process_index: int = 0,
-                          process_count: int = 1,
-                          return_ids: bool = False) -> TrainIterator:
-  """Endless training batches for this process, starting at batch ``start_step``.
-
-  ``create_train_iterator(..., start_step=k)`` yields exactly the batches a
-  fresh iterator yields from its k-th on (same images, same augmentation).
-  With ``return_ids`` batches also carry ``id`` (file path / TFDS file_name).
-  """
-  cfg = data_config
-  split = _get(cfg, "train_split", "train")
-  source = _make_source(cfg, split, process_index, process_count)
-  if source.num_examples == 0:
-    raise ValueError(f"no training examples for process {process_index}")
-  start_element = int(start_step) * int(local_batch_size)
-  start_epoch, start_position = divmod(start_element, source.num_examples)
-  parallel = _parallel(cfg)
-  ds = source.train_stream(int(seed), process_index, start_epoch, start_position, cfg)
-  ds = ds.interleave(_guarded_decode(source.load), num_parallel_calls=parallel,
-                     deterministic=True)
-  ds = ds.map(_train_preprocess(cfg, int(seed), process_index),
-              num_parallel_calls=parallel, deterministic=True)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  ds = ds.prefetch(int(_get(cfg, "prefetch", 2)))
-  return TrainIterator(ds.with_options(_options()), return_ids)
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._emitted >= self._num_batches:
+            raise StopIteration
+        out = self._empty()
+        if not self._exhausted:
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._exhausted = True
+                batch = None
+            if batch is not None:
+                n, valid = len(batch['label']), batch['valid']
+                out['image'][:n] = batch['image']
+                out['image'][:n][~valid] = 0.0
+                out['label'][:n] = batch['label']
+                out['mask'][:n] = valid
+                out['id'][:n] = batch['id']
+                if not valid.all():
+                    self._record_corrupt(batch['id'][~valid])
+        self._emitted += 1
+        if not self._return_ids:
+            del out['id']
+        return out
 
 
-def create_eval_iterator(data_config, *, local_batch_size: int,
-                         process_index: int = 0, process_count: int = 1,
-                         return_ids: bool = False) -> EvalIterator:
-  """One pass over this process's shard of the eval split (see module doc)."""
-  cfg = data_config
-  split = _get(cfg, "eval_split", "validation")
-  source = _make_source(cfg, split, process_index, process_count)
-  parallel = _parallel(cfg)
-  ds = source.eval_stream(cfg)
-  ds = ds.interleave(_guarded_decode(source.load), num_parallel_calls=parallel,
-                     deterministic=True)
-  ds = ds.map(_eval_preprocess(cfg), num_parallel_calls=parallel, deterministic=True)
-  ds = ds.batch(local_batch_size, drop_remainder=False)
-  ds = ds.prefetch(int(_get(cfg, "prefetch", 2)))
-  num_batches = -(-source.max_shard_examples // local_batch_size)
-  return EvalIterator(ds.with_options(_options()), return_ids, local_batch_size,
-                      num_batches, int(_get(cfg, "image_size", 224)))
+def create_train_iterator(
+    data_config,
+    *,
+    local_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    return_ids: bool = False,
+) -> TrainIterator:
+    """Endless training batches for this process, starting at batch ``start_step``.
+
+    ``create_train_iterator(..., start_step=k)`` yields exactly the batches a
+    fresh iterator yields from its k-th on (same images, same augmentation).
+    With ``return_ids`` batches also carry ``id`` (file path / TFDS file_name).
+    """
+    cfg = data_config
+    split = _get(cfg, 'train_split', 'train')
+    source = _make_source(cfg, split, process_index, process_count)
+    if source.num_examples == 0:
+        raise ValueError(f'no training examples for process {process_index}')
+    start_element = int(start_step) * int(local_batch_size)
+    start_epoch, start_position = divmod(start_element, source.num_examples)
+    parallel = _parallel(cfg)
+    ds = source.train_stream(int(seed), process_index, start_epoch, start_position, cfg)
+    ds = ds.interleave(
+        _guarded_decode(source.load), num_parallel_calls=parallel, deterministic=True
+    )
+    ds = ds.map(
+        _train_preprocess(cfg, int(seed), process_index),
+        num_parallel_calls=parallel,
+        deterministic=True,
+    )
+    ds = ds.batch(local_batch_size, drop_remainder=True)
+    ds = ds.prefetch(int(_get(cfg, 'prefetch', 2)))
+    return TrainIterator(ds.with_options(_options()), return_ids)
+
+
+def create_eval_iterator(
+    data_config,
+    *,
+    local_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    return_ids: bool = False,
+) -> EvalIterator:
+    """One pass over this process's shard of the eval split (see module doc)."""
+    cfg = data_config
+    split = _get(cfg, 'eval_split', 'validation')
+    source = _make_source(cfg, split, process_index, process_count)
+    parallel = _parallel(cfg)
+    ds = source.eval_stream(cfg)
+    ds = ds.interleave(
+        _guarded_decode(source.load), num_parallel_calls=parallel, deterministic=True
+    )
+    ds = ds.map(_eval_preprocess(cfg), num_parallel_calls=parallel, deterministic=True)
+    ds = ds.batch(local_batch_size, drop_remainder=False)
+    ds = ds.prefetch(int(_get(cfg, 'prefetch', 2)))
+    num_batches = -(-source.max_shard_examples // local_batch_size)
+    return EvalIterator(
+        ds.with_options(_options()),
+        return_ids,
+        local_batch_size,
+        num_batches,
+        int(_get(cfg, 'image_size', 224)),
+    )

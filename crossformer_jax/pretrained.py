@@ -32,8 +32,17 @@ FORMAT_VERSION = 1
 
 # JSON-friendly create_model overrides that describe the architecture (dtype / remat are runtime
 # choices and are not stored).
-_STORABLE_OVERRIDES = ('embed_dim', 'depths', 'num_heads', 'group_size', 'interval', 'version',
-                       'mlp_ratio', 'patch_kernel_sizes', 'merge_kernel_sizes')
+_STORABLE_OVERRIDES = (
+    'embed_dim',
+    'depths',
+    'num_heads',
+    'group_size',
+    'interval',
+    'version',
+    'mlp_ratio',
+    'patch_kernel_sizes',
+    'merge_kernel_sizes',
+)
 
 
 class PretrainedError(ValueError):
@@ -58,8 +67,10 @@ def check_replaceable(directory: str | os.PathLike) -> None:
     if os.path.islink(directory) or not os.path.isdir(directory):
         raise PretrainedError(f'refusing to overwrite {directory}: it is not a directory')
     if os.listdir(directory) and _read_metadata(directory) is None:
-        raise PretrainedError(f'refusing to overwrite {directory}: it is not empty and not a '
-                              f'crossformer_jax pretrained directory (no valid {METADATA_FILE})')
+        raise PretrainedError(
+            f'refusing to overwrite {directory}: it is not empty and not a '
+            f'crossformer_jax pretrained directory (no valid {METADATA_FILE})'
+        )
 
 
 def _json_value(value: Any) -> Any:
@@ -70,10 +81,17 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def save_pretrained(directory: str | os.PathLike, variables: Mapping[str, Any], *, model_name: str,
-                    num_classes: int | None, features_only: bool, overwrite: bool = False,
-                    extra_metadata: Mapping[str, Any] | None = None,
-                    model_overrides: Mapping[str, Any] | None = None) -> str:
+def save_pretrained(
+    directory: str | os.PathLike,
+    variables: Mapping[str, Any],
+    *,
+    model_name: str,
+    num_classes: int | None,
+    features_only: bool,
+    overwrite: bool = False,
+    extra_metadata: Mapping[str, Any] | None = None,
+    model_overrides: Mapping[str, Any] | None = None,
+) -> str:
     """Writes `variables` ({'params': ...}) and metadata to `directory`, atomically.
 
     model_overrides: architecture overrides of `create_model` (e.g. depths for a reduced model),
@@ -90,7 +108,9 @@ def save_pretrained(directory: str | os.PathLike, variables: Mapping[str, Any], 
     overrides = dict(model_overrides or {})
     bad = sorted(set(overrides) - set(_STORABLE_OVERRIDES))
     if bad:
-        raise PretrainedError(f'cannot store the overrides {bad} (storable: {list(_STORABLE_OVERRIDES)})')
+        raise PretrainedError(
+            f'cannot store the overrides {bad} (storable: {list(_STORABLE_OVERRIDES)})'
+        )
     if os.path.lexists(directory):
         if not overwrite:
             raise PretrainedError(f'{directory} already exists; pass overwrite=True to replace it')
@@ -103,7 +123,9 @@ def save_pretrained(directory: str | os.PathLike, variables: Mapping[str, Any], 
         'format': FORMAT_NAME,
         'format_version': FORMAT_VERSION,
         'model_name': model_name,
-        'num_classes': None if features_only else int(num_classes if num_classes is not None else 1000),
+        'num_classes': None
+        if features_only
+        else int(num_classes if num_classes is not None else 1000),
         'features_only': bool(features_only),
         'model_overrides': {k: _json_value(v) for k, v in overrides.items()},
         'converter_version': CONVERTER_VERSION,
@@ -154,8 +176,9 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
         raise PretrainedError(f'no pretrained directory at {directory}')
     path = os.path.join(directory, METADATA_FILE)
     if not os.path.isfile(path):
-        raise PretrainedError(f'{directory} is not a complete pretrained directory: '
-                              f'{METADATA_FILE} is missing')
+        raise PretrainedError(
+            f'{directory} is not a complete pretrained directory: {METADATA_FILE} is missing'
+        )
     try:
         with open(path, encoding='utf-8') as f:
             metadata = json.load(f)
@@ -164,14 +187,17 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(metadata, dict) or metadata.get('format') != FORMAT_NAME:
         raise PretrainedError(f'{path} is not crossformer_jax pretrained metadata')
     if metadata.get('format_version') != FORMAT_VERSION:
-        raise PretrainedError(f'{path} has format version {metadata.get("format_version")}; this '
-                              f'version of crossformer_jax reads {FORMAT_VERSION}')
+        raise PretrainedError(
+            f'{path} has format version {metadata.get("format_version")}; this '
+            f'version of crossformer_jax reads {FORMAT_VERSION}'
+        )
     for key in ('model_name', 'features_only'):
         if key not in metadata:
             raise PretrainedError(f'{path} lacks {key!r}')
     if not os.path.isdir(os.path.join(directory, VARIABLES_DIR)):
-        raise PretrainedError(f'{directory} is not a complete pretrained directory: '
-                              f'{VARIABLES_DIR}/ is missing')
+        raise PretrainedError(
+            f'{directory} is not a complete pretrained directory: {VARIABLES_DIR}/ is missing'
+        )
     return metadata
 
 
@@ -189,26 +215,36 @@ def load_pretrained(directory: str | os.PathLike, *, dtype: Any = None):
 
     directory = os.path.abspath(os.fspath(directory))
     metadata = read_metadata(directory)
-    overrides = {k: tuple(v) if isinstance(v, list) else v
-                 for k, v in (metadata.get('model_overrides') or {}).items()}
+    overrides = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in (metadata.get('model_overrides') or {}).items()
+    }
     if dtype is not None:
         overrides['dtype'] = dtype
     features_only = bool(metadata['features_only'])
     num_classes = metadata.get('num_classes') or 1000
     try:
-        model = create_model(metadata['model_name'], num_classes=num_classes,
-                             features_only=features_only, **overrides)
+        model = create_model(
+            metadata['model_name'],
+            num_classes=num_classes,
+            features_only=features_only,
+            **overrides,
+        )
     except ValueError as e:
         raise PretrainedError(f'{directory}: cannot build the model: {e}') from e
     images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract)
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract
+    )
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(os.path.join(directory, VARIABLES_DIR), abstract)
-    except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report one clear error
+    except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PretrainedError(f'cannot restore the variables in {directory} for '
-                              f'{metadata["model_name"]}: {first[:300]}') from e
+        raise PretrainedError(
+            f'cannot restore the variables in {directory} for '
+            f'{metadata["model_name"]}: {first[:300]}'
+        ) from e
     variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jnp.float32), restored)
     return model, variables

@@ -18,7 +18,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 
@@ -56,7 +57,7 @@ def fsdp_spec(shape: tuple[int, ...], axis_size: int, min_size: int) -> P:
     return P()
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, *, fsdp: bool, min_size: int = 2 ** 16) -> Any:
+def state_shardings(abstract_state: Any, mesh: Mesh, *, fsdp: bool, min_size: int = 2**16) -> Any:
     """NamedShardings for every leaf of a (shape-only) train state.
 
     Optimizer moments have the shapes of the parameters, so the same shape rule gives them the
@@ -74,8 +75,9 @@ def state_shardings(abstract_state: Any, mesh: Mesh, *, fsdp: bool, min_size: in
 
 def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the given shardings (targets for restoring a checkpoint)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract_tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
+    )
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -85,5 +87,7 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     [i * local, (i + 1) * local) of the global batch.
     """
     sharding = batch_sharding(mesh)
-    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-            for name, value in local_batch.items()}
+    return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for name, value in local_batch.items()
+    }

@@ -22,7 +22,8 @@ import math
 import os
 import signal
 import time
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -35,9 +36,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import NamedSharding
 
-from crossformer_jax import checkpointing
-from crossformer_jax import crossformer
-from crossformer_jax import mixup
+from crossformer_jax import checkpointing, crossformer, mixup
 from crossformer_jax import sharding as sharding_lib
 
 
@@ -52,12 +51,15 @@ class NonFiniteLossError(FloatingPointError):
 # -------------------------------------------------------------------------------------------------
 # Configuration checks.
 
+
 def validate_config(config: ml_collections.ConfigDict, *, mode: str, device_count: int) -> None:
     """Raises ConfigError with a readable message for configurations that cannot run."""
     name = config.model.name
     if name not in crossformer.VARIANTS:
-        raise ConfigError(f'unknown model {name!r} (config.model.name); available: '
-                          f'{", ".join(crossformer.list_models())}')
+        raise ConfigError(
+            f'unknown model {name!r} (config.model.name); available: '
+            f'{", ".join(crossformer.list_models())}'
+        )
     try:
         crossformer.model_config(name, **model_overrides(config))
     except ValueError as e:
@@ -70,26 +72,36 @@ def validate_config(config: ml_collections.ConfigDict, *, mode: str, device_coun
     if mode == 'train':
         batch, accum = config.batch_size, config.grad_accum_steps
         if batch <= 0 or accum <= 0:
-            raise ConfigError(f'config.batch_size ({batch}) and config.grad_accum_steps ({accum}) '
-                              f'must be positive')
+            raise ConfigError(
+                f'config.batch_size ({batch}) and config.grad_accum_steps ({accum}) '
+                f'must be positive'
+            )
         if batch % device_count:
-            raise ConfigError(f'the global batch size config.batch_size={batch} is not divisible '
-                              f'by the number of devices ({device_count})')
+            raise ConfigError(
+                f'the global batch size config.batch_size={batch} is not divisible '
+                f'by the number of devices ({device_count})'
+            )
         if batch % (accum * device_count):
-            raise ConfigError(f'config.batch_size={batch} must be divisible by '
-                              f'config.grad_accum_steps * devices = {accum} * {device_count}, so '
-                              f'that every micro-batch splits evenly over the devices')
+            raise ConfigError(
+                f'config.batch_size={batch} must be divisible by '
+                f'config.grad_accum_steps * devices = {accum} * {device_count}, so '
+                f'that every micro-batch splits evenly over the devices'
+            )
         for field in ('log_every_steps', 'checkpoint_every_steps'):
             if config[field] <= 0:
                 raise ConfigError(f'config.{field} must be positive, got {config[field]}')
     if mode in ('train', 'evaluate') and config.eval_batch_size % device_count:
-        raise ConfigError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by '
-                          f'the number of devices ({device_count})')
+        raise ConfigError(
+            f'config.eval_batch_size={config.eval_batch_size} is not divisible by '
+            f'the number of devices ({device_count})'
+        )
     if mode == 'throughput':
         batch = config.throughput.batch_size or config.batch_size
         if batch % device_count:
-            raise ConfigError(f'throughput batch size {batch} is not divisible by the number of '
-                              f'devices ({device_count})')
+            raise ConfigError(
+                f'throughput batch size {batch} is not divisible by the number of '
+                f'devices ({device_count})'
+            )
 
     if mode in ('train', 'evaluate'):
         data = config.data
@@ -100,14 +112,18 @@ def validate_config(config: ml_collections.ConfigDict, *, mode: str, device_coun
             for split in splits:
                 path = os.path.join(data.data_dir, split)
                 if not _isdir(path):
-                    raise ConfigError(f'data directory {path!r} does not exist (config.data.data_dir'
-                                      f'={data.data_dir!r}, split {split!r})')
+                    raise ConfigError(
+                        f'data directory {path!r} does not exist (config.data.data_dir'
+                        f'={data.data_dir!r}, split {split!r})'
+                    )
         elif data.dataset == 'imagenet2012':
             if data.data_dir and not _isdir(data.data_dir):
                 raise ConfigError(f'config.data.data_dir={data.data_dir!r} does not exist')
         else:
-            raise ConfigError(f"config.data.dataset must be 'imagenet2012' or 'image_folder', got "
-                              f'{data.dataset!r}')
+            raise ConfigError(
+                f"config.data.dataset must be 'imagenet2012' or 'image_folder', got "
+                f'{data.dataset!r}'
+            )
     if config.init_from and not _isdir(config.init_from):
         raise ConfigError(f'config.init_from={config.init_from!r} is not a directory')
 
@@ -118,7 +134,8 @@ def _is_remote(path: str) -> bool:
 
 def _isdir(path: str) -> bool:
     if _is_remote(path):
-        import tensorflow as tf  # noqa: PLC0415
+        import tensorflow as tf
+
         return tf.io.gfile.isdir(path)
     return os.path.isdir(path)
 
@@ -129,15 +146,18 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    return crossformer.create_model(config.model.name, num_classes=num_classes,
-                                    **model_overrides(config))
+    return crossformer.create_model(
+        config.model.name, num_classes=num_classes, **model_overrides(config)
+    )
 
 
 # -------------------------------------------------------------------------------------------------
 # Learning rate and optimizer.
 
-def create_learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                                  total_steps: int) -> optax.Schedule:
+
+def create_learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
     """Linear warm-up from warmup_lr to base_lr, then cosine to min_lr; updated every step.
 
     All three rates are given for a batch of config.lr_reference_batch (512) and scaled linearly
@@ -145,11 +165,14 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_e
     its rate just after warm-up is a hair below the peak; here the cosine starts at the peak.)
     """
     scale = config.batch_size / config.lr_reference_batch
-    warmup_steps = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps)
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
     return optax.warmup_cosine_decay_schedule(
-        init_value=config.warmup_lr * scale, peak_value=config.base_lr * scale,
-        warmup_steps=warmup_steps, decay_steps=max(total_steps, warmup_steps + 1),
-        end_value=config.min_lr * scale)
+        init_value=config.warmup_lr * scale,
+        peak_value=config.base_lr * scale,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=config.min_lr * scale,
+    )
 
 
 def decay_mask(params: Any) -> Any:
@@ -157,17 +180,26 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     schedule: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
     """Gradient-norm clipping, then AdamW with decoupled weight decay off for 1-D parameters."""
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip_norm),
-        optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                    weight_decay=config.weight_decay, mask=decay_mask))
+        optax.adamw(
+            schedule,
+            b1=config.adam_b1,
+            b2=config.adam_b2,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        ),
+    )
 
 
 # -------------------------------------------------------------------------------------------------
 # Train state and steps.
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -176,7 +208,7 @@ class TrainState:
     opt_state: Any
 
     @classmethod
-    def create(cls, params, tx: optax.GradientTransformation) -> 'TrainState':
+    def create(cls, params, tx: optax.GradientTransformation) -> TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
@@ -185,10 +217,19 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
     return jnp.mean(jnp.sum(-targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1))
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Array, *,
-               model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               num_classes: int, mixup_config: ml_collections.ConfigDict, grad_accum_steps: int,
-               mesh: jax.sharding.Mesh) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    base_rng: jax.Array,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    num_classes: int,
+    mixup_config: ml_collections.ConfigDict,
+    grad_accum_steps: int,
+    mesh: jax.sharding.Mesh,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch (pure; jit-compiled by the caller).
 
     The batch is mixed as a whole, then (with gradient accumulation) cut into grad_accum_steps
@@ -197,10 +238,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
     rng = jax.random.fold_in(base_rng, state.step)
     mix_rng, dropout_rng = jax.random.split(rng)
     m = mixup_config  # both alphas 0: no mixing, only label smoothing
-    images, targets = mixup.mix_batch(mix_rng, batch['image'], batch['label'],
-                                      num_classes=num_classes, mixup_alpha=m.mixup_alpha,
-                                      cutmix_alpha=m.cutmix_alpha, switch_prob=m.switch_prob,
-                                      label_smoothing=m.label_smoothing)
+    images, targets = mixup.mix_batch(
+        mix_rng,
+        batch['image'],
+        batch['label'],
+        num_classes=num_classes,
+        mixup_alpha=m.mixup_alpha,
+        cutmix_alpha=m.cutmix_alpha,
+        switch_prob=m.switch_prob,
+        label_smoothing=m.label_smoothing,
+    )
 
     def loss_fn(params, images, targets, rng):
         logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
@@ -212,7 +259,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
     else:
         # Micro-batch i takes rows i, i + A, i + 2A, ... so that each micro-batch is still spread
         # evenly over the devices (rows are laid out device after device).
-        micro_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA_AXIS))
+        micro_sharding = NamedSharding(
+            mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA_AXIS)
+        )
 
         def split(x):
             x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
@@ -221,27 +270,35 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
         def accumulate(carry, micro):
             loss_sum, grad_sum = carry
             index, images, targets = micro
-            loss, grads = grad_fn(state.params, images, targets,
-                                  jax.random.fold_in(dropout_rng, index))
+            loss, grads = grad_fn(
+                state.params, images, targets, jax.random.fold_in(dropout_rng, index)
+            )
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (loss, grads), _ = jax.lax.scan(
-            accumulate, (jnp.zeros((), jnp.float32), zeros),
-            (jnp.arange(grad_accum_steps), split(images), split(targets)))
+            accumulate,
+            (jnp.zeros((), jnp.float32), zeros),
+            (jnp.arange(grad_accum_steps), split(images), split(targets)),
+        )
         loss = loss / grad_accum_steps
         grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The parameter norm is logged, and tells the loop whether the new parameters are finite.
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-               'param_norm': optax.global_norm(params),
-               'learning_rate': schedule(state.step)}
+    metrics = {
+        'loss': loss,
+        'grad_norm': optax.global_norm(grads),
+        'param_norm': optax.global_norm(params),
+        'learning_rate': schedule(state.step),
+    }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
+def eval_step(
+    params: Any, batch: dict[str, jax.Array], *, model: nn.Module
+) -> dict[str, jax.Array]:
     """Sums of loss / top-1 / top-5 hits over the real (mask=1) examples of a batch."""
     logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
     labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
@@ -250,15 +307,21 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> 
     top1 = jnp.argmax(logits, axis=-1) == labels
     _, top5_classes = jax.lax.top_k(logits, min(5, num_classes))
     top5 = jnp.any(top5_classes == labels[:, None], axis=-1)
-    return {'loss': jnp.sum(losses * mask), 'top1': jnp.sum(top1 * mask),
-            'top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
+    return {
+        'loss': jnp.sum(losses * mask),
+        'top1': jnp.sum(top1 * mask),
+        'top5': jnp.sum(top5 * mask),
+        'count': jnp.sum(mask),
+    }
 
 
 # -------------------------------------------------------------------------------------------------
 # Building blocks of the loop.
 
+
 def _input_pipeline():
-    from crossformer_jax import input_pipeline  # noqa: PLC0415 (imports TensorFlow)
+    from crossformer_jax import input_pipeline
+
     return input_pipeline
 
 
@@ -274,10 +337,12 @@ def load_pretrained_params(directory: str, params: Any) -> Any:
     initialisation (as does a missing final norm, for a backbone-only checkpoint); any other
     mismatch means a different architecture and is an error.
     """
-    from crossformer_jax import pretrained  # noqa: PLC0415
+    from crossformer_jax import pretrained
+
     _, variables = pretrained.load_pretrained(directory)
-    logging.info('Initialising from %s (%s).', directory,
-                 pretrained.read_metadata(directory)['model_name'])
+    logging.info(
+        'Initialising from %s (%s).', directory, pretrained.read_metadata(directory)['model_name']
+    )
     source = traverse_util.flatten_dict(flax.core.unfreeze(variables['params']), sep='/')
     target = traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
     merged, fresh, problems = {}, [], []
@@ -291,16 +356,20 @@ def load_pretrained_params(directory: str, params: Any) -> Any:
             classifier = path.startswith('head/') or (path.startswith('norm/') and loaded is None)
             (fresh if classifier else problems).append(
                 f'{path}: model {tuple(value.shape)}, checkpoint '
-                f'{None if loaded is None else tuple(loaded.shape)}')
+                f'{None if loaded is None else tuple(loaded.shape)}'
+            )
     unused = sorted(set(source) - set(target))
     if problems or unused:
-        raise ConfigError(f'checkpoint {directory!r} does not fit config.model '
-                          f'({config_hint(problems, unused)})')
+        raise ConfigError(
+            f'checkpoint {directory!r} does not fit config.model ({config_hint(problems, unused)})'
+        )
     if fresh:
-        logging.info('Re-initialised from scratch (shape differs from %s): %s', directory,
-                     '; '.join(fresh))
-    logging.info('Loaded %d of %d parameter arrays from %s', len(target) - len(fresh), len(target),
-                 directory)
+        logging.info(
+            'Re-initialised from scratch (shape differs from %s): %s', directory, '; '.join(fresh)
+        )
+    logging.info(
+        'Loaded %d of %d parameter arrays from %s', len(target) - len(fresh), len(target), directory
+    )
     return traverse_util.unflatten_dict(merged, sep='/')
 
 
@@ -321,11 +390,13 @@ class MetricWriter:
         self.active = jax.process_index() == 0
         if not self.active:
             return
-        import tensorflow as tf  # noqa: PLC0415
+        import tensorflow as tf
+
         self._tf = tf
         self._writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
-        self._jsonl = (None if _is_remote(workdir)
-                       else open(os.path.join(workdir, 'metrics.jsonl'), 'a'))
+        self._jsonl = (
+            None if _is_remote(workdir) else open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115 (closed in close())
+        )
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.active:
@@ -362,7 +433,8 @@ class PreemptionWatcher:
 
     def should_stop(self, step: int) -> bool:
         if self._multiprocess:
-            from jax.experimental import multihost_utils  # noqa: PLC0415
+            from jax.experimental import multihost_utils
+
             return multihost_utils.reached_preemption_sync_point(step)
         return self._received
 
@@ -389,7 +461,8 @@ def _format_eta(seconds: float) -> str:
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        import tensorflow as tf  # noqa: PLC0415
+        import tensorflow as tf
+
         with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
@@ -411,11 +484,13 @@ def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
         raise NonFiniteLossError(
             f'{what} (learning rate {float(metrics["learning_rate"]):.3g}, gradient norm '
             f'{float(metrics["grad_norm"]):.3g}); stopping without saving. The last good '
-            f'checkpoint is kept; lower the learning rate or check the data.')
+            f'checkpoint is kept; lower the learning rate or check the data.'
+        )
 
 
 # -------------------------------------------------------------------------------------------------
 # Mode 'train'.
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (resuming from workdir if it holds a checkpoint), evaluates, checkpoints."""
@@ -423,7 +498,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     validate_config(config, mode='train', device_count=mesh.size)
     pipeline = _input_pipeline()
     if _is_remote(workdir):
-        import tensorflow as tf  # noqa: PLC0415
+        import tensorflow as tf
+
         tf.io.gfile.makedirs(workdir)
     else:
         os.makedirs(workdir, exist_ok=True)
@@ -431,13 +507,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     info = pipeline.get_dataset_info(config.data)
     num_classes = info.num_classes
     steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
-    total_steps = (config.num_train_steps if config.num_train_steps > 0
-                   else int(config.num_epochs * steps_per_epoch))
+    total_steps = (
+        config.num_train_steps
+        if config.num_train_steps > 0
+        else int(config.num_epochs * steps_per_epoch)
+    )
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-    logging.info('%s on %d %s device(s) in %d process(es); %d classes, %d training images, '
-                 '%d steps per epoch, %d steps in all.', config.model.name, mesh.size,
-                 jax.devices()[0].platform, jax.process_count(), num_classes,
-                 info.num_train_examples, steps_per_epoch, total_steps)
+    logging.info(
+        '%s on %d %s device(s) in %d process(es); %d classes, %d training images, '
+        '%d steps per epoch, %d steps in all.',
+        config.model.name,
+        mesh.size,
+        jax.devices()[0].platform,
+        jax.process_count(),
+        num_classes,
+        info.num_train_examples,
+        steps_per_epoch,
+        total_steps,
+    )
 
     model = create_model(config, num_classes)
     schedule = create_learning_rate_schedule(config, steps_per_epoch, total_steps)
@@ -447,61 +534,95 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     seed_rng = jax.random.key(config.seed)
     init_rng, train_rng = jax.random.split(seed_rng)
     image_size = config.data.image_size
-    abstract_params = jax.eval_shape(functools.partial(init_params, model, image_size=image_size),
-                                     init_rng)
+    abstract_params = jax.eval_shape(
+        functools.partial(init_params, model, image_size=image_size), init_rng
+    )
     abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_params)
-    state_sharding = sharding_lib.state_shardings(abstract_state, mesh, fsdp=config.fsdp,
-                                                  min_size=config.fsdp_min_size)
+    state_sharding = sharding_lib.state_shardings(
+        abstract_state, mesh, fsdp=config.fsdp, min_size=config.fsdp_min_size
+    )
     repl = sharding_lib.replicated(mesh)
     batch_sharding = sharding_lib.batch_sharding(mesh)
     if config.fsdp:
-        split = [x for x, sh in zip(jax.tree.leaves(abstract_params),
-                                    jax.tree.leaves(state_sharding.params))
-                 if not sh.is_fully_replicated]
-        logging.info('FSDP: %d of %d parameter arrays (%.1f%% of the parameters) are split over '
-                     'the %d devices, with their optimizer moments.', len(split),
-                     len(jax.tree.leaves(abstract_params)),
-                     100 * sum(x.size for x in split) /
-                     sum(x.size for x in jax.tree.leaves(abstract_params)), mesh.size)
+        split = [
+            x
+            for x, sh in zip(
+                jax.tree.leaves(abstract_params), jax.tree.leaves(state_sharding.params)
+            )
+            if not sh.is_fully_replicated
+        ]
+        logging.info(
+            'FSDP: %d of %d parameter arrays (%.1f%% of the parameters) are split over '
+            'the %d devices, with their optimizer moments.',
+            len(split),
+            len(jax.tree.leaves(abstract_params)),
+            100
+            * sum(x.size for x in split)
+            / sum(x.size for x in jax.tree.leaves(abstract_params)),
+            mesh.size,
+        )
 
     ckpts = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
     if ckpts.latest_step() is not None:
         state = ckpts.restore(sharding_lib.with_shardings(abstract_state, state_sharding))
         logging.info('Resumed from %s at step %d.', ckpts.latest.directory, ckpts.latest_step())
     else:
-        params = jax.jit(functools.partial(init_params, model, image_size=image_size),
-                         out_shardings=state_sharding.params)(init_rng)
+        params = jax.jit(
+            functools.partial(init_params, model, image_size=image_size),
+            out_shardings=state_sharding.params,
+        )(init_rng)
         if config.init_from:
-            params = jax.device_put(load_pretrained_params(config.init_from, params),
-                                    state_sharding.params)
-        state = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=state_sharding,
-                        donate_argnums=0)(params)
+            params = jax.device_put(
+                load_pretrained_params(config.init_from, params), state_sharding.params
+            )
+        state = jax.jit(
+            lambda p: TrainState.create(p, tx), out_shardings=state_sharding, donate_argnums=0
+        )(params)
     start_step = int(jax.device_get(state.step))
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
     logging.info('Model has %s parameters.', f'{num_params:,}')
     save_config(config, workdir)
 
     p_train_step = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                          num_classes=num_classes, mixup_config=config.mixup,
-                          grad_accum_steps=config.grad_accum_steps, mesh=mesh),
+        functools.partial(
+            train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            num_classes=num_classes,
+            mixup_config=config.mixup,
+            grad_accum_steps=config.grad_accum_steps,
+            mesh=mesh,
+        ),
         in_shardings=(state_sharding, batch_sharding, repl),
-        out_shardings=(state_sharding, repl), donate_argnums=0)
-    p_eval_step = jax.jit(functools.partial(eval_step, model=model),
-                          in_shardings=(state_sharding.params, batch_sharding), out_shardings=repl)
+        out_shardings=(state_sharding, repl),
+        donate_argnums=0,
+    )
+    p_eval_step = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(state_sharding.params, batch_sharding),
+        out_shardings=repl,
+    )
 
     train_iter = pipeline.create_train_iterator(
-        config.data, local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-        start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        config.data,
+        local_batch_size=config.batch_size // jax.process_count(),
+        seed=config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     train_iter = prefetch_to_device(train_iter, mesh)
 
     def run_eval() -> dict[str, float]:
         return evaluate_params(p_eval_step, state.params, config, mesh)
 
     if start_step >= total_steps:
-        logging.info('Training is complete: the checkpoint is at step %d of %d; evaluating it.',
-                     start_step, total_steps)
+        logging.info(
+            'Training is complete: the checkpoint is at step %d of %d; evaluating it.',
+            start_step,
+            total_steps,
+        )
     writer = MetricWriter(workdir)
     preemption = PreemptionWatcher()
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked/logged
@@ -514,8 +635,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 _check_finite(pending)
                 ckpts.save(step, state)
                 ckpts.wait()
-                logging.warning('Preempted: saved a checkpoint at step %d in %s; exiting. Run the '
-                                'same command again to resume.', step, ckpts.latest.directory)
+                logging.warning(
+                    'Preempted: saved a checkpoint at step %d in %s; exiting. Run the '
+                    'same command again to resume.',
+                    step,
+                    ckpts.latest.directory,
+                )
                 return state
 
             state, metrics = p_train_step(state, next(train_iter), train_rng)
@@ -523,7 +648,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             pending.append((step, metrics))
             if step == start_step + 1:  # the first step includes compilation
                 jax.block_until_ready(metrics)
-                logging.info('First step (with compilation) took %.1f s.', time.time() - timer_start)
+                logging.info(
+                    'First step (with compilation) took %.1f s.', time.time() - timer_start
+                )
                 timer_step, timer_start = step, time.time()
 
             is_last = step == total_steps
@@ -531,40 +658,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 _check_finite(pending)
                 now = time.time()
                 host = [m for _, m in jax.device_get(pending)]
-                averaged = {k: float(np.mean([m[k] for m in host]))
-                            for k in ('loss', 'grad_norm', 'param_norm')}
+                averaged = {
+                    k: float(np.mean([m[k] for m in host]))
+                    for k in ('loss', 'grad_norm', 'param_norm')
+                }
                 averaged['learning_rate'] = float(host[-1]['learning_rate'])
                 seconds_per_step = (now - timer_start) / max(step - timer_step, 1)
                 images_per_second = config.batch_size / seconds_per_step
                 logging.info(
                     'step %d/%d | epoch %.2f | loss %.4f | lr %.3e | grad_norm %.3f | %.1f img/s '
-                    '| ETA %s', step, total_steps, step / steps_per_epoch, averaged['loss'],
-                    averaged['learning_rate'], averaged['grad_norm'], images_per_second,
-                    _format_eta(seconds_per_step * (total_steps - step)))
+                    '| ETA %s',
+                    step,
+                    total_steps,
+                    step / steps_per_epoch,
+                    averaged['loss'],
+                    averaged['learning_rate'],
+                    averaged['grad_norm'],
+                    images_per_second,
+                    _format_eta(seconds_per_step * (total_steps - step)),
+                )
                 corrupt = pipeline.corrupt_image_count()
                 if corrupt:
-                    logging.warning('%d corrupt image(s) skipped so far (see the warnings that '
-                                    'name them).', corrupt)
-                writer.write(step, {f'train/{k}': v for k, v in averaged.items()} |
-                             {'train/images_per_second': images_per_second,
-                              'train/epoch': step / steps_per_epoch,
-                              'train/corrupt_images': corrupt})
+                    logging.warning(
+                        '%d corrupt image(s) skipped so far (see the warnings that name them).',
+                        corrupt,
+                    )
+                writer.write(
+                    step,
+                    {f'train/{k}': v for k, v in averaged.items()}
+                    | {
+                        'train/images_per_second': images_per_second,
+                        'train/epoch': step / steps_per_epoch,
+                        'train/corrupt_images': corrupt,
+                    },
+                )
                 pending.clear()
                 timer_step, timer_start = step, time.time()
 
             if step % eval_every == 0 or is_last:
                 eval_start = time.time()
                 eval_metrics = run_eval()
-                logging.info('eval at step %d | top-1 %.2f%% | top-5 %.2f%% | loss %.4f | '
-                             '%d images', step, 100 * eval_metrics['top1'],
-                             100 * eval_metrics['top5'], eval_metrics['loss'],
-                             eval_metrics['count'])
-                writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()
-                                    if k != 'count'})
+                logging.info(
+                    'eval at step %d | top-1 %.2f%% | top-5 %.2f%% | loss %.4f | %d images',
+                    step,
+                    100 * eval_metrics['top1'],
+                    100 * eval_metrics['top5'],
+                    eval_metrics['loss'],
+                    eval_metrics['count'],
+                )
+                writer.write(
+                    step, {f'eval/{k}': v for k, v in eval_metrics.items() if k != 'count'}
+                )
                 _check_finite(pending)
                 if ckpts.save_if_best(step, state, eval_metrics):
-                    logging.info('New best top-1 %.2f%%: saved to %s.', 100 * eval_metrics['top1'],
-                                 ckpts.best.directory)
+                    logging.info(
+                        'New best top-1 %.2f%%: saved to %s.',
+                        100 * eval_metrics['top1'],
+                        ckpts.best.directory,
+                    )
                 timer_start += time.time() - eval_start  # keep evaluation out of img/s
 
             if step % config.checkpoint_every_steps == 0 or is_last:
@@ -579,18 +730,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         ckpts.close()
 
     if eval_metrics:
-        logging.info('Final validation top-1: %.2f%% (top-5 %.2f%%, loss %.4f) after %d steps.',
-                     100 * eval_metrics['top1'], 100 * eval_metrics['top5'],
-                     eval_metrics['loss'], step)
+        logging.info(
+            'Final validation top-1: %.2f%% (top-5 %.2f%%, loss %.4f) after %d steps.',
+            100 * eval_metrics['top1'],
+            100 * eval_metrics['top5'],
+            eval_metrics['loss'],
+            step,
+        )
     return state
 
 
-def evaluate_params(p_eval_step, params: Any, config: ml_collections.ConfigDict,
-                    mesh) -> dict[str, float]:
+def evaluate_params(
+    p_eval_step, params: Any, config: ml_collections.ConfigDict, mesh
+) -> dict[str, float]:
     """One pass over the validation split; padded examples (mask 0) are not counted."""
     eval_iter = _input_pipeline().create_eval_iterator(
-        config.data, local_batch_size=config.eval_batch_size // jax.process_count(),
-        process_index=jax.process_index(), process_count=jax.process_count())
+        config.data,
+        local_batch_size=config.eval_batch_size // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     totals = None
     for batch in prefetch_to_device(eval_iter, mesh):
         sums = p_eval_step(params, batch)
@@ -599,14 +758,19 @@ def evaluate_params(p_eval_step, params: Any, config: ml_collections.ConfigDict,
         raise ValueError('the validation split is empty')
     totals = jax.device_get(totals)
     count = float(totals['count'])
-    return {'top1': float(totals['top1']) / count, 'top5': float(totals['top5']) / count,
-            'loss': float(totals['loss']) / count, 'count': int(count)}
+    return {
+        'top1': float(totals['top1']) / count,
+        'top5': float(totals['top5']) / count,
+        'loss': float(totals['loss']) / count,
+        'count': int(count),
+    }
 
 
 # -------------------------------------------------------------------------------------------------
 # Mode 'evaluate'.
 
-def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[str, float]:
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, float]:
     """Top-1, top-5 and loss on the validation split.
 
     Weights come from the workdir's best checkpoint (or latest, per config.eval_checkpoint) if it
@@ -616,8 +780,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[
     validate_config(config, mode='evaluate', device_count=mesh.size)
     info = _input_pipeline().get_dataset_info(config.data)
 
-    ckpts = checkpointing.Checkpoints(workdir) if workdir and _isdir(
-        os.path.join(workdir, checkpointing.LATEST_DIR)) else None
+    ckpts = (
+        checkpointing.Checkpoints(workdir)
+        if workdir and _isdir(os.path.join(workdir, checkpointing.LATEST_DIR))
+        else None
+    )
     has_ckpt = ckpts is not None and ckpts.latest_step() is not None
     if has_ckpt:
         which = config.eval_checkpoint
@@ -629,41 +796,62 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict[
         tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch, 1))
         abstract_params = jax.eval_shape(
             functools.partial(init_params, model, image_size=config.data.image_size),
-            jax.random.key(0))
+            jax.random.key(0),
+        )
         abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_params)
-        shardings = sharding_lib.state_shardings(abstract_state, mesh, fsdp=config.fsdp,
-                                                 min_size=config.fsdp_min_size)
+        shardings = sharding_lib.state_shardings(
+            abstract_state, mesh, fsdp=config.fsdp, min_size=config.fsdp_min_size
+        )
         state = ckpts.restore(sharding_lib.with_shardings(abstract_state, shardings), which=which)
         params, params_sharding = state.params, shardings.params
         source = f'{which} checkpoint of {workdir} (step {int(state.step)})'
         ckpts.close()
     elif config.init_from:
-        from crossformer_jax import pretrained  # noqa: PLC0415
-        model, variables = pretrained.load_pretrained(config.init_from,
-                                                      dtype=config.model.get('dtype'))
+        from crossformer_jax import pretrained
+
+        model, variables = pretrained.load_pretrained(
+            config.init_from, dtype=config.model.get('dtype')
+        )
         if getattr(model, 'num_classes', info.num_classes) != info.num_classes:
-            raise ConfigError(f'{config.init_from} has a {model.num_classes}-class head but the '
-                              f'dataset has {info.num_classes} classes')
+            raise ConfigError(
+                f'{config.init_from} has a {model.num_classes}-class head but the '
+                f'dataset has {info.num_classes} classes'
+            )
         params_sharding = sharding_lib.replicated(mesh)
         params = jax.device_put(variables['params'], params_sharding)
         source = f'converted checkpoint {config.init_from}'
     else:
-        raise ConfigError(f'nothing to evaluate: no checkpoint in workdir {workdir!r} and no '
-                          f'config.init_from')
+        raise ConfigError(
+            f'nothing to evaluate: no checkpoint in workdir {workdir!r} and no config.init_from'
+        )
 
-    logging.info('Evaluating the %s on %s/%s at %dx%d.', source, config.data.dataset,
-                 config.data.eval_split, config.data.image_size, config.data.image_size)
-    p_eval_step = jax.jit(functools.partial(eval_step, model=model),
-                          in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
-                          out_shardings=sharding_lib.replicated(mesh))
+    logging.info(
+        'Evaluating the %s on %s/%s at %dx%d.',
+        source,
+        config.data.dataset,
+        config.data.eval_split,
+        config.data.image_size,
+        config.data.image_size,
+    )
+    p_eval_step = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
+        out_shardings=sharding_lib.replicated(mesh),
+    )
     metrics = evaluate_params(p_eval_step, params, config, mesh)
-    logging.info('Validation top-1 %.2f%% | top-5 %.2f%% | loss %.4f | %d images',
-                 100 * metrics['top1'], 100 * metrics['top5'], metrics['loss'], metrics['count'])
+    logging.info(
+        'Validation top-1 %.2f%% | top-5 %.2f%% | loss %.4f | %d images',
+        100 * metrics['top1'],
+        100 * metrics['top5'],
+        metrics['loss'],
+        metrics['count'],
+    )
     return metrics
 
 
 # -------------------------------------------------------------------------------------------------
 # Mode 'throughput'.
+
 
 def measure_throughput(config: ml_collections.ConfigDict) -> float:
     """Images per second of the jit-compiled forward pass (inference) after warm-up.
@@ -677,12 +865,17 @@ def measure_throughput(config: ml_collections.ConfigDict) -> float:
     size = config.data.image_size
     model = create_model(config, num_classes=1000)
     repl = sharding_lib.replicated(mesh)
-    params = jax.jit(functools.partial(init_params, model, image_size=size),
-                     out_shardings=repl)(jax.random.key(config.seed))
-    images = jax.jit(lambda k: jax.random.normal(k, (batch_size, size, size, 3), jnp.float32),
-                     out_shardings=sharding_lib.batch_sharding(mesh))(jax.random.key(1))
-    forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False),
-                      in_shardings=(repl, sharding_lib.batch_sharding(mesh)))
+    params = jax.jit(functools.partial(init_params, model, image_size=size), out_shardings=repl)(
+        jax.random.key(config.seed)
+    )
+    images = jax.jit(
+        lambda k: jax.random.normal(k, (batch_size, size, size, 3), jnp.float32),
+        out_shardings=sharding_lib.batch_sharding(mesh),
+    )(jax.random.key(1))
+    forward = jax.jit(
+        lambda p, x: model.apply({'params': p}, x, train=False),
+        in_shardings=(repl, sharding_lib.batch_sharding(mesh)),
+    )
     for _ in range(config.throughput.warmup_steps):
         jax.block_until_ready(forward(params, images))
     start = time.perf_counter()
@@ -691,7 +884,15 @@ def measure_throughput(config: ml_collections.ConfigDict) -> float:
     jax.block_until_ready(out)
     elapsed = time.perf_counter() - start
     rate = batch_size * config.throughput.num_steps / elapsed
-    logging.info('%s at %dx%d, batch %d, %s on %d %s device(s): %.1f images/s.',
-                 config.model.name, size, size, batch_size, config.model.get('dtype', 'float32'),
-                 mesh.size, jax.devices()[0].platform, rate)
+    logging.info(
+        '%s at %dx%d, batch %d, %s on %d %s device(s): %.1f images/s.',
+        config.model.name,
+        size,
+        size,
+        batch_size,
+        config.model.get('dtype', 'float32'),
+        mesh.size,
+        jax.devices()[0].platform,
+        rate,
+    )
     return rate

@@ -19,10 +19,11 @@ import numpy as np
 from PIL import Image
 
 
-def write_digits(out_dir: str, *, size: int = 32, validation_fraction: float = 0.2,
-                 seed: int = 0) -> dict[str, int]:
+def write_digits(
+    out_dir: str, *, size: int = 32, validation_fraction: float = 0.2, seed: int = 0
+) -> dict[str, int]:
     """Writes the dataset; returns the number of images per split."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415 (optional dependency)
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # values are 0..16
@@ -34,7 +35,7 @@ def write_digits(out_dir: str, *, size: int = 32, validation_fraction: float = 0
     for digit in range(10):
         indices = np.flatnonzero(labels == digit)
         indices = indices[rng.permutation(len(indices))]
-        num_val = int(round(validation_fraction * len(indices)))
+        num_val = round(validation_fraction * len(indices))
         for split, chosen in (('validation', indices[:num_val]), ('train', indices[num_val:])):
             class_dir = os.path.join(tmp_dir, split, str(digit))
             os.makedirs(class_dir, exist_ok=True)
@@ -56,10 +57,13 @@ def main() -> None:
     parser.add_argument('--validation_fraction', type=float, default=0.2)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
-    counts = write_digits(args.out, size=args.size, validation_fraction=args.validation_fraction,
-                          seed=args.seed)
-    print(f'Wrote {counts["train"]} training and {counts["validation"]} validation images '
-          f'({args.size}x{args.size}) to {args.out}/{{train,validation}}/<digit>/')
+    counts = write_digits(
+        args.out, size=args.size, validation_fraction=args.validation_fraction, seed=args.seed
+    )
+    print(
+        f'Wrote {counts["train"]} training and {counts["validation"]} validation images '
+        f'({args.size}x{args.size}) to {args.out}/{{train,validation}}/<digit>/'
+    )
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""Tests of the PyTorch -> Flax checkpoint converter, the pretrained directory format and the CLI."""
+"""Tests of the PyTorch -> Flax converter, the pretrained directory format and the CLI."""
 
 import json
 import os
@@ -27,8 +27,9 @@ SMALL_PP = ('crossformer_pp_small', dict(depths=(1, 1, 4, 1)))
 
 
 def torch_state_dict(name, overrides, features_only=False, num_classes=1000, seed=0):
-    model = create_torch_model(name, num_classes=num_classes, features_only=features_only,
-                               **overrides)
+    model = create_torch_model(
+        name, num_classes=num_classes, features_only=features_only, **overrides
+    )
     return randomize_parameters(model, seed).state_dict()
 
 
@@ -57,8 +58,9 @@ def assert_matches_state_dict(variables, state_dict):
 
 def forward_pair(state_dict, variables, name, overrides, features_only, num_classes, size=(64, 96)):
     """Outputs of the PyTorch model holding state_dict and of the Flax model holding variables."""
-    torch_model = create_torch_model(name, num_classes=num_classes, features_only=features_only,
-                                     **overrides)
+    torch_model = create_torch_model(
+        name, num_classes=num_classes, features_only=features_only, **overrides
+    )
     torch_model.load_state_dict(state_dict, strict=True)
     images = np.random.default_rng(1).standard_normal((2, 3, *size)).astype(np.float32)
     with torch.no_grad():
@@ -73,6 +75,7 @@ def forward_pair(state_dict, variables, name, overrides, features_only, num_clas
 # -------------------------------------------------------------------------------------------------
 # Conversion.
 
+
 def test_v1_classifier_converts_and_skips_derived_buffers(v1_classifier):
     name, overrides = SMALL_V1
     derived = [k for k in v1_classifier if C.is_derived_buffer(k)]
@@ -86,11 +89,14 @@ def test_v1_classifier_converts_and_skips_derived_buffers(v1_classifier):
     assert all(v.dtype == np.float32 for v in C._leaves(variables))
     assert_matches_state_dict(variables, v1_classifier)
     # Exact layout transforms of one Linear and one conv.
-    np.testing.assert_array_equal(params['layers_0']['blocks_0']['attn']['qkv']['kernel'],
-                                  v1_classifier['layers.0.blocks.0.attn.qkv.weight'].numpy().T)
+    np.testing.assert_array_equal(
+        params['layers_0']['blocks_0']['attn']['qkv']['kernel'],
+        v1_classifier['layers.0.blocks.0.attn.qkv.weight'].numpy().T,
+    )
     np.testing.assert_array_equal(
         params['patch_embed']['projs_3']['kernel'],
-        v1_classifier['patch_embed.projs.3.weight'].numpy().transpose(2, 3, 1, 0))
+        v1_classifier['patch_embed.projs.3.weight'].numpy().transpose(2, 3, 1, 0),
+    )
     refs, outs = forward_pair(v1_classifier, variables, name, overrides, False, 10)
     for r, o in zip(refs, outs):
         assert np.max(np.abs(r - o)) <= 1e-4 * np.max(np.abs(r))
@@ -125,8 +131,8 @@ def test_mismatch_error_lists_every_key_with_shapes(v1_classifier):
     bad = dict(v1_classifier)
     del bad['layers.1.blocks.0.mlp.fc1.bias']
     del bad['norm.weight']
-    bad['layers.0.blocks.0.attn.qkv.weight'] = torch.zeros(64, 192)           # transposed
-    bad['patch_embed.projs.1.weight'] = torch.zeros(16, 3, 4, 4)              # wrong kernel
+    bad['layers.0.blocks.0.attn.qkv.weight'] = torch.zeros(64, 192)  # transposed
+    bad['patch_embed.projs.1.weight'] = torch.zeros(16, 3, 4, 4)  # wrong kernel
     bad['neck.conv.weight'] = torch.zeros(3, 5)
     bad['layers.0.blocks.0.attn.extra'] = torch.zeros(7)
     with pytest.raises(C.StateDictMismatchError) as info:
@@ -135,23 +141,30 @@ def test_mismatch_error_lists_every_key_with_shapes(v1_classifier):
     assert isinstance(err, ValueError)
     assert err.missing == ['layers.1.blocks.0.mlp.fc1.bias', 'norm.weight']
     assert err.unexpected == ['layers.0.blocks.0.attn.extra', 'neck.conv.weight']
-    assert err.mismatched == {'patch_embed.projs.1.weight': ((16, 3, 8, 8), (16, 3, 4, 4)),
-                              'layers.0.blocks.0.attn.qkv.weight': ((192, 64), (64, 192))}
+    assert err.mismatched == {
+        'patch_embed.projs.1.weight': ((16, 3, 8, 8), (16, 3, 4, 4)),
+        'layers.0.blocks.0.attn.qkv.weight': ((192, 64), (64, 192)),
+    }
     text = str(err)
-    for line in ('layers.1.blocks.0.mlp.fc1.bias  expected (512)',
-                 'norm.weight  expected (512)',
-                 'neck.conv.weight  found (3, 5)',
-                 'layers.0.blocks.0.attn.extra  found (7)',
-                 'layers.0.blocks.0.attn.qkv.weight  expected (192, 64), found (64, 192)',
-                 'patch_embed.projs.1.weight  expected (16, 3, 8, 8), found (16, 3, 4, 4)'):
+    for line in (
+        'layers.1.blocks.0.mlp.fc1.bias  expected (512)',
+        'norm.weight  expected (512)',
+        'neck.conv.weight  found (3, 5)',
+        'layers.0.blocks.0.attn.extra  found (7)',
+        'layers.0.blocks.0.attn.qkv.weight  expected (192, 64), found (64, 192)',
+        'patch_embed.projs.1.weight  expected (16, 3, 8, 8), found (16, 3, 4, 4)',
+    ):
         assert line in text, line
     assert '2 missing, 2 unexpected, 2 with the wrong shape' in text
 
 
 def test_explicit_num_classes_and_features_only(v1_classifier):
     name, overrides = SMALL_V1
-    with pytest.raises(C.StateDictMismatchError, match=r'head.weight  expected \(1000, 512\), '
-                                                       r'found \(10, 512\)'):
+    with pytest.raises(
+        C.StateDictMismatchError,
+        match=r'head.weight  expected \(1000, 512\), '
+        r'found \(10, 512\)',
+    ):
         C.convert_torch_state_dict(v1_classifier, name, num_classes=1000, **overrides)
     # A classifier state dict used as a backbone: head and norm are unused keys, not dropped.
     with pytest.raises(C.StateDictMismatchError) as info:
@@ -170,6 +183,7 @@ def test_non_array_value_is_reported(v1_classifier):
 # -------------------------------------------------------------------------------------------------
 # Checkpoint layouts.
 
+
 def test_extract_state_dict_layouts(v1_classifier, pp_backbone):
     sd, skipped = C.extract_state_dict({'model': v1_classifier, 'optimizer': {}, 'epoch': 3})
     assert sd.keys() == v1_classifier.keys() and skipped == []
@@ -180,12 +194,18 @@ def test_extract_state_dict_layouts(v1_classifier, pp_backbone):
     assert all(sd[k] is v1_classifier[k] for k in sd)
 
     detection = {f'backbone.{k}': v for k, v in pp_backbone.items()}
-    detection.update({'neck.lateral_convs.0.conv.weight': torch.zeros(256, 64, 1, 1),
-                      'decode_head.conv_seg.bias': torch.zeros(150)})
+    detection.update(
+        {
+            'neck.lateral_convs.0.conv.weight': torch.zeros(256, 64, 1, 1),
+            'decode_head.conv_seg.bias': torch.zeros(150),
+        }
+    )
     for prefix in ('', 'module.'):
-        checkpoint = {'meta': {'epoch': 12, 'CLASSES': ('a', 'b')},
-                      'state_dict': {prefix + k: v for k, v in detection.items()},
-                      'optimizer': {}}
+        checkpoint = {
+            'meta': {'epoch': 12, 'CLASSES': ('a', 'b')},
+            'state_dict': {prefix + k: v for k, v in detection.items()},
+            'optimizer': {},
+        }
         sd, skipped = C.extract_state_dict(checkpoint)
         assert sd.keys() == pp_backbone.keys()
         assert skipped == ['decode_head.conv_seg.bias', 'neck.lateral_convs.0.conv.weight']
@@ -194,11 +214,14 @@ def test_extract_state_dict_layouts(v1_classifier, pp_backbone):
     assert_matches_state_dict(variables, pp_backbone)
 
 
-@pytest.mark.parametrize('checkpoint, match', [
-    ([torch.zeros(3)], 'holds a list'),
-    ({'epoch': 3, 'args': {'lr': 1}}, "no state dict found.*'epoch', 'args'"),
-    ({}, 'no state dict found'),
-])
+@pytest.mark.parametrize(
+    'checkpoint, match',
+    [
+        ([torch.zeros(3)], 'holds a list'),
+        ({'epoch': 3, 'args': {'lr': 1}}, "no state dict found.*'epoch', 'args'"),
+        ({}, 'no state dict found'),
+    ],
+)
 def test_extract_state_dict_rejects(checkpoint, match):
     with pytest.raises(C.CheckpointError, match=match):
         C.extract_state_dict(checkpoint)
@@ -206,6 +229,7 @@ def test_extract_state_dict_rejects(checkpoint, match):
 
 # -------------------------------------------------------------------------------------------------
 # Reading checkpoint files.
+
 
 def _write_bad_files(directory):
     """name -> (path, expected message fragment)."""
@@ -220,11 +244,13 @@ def _write_bad_files(directory):
     data = open(good, 'rb').read()
     files = {
         'empty': (b'', 'file is empty'),
-        'truncated': (data[:len(data) // 2], 'corrupt or truncated'),
+        'truncated': (data[: len(data) // 2], 'corrupt or truncated'),
         'text': (b'this is a text file, not weights\n', 'not a PyTorch checkpoint'),
         'random': (np.random.default_rng(0).bytes(4096), 'not a PyTorch checkpoint'),
-        'pickle_payload': (pickle.dumps({'model': Payload()}, protocol=2),
-                           'refused to unpickle io.open'),
+        'pickle_payload': (
+            pickle.dumps({'model': Payload()}, protocol=2),
+            'refused to unpickle io.open',
+        ),
     }
     out = {}
     for label, (content, message) in files.items():
@@ -257,6 +283,7 @@ def test_read_torch_checkpoint_errors(tmp_path):
 # -------------------------------------------------------------------------------------------------
 # Model name inference, on shape-only state dicts of the full-size reference models.
 
+
 @pytest.mark.parametrize('name', sorted(VARIANTS))
 def test_infer_model_name_and_key_sets_of_every_variant(name):
     with torch.device('meta'):
@@ -267,8 +294,11 @@ def test_infer_model_name_and_key_sets_of_every_variant(name):
     assert report.num_classes == 1000
     expected_buffers = 2 * sum(VARIANTS[name]['depths']) if VARIANTS[name]['version'] == 'v1' else 0
     assert len(report.skipped_buffers) == expected_buffers
-    detection = {f'module.backbone.{k}': v for k, v in classifier.items()
-                 if not k.startswith(('head.', 'norm.'))}
+    detection = {
+        f'module.backbone.{k}': v
+        for k, v in classifier.items()
+        if not k.startswith(('head.', 'norm.'))
+    }
     backbone, _ = C.extract_state_dict({'state_dict': detection})
     assert C.infer_model_name(backbone) == name
     assert C.infer_model_name(detection) == name
@@ -278,8 +308,11 @@ def test_infer_model_name_errors():
     with torch.device('meta'):
         sd = create_torch_model('crossformer_small').state_dict()
     odd = {k: v for k, v in sd.items() if not k.startswith('layers.2.blocks.5.')}
-    with pytest.raises(C.ModelNameError, match=r'no registered CrossFormer variant matches.*'
-                                               r'embed_dim=96, depths=\(2, 2, 5, 2\)'):
+    with pytest.raises(
+        C.ModelNameError,
+        match=r'no registered CrossFormer variant matches.*'
+        r'embed_dim=96, depths=\(2, 2, 5, 2\)',
+    ):
         C.infer_model_name(odd)
     with pytest.raises(C.ModelNameError, match='is this a CrossFormer checkpoint'):
         C.infer_model_name({'fc.weight': torch.empty(10, 3, device='meta')})
@@ -288,12 +321,20 @@ def test_infer_model_name_errors():
 # -------------------------------------------------------------------------------------------------
 # Pretrained directories.
 
+
 def test_save_load_round_trip(tmp_path, pp_backbone):
     name, overrides = SMALL_PP
     variables = C.convert_torch_state_dict(pp_backbone, name, **overrides)
     target = tmp_path / 'weights'
-    P.save_pretrained(target, variables, model_name=name, num_classes=None, features_only=True,
-                      model_overrides=overrides, extra_metadata={'source_file': 'x.pth'})
+    P.save_pretrained(
+        target,
+        variables,
+        model_name=name,
+        num_classes=None,
+        features_only=True,
+        model_overrides=overrides,
+        extra_metadata={'source_file': 'x.pth'},
+    )
     assert sorted(os.listdir(tmp_path)) == ['weights']  # no temporary directory left behind
     metadata = json.loads((target / P.METADATA_FILE).read_text())
     assert metadata['model_name'] == name and metadata['features_only'] is True
@@ -321,7 +362,9 @@ def test_save_refuses_existing_and_overwrites_atomically(tmp_path, v1_classifier
     # Not a pretrained directory: even overwrite=True leaves it alone.
     with pytest.raises(P.PretrainedError, match='refusing to overwrite'):
         P.save_pretrained(occupied, variables, overwrite=True, **kwargs)
-    assert os.listdir(occupied) == ['keep.txt'] and (occupied / 'keep.txt').read_text() == 'precious'
+    assert (
+        os.listdir(occupied) == ['keep.txt'] and (occupied / 'keep.txt').read_text() == 'precious'
+    )
 
     target = tmp_path / 'weights'
     P.save_pretrained(target, variables, **kwargs)
@@ -338,7 +381,9 @@ def test_save_refuses_existing_and_overwrites_atomically(tmp_path, v1_classifier
 
     monkeypatch.setattr(P.os, 'rename', failing_rename)
     with pytest.raises(KeyboardInterrupt):
-        P.save_pretrained(target, variables, overwrite=True, **{**kwargs, 'extra_metadata': {'v': 2}})
+        P.save_pretrained(
+            target, variables, overwrite=True, **{**kwargs, 'extra_metadata': {'v': 2}}
+        )
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ['occupied', 'weights']
     assert (target / P.METADATA_FILE).read_text() == first
@@ -368,8 +413,14 @@ def test_load_pretrained_errors(tmp_path, v1_classifier):
     name, overrides = SMALL_V1
     variables = C.convert_torch_state_dict(v1_classifier, name, **overrides)
     target = tmp_path / 'w'
-    P.save_pretrained(target, variables, model_name=name, num_classes=10, features_only=False,
-                      model_overrides=overrides)
+    P.save_pretrained(
+        target,
+        variables,
+        model_name=name,
+        num_classes=10,
+        features_only=False,
+        model_overrides=overrides,
+    )
     metadata = json.loads((target / P.METADATA_FILE).read_text())
     # The metadata describes another architecture than the stored arrays.
     (target / P.METADATA_FILE).write_text(json.dumps({**metadata, 'model_overrides': {}}))
@@ -383,9 +434,11 @@ def test_load_pretrained_errors(tmp_path, v1_classifier):
 # -------------------------------------------------------------------------------------------------
 # The command line.
 
+
 def run_cli(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
 
 
 @pytest.fixture(scope='module')
@@ -405,9 +458,9 @@ def test_cli_converts_and_verifies(tmp_path, tiny_checkpoint):
     assert 'parameters: 27,776,794' in result.stdout
     assert 'skipped keys: 32' in result.stdout
     assert 'verification passed' in result.stdout
-    line = next(l for l in result.stdout.splitlines() if l.strip().startswith('logits'))
+    line = next(s for s in result.stdout.splitlines() if s.strip().startswith('logits'))
     assert 'ok' in line
-    model, variables = P.load_pretrained(out)
+    model, _variables = P.load_pretrained(out)
     assert model.num_classes == 1000 and model.embed_dim == 64
     metadata = P.read_metadata(out)
     assert metadata['source_file'] == str(tiny_checkpoint)
@@ -415,17 +468,23 @@ def test_cli_converts_and_verifies(tmp_path, tiny_checkpoint):
 
 def test_cli_user_errors(tmp_path, tiny_checkpoint):
     files, marker = _write_bad_files(str(tmp_path))
-    cases = [(['--checkpoint', path], message)
-             for label, (path, message) in files.items()
-             if label in ('empty', 'truncated', 'text', 'pickle_payload')]
+    cases = [
+        (['--checkpoint', path], message)
+        for label, (path, message) in files.items()
+        if label in ('empty', 'truncated', 'text', 'pickle_payload')
+    ]
     occupied = tmp_path / 'occupied'
     occupied.mkdir()
     (occupied / 'keep.txt').write_text('precious')
-    cases.append((['--checkpoint', str(tiny_checkpoint), '--output', str(occupied)],
-                  'already exists; pass --overwrite'))
+    cases.append(
+        (
+            ['--checkpoint', str(tiny_checkpoint), '--output', str(occupied)],
+            'already exists; pass --overwrite',
+        )
+    )
     for args, message in cases:
         if '--output' not in args:
-            args = args + ['--output', str(tmp_path / 'out')]
+            args = [*args, '--output', str(tmp_path / 'out')]
         result = run_cli(*args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert message in result.stderr, (args, result.stderr)
@@ -433,17 +492,42 @@ def test_cli_user_errors(tmp_path, tiny_checkpoint):
         assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1
     assert not os.path.exists(marker)
     assert not os.path.exists(tmp_path / 'out')
-    assert os.listdir(occupied) == ['keep.txt'] and (occupied / 'keep.txt').read_text() == 'precious'
+    assert (
+        os.listdir(occupied) == ['keep.txt'] and (occupied / 'keep.txt').read_text() == 'precious'
+    )
 
 
-def test_cli_in_process_model_errors_and_failed_verification(tmp_path, tiny_checkpoint,
-                                                             monkeypatch, capsys):
+def test_cli_in_process_model_errors_and_failed_verification(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys
+):
     out = tmp_path / 'out'
-    assert C.main(['--checkpoint', str(tiny_checkpoint), '--output', str(out),
-                   '--model', 'crossformer_huge']) == 2
+    assert (
+        C.main(
+            [
+                '--checkpoint',
+                str(tiny_checkpoint),
+                '--output',
+                str(out),
+                '--model',
+                'crossformer_huge',
+            ]
+        )
+        == 2
+    )
     assert "unknown model 'crossformer_huge'" in capsys.readouterr().err
-    assert C.main(['--checkpoint', str(tiny_checkpoint), '--output', str(out),
-                   '--model', 'crossformer_small']) == 2
+    assert (
+        C.main(
+            [
+                '--checkpoint',
+                str(tiny_checkpoint),
+                '--output',
+                str(out),
+                '--model',
+                'crossformer_small',
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert 'state dict does not match crossformer_small' in err
     assert 'the weights look like crossformer_tiny' in err
@@ -452,8 +536,20 @@ def test_cli_in_process_model_errors_and_failed_verification(tmp_path, tiny_chec
         return [C.Comparison('logits', (1, 1000), 1.0, 2.0)]
 
     monkeypatch.setattr(C, 'compare_with_torch', failing_comparison)
-    assert C.main(['--checkpoint', str(tiny_checkpoint), '--output', str(out), '--verify',
-                   '--num-classes', '1000']) == 1
+    assert (
+        C.main(
+            [
+                '--checkpoint',
+                str(tiny_checkpoint),
+                '--output',
+                str(out),
+                '--verify',
+                '--num-classes',
+                '1000',
+            ]
+        )
+        == 1
+    )
     captured = capsys.readouterr()
     assert 'FAILED' in captured.out and 'verification failed' in captured.err
     assert not os.path.exists(out)

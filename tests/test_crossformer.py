@@ -7,19 +7,35 @@ import pytest
 
 import crossformer_jax
 from crossformer_jax.complexity import count_macs, count_params
-from crossformer_jax.crossformer import (MASKED_LOGIT, GroupLayout, group_layout, group_tokens,
-                                         padding_key_bias, relative_offsets, ungroup_tokens)
+from crossformer_jax.crossformer import (
+    MASKED_LOGIT,
+    GroupLayout,
+    group_layout,
+    group_tokens,
+    padding_key_bias,
+    relative_offsets,
+    ungroup_tokens,
+)
 
 SPEC_PARAMS = {
-    'crossformer_tiny': 27_776_794, 'crossformer_small': 30_657_394,
-    'crossformer_base': 51_971_554, 'crossformer_large': 91_971_184,
-    'crossformer_pp_small': 23_325_340, 'crossformer_pp_base': 51_994_594,
-    'crossformer_pp_large': 92_001_904, 'crossformer_pp_huge': 95_962_944,
+    'crossformer_tiny': 27_776_794,
+    'crossformer_small': 30_657_394,
+    'crossformer_base': 51_971_554,
+    'crossformer_large': 91_971_184,
+    'crossformer_pp_small': 23_325_340,
+    'crossformer_pp_base': 51_994_594,
+    'crossformer_pp_large': 92_001_904,
+    'crossformer_pp_huge': 95_962_944,
 }
 SPEC_GMACS = {
-    'crossformer_tiny': 2.86, 'crossformer_small': 4.91, 'crossformer_base': 9.17,
-    'crossformer_large': 16.12, 'crossformer_pp_small': 4.39, 'crossformer_pp_base': 9.50,
-    'crossformer_pp_large': 16.57, 'crossformer_pp_huge': 21.59,
+    'crossformer_tiny': 2.86,
+    'crossformer_small': 4.91,
+    'crossformer_base': 9.17,
+    'crossformer_large': 16.12,
+    'crossformer_pp_small': 4.39,
+    'crossformer_pp_base': 9.50,
+    'crossformer_pp_large': 16.57,
+    'crossformer_pp_huge': 21.59,
 }
 TINY = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
 
@@ -50,32 +66,40 @@ def test_backbone_drops_head_and_final_norm():
     assert full - backbone == 512 * 1000 + 1000 + 2 * 512
 
 
-@pytest.mark.parametrize('version,size,long_distance,expected', [
-    # At 224 (56, 28, 14, 7 tokens) with G=7: v1 SDA windows, v1 LDA one region of 7x7 groups,
-    # and the 7x7 last stage is global attention.
-    ('v1', (56, 56), False, GroupLayout((7, 7), 1, (56, 56))),
-    ('v1', (56, 56), True, GroupLayout((7, 7), 8, (56, 56))),
-    ('v1', (7, 7), True, GroupLayout((7, 7), 1, (7, 7))),
-    # v1 at non-224 sizes: LDA keeps the interval and grows the group; small maps group by the
-    # short side and pad the long one.
-    ('v1', (24, 14), True, GroupLayout((12, 7), 2, (24, 14))),
-    ('v1', (12, 7), False, GroupLayout((7, 7), 1, (14, 7))),
-    ('v1', (64, 80), False, GroupLayout((7, 7), 1, (70, 84))),
-    # ++ keeps G and I and tiles regions of G*I; small maps become one padded group.
-    ('pp', (56, 56), True, GroupLayout((4, 4), 4, (64, 64))),
-    ('pp', (56, 56), False, GroupLayout((4, 4), 1, (56, 56))),
-    ('pp', (12, 7), False, GroupLayout((12, 12), 1, (12, 12))),
-])
+@pytest.mark.parametrize(
+    'version,size,long_distance,expected',
+    [
+        # At 224 (56, 28, 14, 7 tokens) with G=7: v1 SDA windows, v1 LDA one region of 7x7 groups,
+        # and the 7x7 last stage is global attention.
+        ('v1', (56, 56), False, GroupLayout((7, 7), 1, (56, 56))),
+        ('v1', (56, 56), True, GroupLayout((7, 7), 8, (56, 56))),
+        ('v1', (7, 7), True, GroupLayout((7, 7), 1, (7, 7))),
+        # v1 at non-224 sizes: LDA keeps the interval and grows the group; small maps group by the
+        # short side and pad the long one.
+        ('v1', (24, 14), True, GroupLayout((12, 7), 2, (24, 14))),
+        ('v1', (12, 7), False, GroupLayout((7, 7), 1, (14, 7))),
+        ('v1', (64, 80), False, GroupLayout((7, 7), 1, (70, 84))),
+        # ++ keeps G and I and tiles regions of G*I; small maps become one padded group.
+        ('pp', (56, 56), True, GroupLayout((4, 4), 4, (64, 64))),
+        ('pp', (56, 56), False, GroupLayout((4, 4), 1, (56, 56))),
+        ('pp', (12, 7), False, GroupLayout((12, 12), 1, (12, 12))),
+    ],
+)
 def test_group_layout_follows_spec(version, size, long_distance, expected):
     group_size = 4 if version == 'pp' and size == (56, 56) else 7
     interval = {56: 8 if version == 'v1' else 4, 24: 2}.get(size[0], 1)
-    layout = group_layout(*size, group_size=group_size, interval=interval,
-                          long_distance=long_distance, version=version)
+    layout = group_layout(
+        *size,
+        group_size=group_size,
+        interval=interval,
+        long_distance=long_distance,
+        version=version,
+    )
     assert layout == expected
 
 
 def test_lda_group_members_are_interval_apart():
-    layout = GroupLayout((2, 3), 2, (8, 12))   # 2 regions of 4x6 per axis... (8/4, 12/6)
+    layout = GroupLayout((2, 3), 2, (8, 12))  # 2 regions of 4x6 per axis... (8/4, 12/6)
     grid = np.arange(8 * 12).reshape(1, 8, 12, 1)
     groups = np.asarray(group_tokens(grid, layout))[0, :, :, 0]
     assert groups.shape == (2 * 2 * 2 * 2, 6)
@@ -85,30 +109,32 @@ def test_lda_group_members_are_interval_apart():
     np.testing.assert_array_equal(groups[1], [1, 3, 5, 25, 27, 29])
     # Every token appears exactly once, and ungrouping restores the grid.
     np.testing.assert_array_equal(np.sort(groups.ravel()), np.arange(96))
-    np.testing.assert_array_equal(np.asarray(ungroup_tokens(group_tokens(grid, layout), layout)),
-                                  grid)
+    np.testing.assert_array_equal(
+        np.asarray(ungroup_tokens(group_tokens(grid, layout), layout)), grid
+    )
 
 
 def test_sda_groups_are_contiguous_windows():
     layout = GroupLayout((2, 2), 1, (4, 4))
     grid = np.arange(16).reshape(1, 4, 4, 1)
     groups = np.asarray(group_tokens(grid, layout))[0, :, :, 0]
-    np.testing.assert_array_equal(groups, [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13],
-                                           [10, 11, 14, 15]])
+    np.testing.assert_array_equal(
+        groups, [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    )
 
 
 def test_relative_offsets_and_index():
     offsets, index = relative_offsets(2, 3)
     assert offsets.shape == (3 * 5, 2)
-    np.testing.assert_array_equal(offsets[:6], [[-1, -2], [-1, -1], [-1, 0], [-1, 1], [-1, 2],
-                                                [0, -2]])
+    np.testing.assert_array_equal(
+        offsets[:6], [[-1, -2], [-1, -1], [-1, 0], [-1, 1], [-1, 2], [0, -2]]
+    )
     # query (1, 2) -> token 5, key (0, 0) -> token 0: offset (1, 2) -> row (1+1)*5 + (2+2) = 14.
     assert index[5, 0] == 14
     np.testing.assert_array_equal(offsets[index[5, 0]], [1, 2])
     for p in range(6):
         for q in range(6):
-            np.testing.assert_array_equal(offsets[index[p, q]],
-                                          [p // 3 - q // 3, p % 3 - q % 3])
+            np.testing.assert_array_equal(offsets[index[p, q]], [p // 3 - q // 3, p % 3 - q % 3])
 
 
 def test_padding_key_bias_masks_only_padded_keys():
@@ -131,14 +157,19 @@ def test_one_set_of_weights_serves_any_multiple_of_32(tiny_variables):
     params = {k: v for k, v in tiny_variables['params'].items() if k not in ('norm', 'head')}
     for h, w in [(64, 64), (96, 160), (224, 224), (256, 320)]:
         maps = jitted(backbone)({'params': params}, jnp.ones((2, h, w, 3)))
-        assert [m.shape for m in maps] == [(2, h // 4, w // 4, 32), (2, h // 8, w // 8, 64),
-                                           (2, h // 16, w // 16, 128), (2, h // 32, w // 32, 256)]
+        assert [m.shape for m in maps] == [
+            (2, h // 4, w // 4, 32),
+            (2, h // 8, w // 8, 64),
+            (2, h // 16, w // 16, 128),
+            (2, h // 32, w // 32, 256),
+        ]
         assert all(bool(jnp.isfinite(m).all()) for m in maps)
 
 
 def test_training_mode_is_stochastic_and_eval_is_deterministic(tiny_variables):
-    model = crossformer_jax.create_model('crossformer_tiny', num_classes=10, drop_path_rate=0.5,
-                                         dropout_rate=0.1, **TINY)
+    model = crossformer_jax.create_model(
+        'crossformer_tiny', num_classes=10, drop_path_rate=0.5, dropout_rate=0.1, **TINY
+    )
     x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
     apply = jitted(model)
     eval_a = apply(tiny_variables, x)
@@ -150,14 +181,16 @@ def test_training_mode_is_stochastic_and_eval_is_deterministic(tiny_variables):
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_variables):
-    model = crossformer_jax.create_model('crossformer_tiny', num_classes=10, dtype='bfloat16',
-                                         remat=True, **TINY)
+    model = crossformer_jax.create_model(
+        'crossformer_tiny', num_classes=10, dtype='bfloat16', remat=True, **TINY
+    )
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))['params']
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype('float32')}
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     logits = jitted(model)(tiny_variables, x)
     reference = jitted(crossformer_jax.create_model('crossformer_tiny', num_classes=10, **TINY))(
-        tiny_variables, x)
+        tiny_variables, x
+    )
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, reference, atol=0.1 * float(jnp.abs(reference).max()))
 
@@ -169,17 +202,20 @@ def test_initialisation_statistics(tiny_variables):
     assert abs(float(qkv.std()) - 0.0176) < 0.001 and float(jnp.abs(qkv).max()) <= 0.04
     assert float(jnp.abs(params['layers_2']['blocks_0']['attn']['qkv']['bias']).max()) == 0.0
     np.testing.assert_array_equal(params['norm']['scale'], 1.0)
-    conv = params['patch_embed']['projs_1']['kernel']               # 8x8x3 fan-in
+    conv = params['patch_embed']['projs_1']['kernel']  # 8x8x3 fan-in
     assert float(jnp.abs(conv).max()) <= 1 / np.sqrt(8 * 8 * 3)
 
 
-@pytest.mark.parametrize('shape,message', [
-    ((64, 64, 3), 'rank 4'),
-    ((1, 64, 64, 1), '3 channels'),
-    ((1, 3, 64, 64), '3 channels'),
-    ((1, 48, 64, 3), 'multiples of 32'),
-    ((1, 64, 100, 3), 'multiples of 32'),
-])
+@pytest.mark.parametrize(
+    'shape,message',
+    [
+        ((64, 64, 3), 'rank 4'),
+        ((1, 64, 64, 1), '3 channels'),
+        ((1, 3, 64, 64), '3 channels'),
+        ((1, 48, 64, 3), 'multiples of 32'),
+        ((1, 64, 100, 3), 'multiples of 32'),
+    ],
+)
 def test_bad_inputs_raise_value_error(tiny_variables, shape, message):
     model = crossformer_jax.create_model('crossformer_tiny', num_classes=10, **TINY)
     with pytest.raises(ValueError, match=message):

@@ -24,8 +24,9 @@ def build_pair(name, *, features_only=False, seed=0, **overrides):
     """(torch model with random parameters, flax model, converted flax variables)."""
     torch_model = create_torch_model(name, features_only=features_only, **overrides)
     randomize_parameters(torch_model, seed).eval()
-    variables = convert_torch_state_dict(torch_model.state_dict(), name,
-                                         features_only=features_only, **overrides)
+    variables = convert_torch_state_dict(
+        torch_model.state_dict(), name, features_only=features_only, **overrides
+    )
     flax_model = create_model(name, features_only=features_only, **overrides)
     return torch_model, flax_model, variables
 
@@ -39,8 +40,10 @@ def run_both(torch_model, flax_model, variables, height, width, seed):
     outputs = jax.jit(flax_model.apply)(variables, images.transpose(0, 2, 3, 1))
     if isinstance(reference, torch.Tensor):
         return [reference.numpy()], [np.asarray(outputs)]
-    return ([r.numpy() for r in reference],
-            [np.asarray(o).transpose(0, 3, 1, 2) for o in outputs])  # NHWC -> NCHW
+    return (
+        [r.numpy() for r in reference],
+        [np.asarray(o).transpose(0, 3, 1, 2) for o in outputs],
+    )  # NHWC -> NCHW
 
 
 def check_close(label, references, outputs):
@@ -64,8 +67,9 @@ def check_close(label, references, outputs):
 FAST_VARIANTS = ('crossformer_tiny', 'crossformer_pp_small')
 
 
-@pytest.mark.parametrize('name', [
-    n if n in FAST_VARIANTS else pytest.param(n, marks=pytest.mark.slow) for n in VARIANTS])
+@pytest.mark.parametrize(
+    'name', [n if n in FAST_VARIANTS else pytest.param(n, marks=pytest.mark.slow) for n in VARIANTS]
+)
 def test_classifier_logits_at_224(name, record_property):
     torch_model, flax_model, variables = build_pair(name, seed=1)
     references, outputs = run_both(torch_model, flax_model, variables, 224, 224, seed=2)
@@ -95,8 +99,14 @@ def rules_exercised(name, overrides, sizes):
             g = config['group_size'][s]
             for j in range(depth):
                 lda = j % 2 == 1
-                layout = group_layout(h, w, group_size=g, interval=config['interval'][s],
-                                      long_distance=lda, version=config['version'])
+                layout = group_layout(
+                    h,
+                    w,
+                    group_size=g,
+                    interval=config['interval'][s],
+                    long_distance=lda,
+                    version=config['version'],
+                )
                 padded = layout.padded != (h, w)
                 if min(h, w) <= g:
                     seen.add('small map rule' + (' with padding' if padded else ''))
@@ -116,7 +126,9 @@ def test_backbone_rules_are_covered():
     pp = rules_exercised(*BACKBONES['pp'], SIZES)
     for seen in (v1, pp):
         assert {'SDA with padding', 'small map rule with padding'} <= seen
-        assert {f'SDA stage {s}' for s in range(3)} <= seen and {f'LDA stage {s}' for s in range(3)} <= seen
+        assert {f'SDA stage {s}' for s in range(3)} <= seen and {
+            f'LDA stage {s}' for s in range(3)
+        } <= seen
     # v1 LDA keeps the interval and grows the group (non-square at non-square sizes, never padded
     # for multiples of 32); ++ LDA tiles fixed G*I regions, with padding.
     assert 'non-square group' in v1
@@ -130,9 +142,12 @@ def test_backbone_maps_non_square(version, record_property):
     ratios = []
     # One model, both sizes in turn: nothing about the first input may be remembered.
     for k, (height, width) in enumerate(SIZES):
-        references, outputs = run_both(torch_model, flax_model, variables, height, width, seed=4 + k)
-        expected_shapes = [(BATCH, 64 * 2 ** s,
-                            height // 2 ** (s + 2), width // 2 ** (s + 2)) for s in range(4)]
+        references, outputs = run_both(
+            torch_model, flax_model, variables, height, width, seed=4 + k
+        )
+        expected_shapes = [
+            (BATCH, 64 * 2**s, height // 2 ** (s + 2), width // 2 ** (s + 2)) for s in range(4)
+        ]
         assert [r.shape for r in references] == expected_shapes
         ratios += check_close(f'{version} backbone {height}x{width}', references, outputs)
     record_property('parity_ratio', max(ratios))

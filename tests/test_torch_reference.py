@@ -134,7 +134,7 @@ def test_forward_ignores_stored_buffers():
     x = images(224, 224, batch=1)
     with torch.inference_mode():
         before = model(x)
-        for name, buffer in model.named_buffers():
+        for _name, buffer in model.named_buffers():
             buffer.zero_()
         assert torch.equal(model(x), before)
 

@@ -27,9 +27,9 @@ CLASSES = 3
 
 from crossformer_jax import training  # noqa: E402
 
-
 # -------------------------------------------------------------------------------------------------
 # Fixtures: data, config, and one uninterrupted reference run.
+
 
 def _write_image_folder(root: str, per_class: dict[str, int]) -> None:
     """Class c: a bright square in quadrant c over noise, in a class-specific tint."""
@@ -40,12 +40,12 @@ def _write_image_folder(root: str, per_class: dict[str, int]) -> None:
             for i in range(count):
                 image = rng.randint(0, 80, size=(32, 32, 3)).astype(np.uint8)
                 y, x = divmod(c, 2)
-                image[4 + 14 * y:14 + 14 * y, 4 + 14 * x:14 + 14 * x] = 220
+                image[4 + 14 * y : 14 + 14 * y, 4 + 14 * x : 14 + 14 * x] = 220
                 image[..., c] = np.maximum(image[..., c], 120)
                 Image.fromarray(image).save(os.path.join(root, split, f'class_{c}', f'{i}.png'))
 
 
-CONFIG_TEMPLATE = '''
+CONFIG_TEMPLATE = """
 from configs import digits_demo
 
 
@@ -77,7 +77,7 @@ def get_config():
     config.checkpoint_every_steps = 4
     config.keep_checkpoints = 3
     return config
-'''
+"""
 
 
 @pytest.fixture(scope='module')
@@ -90,13 +90,17 @@ def env(tmp_path_factory):
     with open(config_path, 'w') as f:
         f.write(CONFIG_TEMPLATE.format(data_dir=data_dir, num_steps=NUM_STEPS))
     sub_env = dict(os.environ)
-    sub_env.update({
-        'PYTHONPATH': os.pathsep.join([REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]),
-        'JAX_PLATFORMS': 'cpu',
-        'JAX_COMPILATION_CACHE_DIR': str(root / 'jax_cache'),
-        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-        'TF_CPP_MIN_LOG_LEVEL': '2',
-    })
+    sub_env.update(
+        {
+            'PYTHONPATH': os.pathsep.join(
+                [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]
+            ),
+            'JAX_PLATFORMS': 'cpu',
+            'JAX_COMPILATION_CACHE_DIR': str(root / 'jax_cache'),
+            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+            'TF_CPP_MIN_LOG_LEVEL': '2',
+        }
+    )
     # Multi-threaded Eigen contractions on CPU may sum partial results in a different order
     # from run to run (seen as rare one-ulp differences); one thread per op makes runs bitwise
     # repeatable, so resumed runs can be compared exactly.
@@ -105,22 +109,43 @@ def env(tmp_path_factory):
 
 
 def _command(env, workdir, *overrides, mode='train'):
-    return [sys.executable, os.path.join(REPO, 'train.py'), '--config', env['config_path'],
-            '--workdir', str(workdir), '--mode', mode, *overrides]
+    return [
+        sys.executable,
+        os.path.join(REPO, 'train.py'),
+        '--config',
+        env['config_path'],
+        '--workdir',
+        str(workdir),
+        '--mode',
+        mode,
+        *overrides,
+    ]
 
 
 def _run(env, workdir, *overrides, devices=1, mode='train', timeout=300):
     sub_env = dict(env['env'])
     if devices > 1:
         sub_env['XLA_FLAGS'] += f' --xla_force_host_platform_device_count={devices}'
-    return subprocess.run(_command(env, workdir, *overrides, mode=mode), cwd=REPO, env=sub_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        _command(env, workdir, *overrides, mode=mode),
+        cwd=REPO,
+        env=sub_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _start(env, workdir, log_path):
     log = open(log_path, 'w')
-    return subprocess.Popen(_command(env, workdir), cwd=REPO, env=env['env'], stdout=log,
-                            stderr=subprocess.STDOUT, text=True), log
+    return subprocess.Popen(
+        _command(env, workdir),
+        cwd=REPO,
+        env=env['env'],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ), log
 
 
 def _metrics(workdir) -> list[dict]:
@@ -141,13 +166,15 @@ def _checkpoint_steps(workdir, sub='checkpoints') -> list[int]:
 
 
 def _params(workdir, step):
-    import orbax.checkpoint as ocp  # noqa: PLC0415
+    import orbax.checkpoint as ocp
+
     path = os.path.join(str(workdir), 'checkpoints', str(step), 'default')
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
         saved = dict(checkpointer.metadata(path).item_metadata)  # possibly from 8 devices
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                              saved)
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), saved
+        )
         return checkpointer.restore(path, target)['params']
 
 
@@ -162,7 +189,8 @@ def _assert_same_params(a, b, **tolerance):
 
 
 def _load_config_file(path):
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
+
     if REPO not in sys.path:
         sys.path.insert(0, REPO)  # config files import configs.common
     spec = importlib.util.spec_from_file_location('config_file', path)
@@ -194,12 +222,15 @@ def reference(env):
 # -------------------------------------------------------------------------------------------------
 # Tests.
 
+
 def test_training_lowers_the_loss_and_writes_the_workdir(reference):
     workdir = reference['workdir']
     losses = _train_losses(workdir)
     assert sorted(losses) == list(range(1, NUM_STEPS + 1))
-    first, last = np.mean([losses[s] for s in range(1, 7)]), np.mean(
-        [losses[s] for s in range(NUM_STEPS - 5, NUM_STEPS + 1)])
+    first, last = (
+        np.mean([losses[s] for s in range(1, 7)]),
+        np.mean([losses[s] for s in range(NUM_STEPS - 5, NUM_STEPS + 1)]),
+    )
     assert last < first - 0.1, (first, last)
     assert os.path.exists(os.path.join(workdir, 'config.json'))
     assert os.listdir(os.path.join(workdir, 'tensorboard'))
@@ -217,18 +248,26 @@ def test_eight_devices_match_one_device(env, reference):
     # Same schedule and train step; fewer saves and evaluations (they cost more on 8 devices).
     # Parameters and optimizer state are split FSDP-style too (the tiny model needs a low
     # threshold), which must not change the numbers either.
-    result = _run(env, workdir, '--config.checkpoint_every_steps=1000',
-                  '--config.eval_every_steps=1000', '--config.fsdp=True',
-                  '--config.fsdp_min_size=1024', devices=8)
+    result = _run(
+        env,
+        workdir,
+        '--config.checkpoint_every_steps=1000',
+        '--config.eval_every_steps=1000',
+        '--config.fsdp=True',
+        '--config.fsdp_min_size=1024',
+        devices=8,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'on 8 cpu device(s)' in result.stderr
     assert 'FSDP: ' in result.stderr and ' are split over the 8 devices' in result.stderr
     one, eight = _train_losses(reference['workdir']), _train_losses(workdir)
     assert sorted(eight) == sorted(one)
-    np.testing.assert_allclose([eight[s] for s in sorted(one)], [one[s] for s in sorted(one)],
-                               rtol=2e-4, atol=2e-4)
-    _assert_same_params(_params(workdir, NUM_STEPS), _params(reference['workdir'], NUM_STEPS),
-                        rtol=1e-2, atol=2e-4)
+    np.testing.assert_allclose(
+        [eight[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=2e-4, atol=2e-4
+    )
+    _assert_same_params(
+        _params(workdir, NUM_STEPS), _params(reference['workdir'], NUM_STEPS), rtol=1e-2, atol=2e-4
+    )
 
 
 def test_sigterm_then_kill_then_resume_is_exact(env, reference):
@@ -261,7 +300,7 @@ def test_sigterm_then_kill_then_resume_is_exact(env, reference):
     process.wait()
     log.close()
     output = open(env['root'] / 'kill.log').read()
-    assert f'Resumed from' in output and f'at step {preempted_at}.' in output
+    assert 'Resumed from' in output and f'at step {preempted_at}.' in output
     killed_at = max(s for s in _checkpoint_steps(workdir) if s < NUM_STEPS)
 
     # 3. Resume to the end.
@@ -271,8 +310,9 @@ def test_sigterm_then_kill_then_resume_is_exact(env, reference):
     assert preempted_at < resumed_at < NUM_STEPS and resumed_at >= killed_at
     _assert_same_params(_params(workdir, NUM_STEPS), _params(reference['workdir'], NUM_STEPS))
     one, resumed = _train_losses(reference['workdir']), _train_losses(workdir)
-    assert [resumed[s] for s in range(1, NUM_STEPS + 1)] == [one[s] for s in
-                                                               range(1, NUM_STEPS + 1)]
+    assert [resumed[s] for s in range(1, NUM_STEPS + 1)] == [
+        one[s] for s in range(1, NUM_STEPS + 1)
+    ]
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoints(env, reference):
@@ -288,12 +328,14 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoints(env, reference):
     assert f'non-finite loss nan at step {NUM_STEPS - 7}' in result.stderr
     assert _checkpoint_steps(workdir) == [NUM_STEPS - 8]
     assert _checkpoint_steps(workdir, 'checkpoints_best') == best
-    _assert_same_params(_params(workdir, NUM_STEPS - 8),
-                        _params(reference['workdir'], NUM_STEPS - 8))
+    _assert_same_params(
+        _params(workdir, NUM_STEPS - 8), _params(reference['workdir'], NUM_STEPS - 8)
+    )
 
 
 def test_evaluate_workdir_and_converted_checkpoint(env, reference):
-    from crossformer_jax import pretrained  # noqa: PLC0415
+    from crossformer_jax import pretrained
+
     config = _load_config(env)
     last_eval = [m for m in _metrics(reference['workdir']) if 'eval/top1' in m][-1]
 
@@ -306,11 +348,19 @@ def test_evaluate_workdir_and_converted_checkpoint(env, reference):
 
     # The same weights as a converted checkpoint directory, evaluated through init_from.
     model_dir = str(env['root'] / 'converted')
-    overrides = {k: v for k, v in training.model_overrides(config).items()
-                 if k in ('embed_dim', 'depths', 'num_heads', 'group_size', 'interval')}
-    pretrained.save_pretrained(model_dir, {'params': _params(reference['workdir'], NUM_STEPS)},
-                               model_name='crossformer_tiny', num_classes=CLASSES,
-                               features_only=False, model_overrides=overrides)
+    overrides = {
+        k: v
+        for k, v in training.model_overrides(config).items()
+        if k in ('embed_dim', 'depths', 'num_heads', 'group_size', 'interval')
+    }
+    pretrained.save_pretrained(
+        model_dir,
+        {'params': _params(reference['workdir'], NUM_STEPS)},
+        model_name='crossformer_tiny',
+        num_classes=CLASSES,
+        features_only=False,
+        model_overrides=overrides,
+    )
     config.init_from = model_dir
     metrics = training.evaluate(config, None)
     assert metrics['count'] == 12
@@ -324,33 +374,55 @@ def test_evaluate_workdir_and_converted_checkpoint(env, reference):
     loaded = training.load_pretrained_params(model_dir, fresh)
     source = _params(reference['workdir'], NUM_STEPS)
     np.testing.assert_array_equal(loaded['norm']['scale'], source['norm']['scale'])
-    np.testing.assert_array_equal(loaded['patch_embed']['projs_0']['kernel'],
-                                  source['patch_embed']['projs_0']['kernel'])
+    np.testing.assert_array_equal(
+        loaded['patch_embed']['projs_0']['kernel'], source['patch_embed']['projs_0']['kernel']
+    )
     np.testing.assert_array_equal(loaded['head']['kernel'], fresh['head']['kernel'])
     assert loaded['head']['kernel'].shape == (128, 5)
 
 
 def test_gradient_accumulation_matches_one_big_batch():
-    import optax  # noqa: PLC0415
-    from crossformer_jax import crossformer, sharding  # noqa: PLC0415
+    import optax
 
-    model = crossformer.create_model('crossformer_tiny', num_classes=4, embed_dim=16,
-                                     depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
-                                     group_size=(4, 4, 4, 4), interval=(2, 1, 1, 1),
-                                     drop_path_rate=0.0)
+    from crossformer_jax import crossformer, sharding
+
+    model = crossformer.create_model(
+        'crossformer_tiny',
+        num_classes=4,
+        embed_dim=16,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 2, 2),
+        group_size=(4, 4, 4, 4),
+        interval=(2, 1, 1, 1),
+        drop_path_rate=0.0,
+    )
     params = training.init_params(model, jax.random.key(0), 32)
     tx = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify round-off)
     state = training.TrainState.create(params, tx)
     rng = np.random.RandomState(0)
-    batch = {'image': rng.randn(8, 32, 32, 3).astype(np.float32),
-             'label': rng.randint(0, 4, size=8).astype(np.int32)}
+    batch = {
+        'image': rng.randn(8, 32, 32, 3).astype(np.float32),
+        'label': rng.randint(0, 4, size=8).astype(np.int32),
+    }
     mixing = ml_collections.ConfigDict(
-        {'mixup_alpha': 0.0, 'cutmix_alpha': 0.0, 'switch_prob': 0.5, 'label_smoothing': 0.1})
+        {'mixup_alpha': 0.0, 'cutmix_alpha': 0.0, 'switch_prob': 0.5, 'label_smoothing': 0.1}
+    )
     results = []
     for accum in (1, 4):
-        step = jax.jit(lambda s, b, r, accum=accum: training.train_step(
-            s, b, r, model=model, tx=tx, schedule=lambda _: 1e-3, num_classes=4,
-            mixup_config=mixing, grad_accum_steps=accum, mesh=sharding.create_mesh()))
+        step = jax.jit(
+            lambda s, b, r, accum=accum: training.train_step(
+                s,
+                b,
+                r,
+                model=model,
+                tx=tx,
+                schedule=lambda _: 1e-3,
+                num_classes=4,
+                mixup_config=mixing,
+                grad_accum_steps=accum,
+                mesh=sharding.create_mesh(),
+            )
+        )
         results.append(step(state, batch, jax.random.key(0)))
     (one, m1), (four, m4) = results
     np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
@@ -362,30 +434,37 @@ def test_gradient_accumulation_matches_one_big_batch():
 def test_config_errors(env, tmp_path):
     config = _load_config(env)
     with pytest.raises(training.ConfigError, match="unknown model 'crossformer_tinyy'"):
-        training.validate_config(_load_config(env, **{'model.name': 'crossformer_tinyy'}),
-                                 mode='train', device_count=1)
+        training.validate_config(
+            _load_config(env, **{'model.name': 'crossformer_tinyy'}), mode='train', device_count=1
+        )
     with pytest.raises(training.ConfigError, match=r'not divisible by the number of devices \(3\)'):
         training.validate_config(config, mode='train', device_count=3)
     with pytest.raises(training.ConfigError, match='grad_accum_steps'):
-        training.validate_config(_load_config(env, grad_accum_steps=3), mode='train',
-                                 device_count=1)
+        training.validate_config(
+            _load_config(env, grad_accum_steps=3), mode='train', device_count=1
+        )
     missing = str(tmp_path / 'no_such_dir')
     with pytest.raises(training.ConfigError, match='does not exist'):
         training.train_and_evaluate(_load_config(env, **{'data.data_dir': missing}), str(tmp_path))
     with pytest.raises(training.ConfigError, match='unknown override'):
-        training.validate_config(_load_config(env, **{'model.embed_dims': 8}), mode='train',
-                                 device_count=1)
+        training.validate_config(
+            _load_config(env, **{'model.embed_dims': 8}), mode='train', device_count=1
+        )
 
     # Through the command line: exit code 2 and the message, before any compilation.
     result = _run(env, tmp_path / 'cli', '--config.batch_size=12', devices=8)
     assert result.returncode == 2
-    assert ('global batch size config.batch_size=12 is not divisible by the number of devices (8)'
-            in result.stderr)
+    assert (
+        'global batch size config.batch_size=12 is not divisible by the number of devices (8)'
+        in result.stderr
+    )
 
 
 def test_every_config_is_valid_and_follows_the_recipe():
-    import glob  # noqa: PLC0415
-    from crossformer_jax import crossformer  # noqa: PLC0415
+    import glob
+
+    from crossformer_jax import crossformer
+
     names = []
     for path in sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))):
         if os.path.basename(path) in ('__init__.py', 'common.py'):
@@ -402,11 +481,14 @@ def test_every_config_is_valid_and_follows_the_recipe():
     steps_per_epoch = 1281167 // 1024
     total = 300 * steps_per_epoch
     schedule = training.create_learning_rate_schedule(config, steps_per_epoch, total)
-    np.testing.assert_allclose([schedule(0), schedule(20 * steps_per_epoch), schedule(total)],
-                               [1e-6, 1e-3, 1e-5], rtol=1e-4)
+    np.testing.assert_allclose(
+        [schedule(0), schedule(20 * steps_per_epoch), schedule(total)],
+        [1e-6, 1e-3, 1e-5],
+        rtol=1e-4,
+    )
     assert config.model.drop_path_rate == 0.3 and config.weight_decay == 0.05
     assert config.grad_clip_norm == 5.0 and config.model.dtype == 'bfloat16'
-    mask = training.decay_mask({'dense': {'kernel': np.zeros((2, 2)), 'bias': np.zeros(2)},
-                                'norm': {'scale': np.zeros(2)}})
+    mask = training.decay_mask(
+        {'dense': {'kernel': np.zeros((2, 2)), 'bias': np.zeros(2)}, 'norm': {'scale': np.zeros(2)}}
+    )
     assert mask == {'dense': {'kernel': True, 'bias': False}, 'norm': {'scale': False}}
-
