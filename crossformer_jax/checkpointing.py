@@ -4,8 +4,9 @@ Two CheckpointManagers, in two directories, so that both guarantees hold indepen
 
 * `WORKDIR/checkpoints/`: the most recent `keep` saves (periodic, final, and on preemption); this
   is what a restarted run resumes from.
-* `WORKDIR/checkpoints_best/`: the single checkpoint with the best validation top-1 seen so far,
-  with its evaluation metrics (orbax's `best_fn` picks what to keep).
+* `WORKDIR/checkpoints_best/`: the single checkpoint with the best validation metric seen so far
+  (`best_metric`, higher is better: top-1, mIoU...), with its evaluation metrics (orbax's
+  `best_fn` picks what to keep).
 
 Saves are asynchronous (the device-to-host copy happens in `save`, the writing in a background
 thread), so the train step may donate the state right after `save` returns. Orbax writes into a
@@ -28,7 +29,15 @@ BEST_METRIC = 'top1'
 class Checkpoints:
     """The 'latest' and 'best' checkpoints of one workdir."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        best_metric: str = BEST_METRIC,
+    ):
+        self.best_metric = best_metric
         if '://' not in workdir:  # local paths must be absolute for orbax; gs:// etc. as they are
             workdir = os.path.abspath(workdir)
         self.latest = ocp.CheckpointManager(
@@ -41,7 +50,7 @@ class Checkpoints:
             os.path.join(workdir, BEST_DIR),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1,
-                best_fn=lambda metrics: metrics[BEST_METRIC],
+                best_fn=lambda metrics: metrics[best_metric],
                 best_mode='max',
                 keep_checkpoints_without_metrics=False,
                 create=True,
@@ -63,7 +72,7 @@ class Checkpoints:
 
     def best_top1(self) -> float:
         metrics = self.best_metrics()
-        return float('-inf') if metrics is None else float(metrics[BEST_METRIC])
+        return float('-inf') if metrics is None else float(metrics[self.best_metric])
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -74,8 +83,8 @@ class Checkpoints:
         return self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def save_if_best(self, step: int, state: Any, metrics: dict[str, float]) -> bool:
-        """Saves state into the 'best' directory if metrics[BEST_METRIC] beats every earlier one."""
-        value = float(metrics[BEST_METRIC])
+        """Saves state into the 'best' directory if metrics[best_metric] beats every earlier one."""
+        value = float(metrics[self.best_metric])
         if value <= self.best_top1() or step in self.best.all_steps():
             return False
         return self.best.save(

@@ -10,8 +10,16 @@ Public API (used by the trainer)::
                                    process_index=i, process_count=n)
     corrupt_image_count()
 
-Batches are dicts of numpy arrays: ``image`` float32 (B, S, S, 3), normalised;
-``label`` int32 (B,); eval batches also carry ``mask`` bool (B,).
+Both iterators take ``preprocess=``, the task's per-example function (see
+crossformer_jax.tasks); without it they make classification examples.
+Classification batches are dicts of numpy arrays: ``image`` float32
+(B, S, S, 3), normalised; ``label`` int32 (B,); eval batches also carry ``mask``
+bool (B,).
+
+Sources give elements ``{'data', 'label', 'id'}`` (``data``: an encoded image
+or its path); a source of dense labels (``dataset='ade20k'``, see
+crossformer_jax.segmentation_ops) gives ``label_data`` (a PNG path) instead of
+``label``, decoded next to the image into a uint8 (H, W) ``label`` map.
 
 Config fields read (``config.data``), with the defaults assumed when absent::
 
@@ -267,7 +275,7 @@ class _FolderSource:
     ) -> tf.data.Dataset:
         n = self.num_examples
         paths = tf.constant(list(self.paths), tf.string)
-        labels = tf.constant(self.labels, tf.int64)
+        labels = tf.constant(self.labels)
         perm_key = _shard_key(seed, process_index, _PERMUTATION_DOMAIN)
 
         def epoch(e):
@@ -291,7 +299,7 @@ class _FolderSource:
 
     def eval_stream(self, cfg) -> tf.data.Dataset:
         paths = tf.constant(list(self.paths), tf.string)
-        labels = tf.constant(self.labels, tf.int64)
+        labels = tf.constant(self.labels)
         ds = tf.data.Dataset.range(self.num_examples)
         return ds.map(lambda i: self._elements(i, paths, labels))
 
@@ -446,6 +454,10 @@ def _make_source(cfg, split, process_index, process_count):
         raise ValueError(f'bad process_index {process_index} for {process_count} processes')
     if _get(cfg, 'dataset') == 'image_folder':
         return _FolderSource(cfg, split, process_index, process_count)
+    if _get(cfg, 'dataset') == 'ade20k':
+        from crossformer_jax.segmentation_ops import ADE20KSource
+
+        return ADE20KSource(cfg, split, process_index, process_count)
     return _TfdsSource(cfg, split, process_index, process_count)
 
 
@@ -464,6 +476,10 @@ def get_dataset_info(data_config) -> DatasetInfo:
             return len(_list_folder(root, split, classes)[0])
 
         return DatasetInfo(len(classes), count(train_split), count(eval_split))
+    if _get(cfg, 'dataset') == 'ade20k':
+        from crossformer_jax.segmentation_ops import ade20k_info
+
+        return ade20k_info(cfg)
     info = _tfds_builder(_get(cfg, 'dataset'), _get(cfg, 'data_dir', '') or None).info
 
     def count(split):
@@ -488,17 +504,27 @@ def _guarded_decode(load_fn):
     the placeholder (1x1 black image, ``valid`` False) that follows is taken.
     """
 
+    encoded = ('data', 'label_data')
+
     def fn(el):
-        meta = {k: v for k, v in el.items() if k != 'data'}
+        meta = {k: v for k, v in el.items() if k not in encoded}
 
         def decode(e):
-            out = {k: v for k, v in e.items() if k != 'data'}
+            out = {k: v for k, v in e.items() if k not in encoded}
             out['image'] = ops.decode_image(load_fn(e['data']))
+            if 'label_data' in e:
+                label = tf.io.decode_png(load_fn(e['label_data']), channels=1)[..., 0]
+                tf.debugging.assert_equal(
+                    tf.shape(label), tf.shape(out['image'])[:2], 'label and image sizes differ'
+                )
+                out['label'] = label
             out['valid'] = tf.constant(True)
             return out
 
         good = tf.data.Dataset.from_tensors(el).map(decode).ignore_errors()
         bad = dict(meta, image=tf.zeros([1, 1, 3], tf.uint8), valid=tf.constant(False))
+        if 'label_data' in el:
+            bad['label'] = tf.zeros([1, 1], tf.uint8)
         return good.concatenate(tf.data.Dataset.from_tensors(bad)).take(1)
 
     return fn
@@ -681,12 +707,15 @@ def create_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     return_ids: bool = False,
+    preprocess=None,
 ) -> TrainIterator:
     """Endless training batches for this process, starting at batch ``start_step``.
 
     ``create_train_iterator(..., start_step=k)`` yields exactly the batches a
     fresh iterator yields from its k-th on (same images, same augmentation).
     With ``return_ids`` batches also carry ``id`` (file path / TFDS file_name).
+    ``preprocess``: the task's decoded element -> example function (default:
+    classification training preprocessing).
     """
     cfg = data_config
     split = _get(cfg, 'train_split', 'train')
@@ -700,8 +729,10 @@ def create_train_iterator(
     ds = ds.interleave(
         _guarded_decode(source.load), num_parallel_calls=parallel, deterministic=True
     )
+    if preprocess is None:
+        preprocess = _train_preprocess(cfg, int(seed), process_index)
     ds = ds.map(
-        _train_preprocess(cfg, int(seed), process_index),
+        preprocess,
         num_parallel_calls=parallel,
         deterministic=True,
     )
@@ -717,8 +748,13 @@ def create_eval_iterator(
     process_index: int = 0,
     process_count: int = 1,
     return_ids: bool = False,
+    preprocess=None,
 ) -> EvalIterator:
-    """One pass over this process's shard of the eval split (see module doc)."""
+    """One pass over this process's shard of the eval split (see module doc).
+
+    ``preprocess``: the task's function (default: classification eval
+    preprocessing); its examples must have one shape (fixed-size batches).
+    """
     cfg = data_config
     split = _get(cfg, 'eval_split', 'validation')
     source = _make_source(cfg, split, process_index, process_count)
@@ -727,7 +763,9 @@ def create_eval_iterator(
     ds = ds.interleave(
         _guarded_decode(source.load), num_parallel_calls=parallel, deterministic=True
     )
-    ds = ds.map(_eval_preprocess(cfg), num_parallel_calls=parallel, deterministic=True)
+    if preprocess is None:
+        preprocess = _eval_preprocess(cfg)
+    ds = ds.map(preprocess, num_parallel_calls=parallel, deterministic=True)
     ds = ds.batch(local_batch_size, drop_remainder=False)
     ds = ds.prefetch(int(_get(cfg, 'prefetch', 2)))
     num_batches = -(-source.max_shard_examples // local_batch_size)

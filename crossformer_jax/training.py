@@ -1,9 +1,12 @@
-"""Training, evaluation and throughput measurement of CrossFormer image classifiers.
+"""Training, evaluation and throughput measurement of CrossFormer models, for any task.
 
-Read top to bottom:
+The loop is task-agnostic; what is trained (model, preprocessing, batch transform, loss, evaluation
+sums and metrics, the metric of the best checkpoint) comes from crossformer_jax.tasks, chosen by
+config.task ('classification' or 'segmentation'). Read top to bottom:
 
 1. configuration checks (`validate_config`), learning-rate schedule and optimizer;
-2. the train state and the pure, jit-compiled `train_step` / `eval_step`;
+2. the train state (parameters, optimizer state, model state such as BatchNorm statistics) and
+   the pure, jit-compiled `train_step`;
 3. `train_and_evaluate`: the loop (resume, train, log, evaluate, checkpoint, preemption);
 4. `evaluate` and `measure_throughput`, the other two modes of train.py.
 
@@ -36,7 +39,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import NamedSharding
 
-from crossformer_jax import checkpointing, crossformer, mixup
+from crossformer_jax import checkpointing, tasks
 from crossformer_jax import sharding as sharding_lib
 
 
@@ -54,20 +57,10 @@ class NonFiniteLossError(FloatingPointError):
 
 def validate_config(config: ml_collections.ConfigDict, *, mode: str, device_count: int) -> None:
     """Raises ConfigError with a readable message for configurations that cannot run."""
-    name = config.model.name
-    if name not in crossformer.VARIANTS:
-        raise ConfigError(
-            f'unknown model {name!r} (config.model.name); available: '
-            f'{", ".join(crossformer.list_models())}'
-        )
     try:
-        crossformer.model_config(name, **model_overrides(config))
+        tasks.task_class(config).check_config(config, mode=mode)
     except ValueError as e:
-        raise ConfigError(f'config.model: {e}') from None
-
-    size = config.data.image_size
-    if size <= 0 or size % 32:
-        raise ConfigError(f'config.data.image_size must be a positive multiple of 32, got {size}')
+        raise ConfigError(str(e)) from None
 
     if mode == 'train':
         batch, accum = config.batch_size, config.grad_accum_steps
@@ -103,27 +96,6 @@ def validate_config(config: ml_collections.ConfigDict, *, mode: str, device_coun
                 f'devices ({device_count})'
             )
 
-    if mode in ('train', 'evaluate'):
-        data = config.data
-        if data.dataset == 'image_folder':
-            if not data.data_dir:
-                raise ConfigError("config.data.data_dir must be set for dataset 'image_folder'")
-            splits = [data.eval_split] + ([data.train_split] if mode == 'train' else [])
-            for split in splits:
-                path = os.path.join(data.data_dir, split)
-                if not _isdir(path):
-                    raise ConfigError(
-                        f'data directory {path!r} does not exist (config.data.data_dir'
-                        f'={data.data_dir!r}, split {split!r})'
-                    )
-        elif data.dataset == 'imagenet2012':
-            if data.data_dir and not _isdir(data.data_dir):
-                raise ConfigError(f'config.data.data_dir={data.data_dir!r} does not exist')
-        else:
-            raise ConfigError(
-                f"config.data.dataset must be 'imagenet2012' or 'image_folder', got "
-                f'{data.dataset!r}'
-            )
     if config.init_from and not _isdir(config.init_from):
         raise ConfigError(f'config.init_from={config.init_from!r} is not a directory')
 
@@ -140,15 +112,12 @@ def _isdir(path: str) -> bool:
     return os.path.isdir(path)
 
 
-def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Everything in config.model except the name: keyword overrides for create_model."""
-    return {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+model_overrides = tasks.model_overrides
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    return crossformer.create_model(
-        config.model.name, num_classes=num_classes, **model_overrides(config)
-    )
+    """The model of config.task and config.model with num_classes classes."""
+    return tasks.get_task(config, num_classes).create_model(config)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -206,15 +175,21 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any
     opt_state: Any
+    model_state: Any = flax.struct.field(default_factory=dict)  # e.g. {'batch_stats': ...}
 
     @classmethod
-    def create(cls, params, tx: optax.GradientTransformation) -> TrainState:
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    def create(cls, params, tx: optax.GradientTransformation, model_state=None) -> TrainState:
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            model_state=model_state or {},
+        )
 
-
-def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean over the batch of -sum_c targets_c log softmax(logits)_c (targets sum to 1)."""
-    return jnp.mean(jnp.sum(-targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1))
+    @property
+    def variables(self) -> dict[str, Any]:
+        """What model.apply takes: the parameters and the model state collections."""
+        return {'params': self.params, **self.model_state}
 
 
 def train_step(
@@ -223,39 +198,28 @@ def train_step(
     base_rng: jax.Array,
     *,
     model: nn.Module,
+    task: tasks.Task,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-    num_classes: int,
-    mixup_config: ml_collections.ConfigDict,
     grad_accum_steps: int,
     mesh: jax.sharding.Mesh,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch (pure; jit-compiled by the caller).
 
-    The batch is mixed as a whole, then (with gradient accumulation) cut into grad_accum_steps
-    micro-batches whose gradients are averaged inside a lax.scan before the single update.
+    The task transforms the batch as a whole (mixup), then (with gradient accumulation) it is cut
+    into grad_accum_steps micro-batches whose gradients are averaged inside a lax.scan before the
+    single update; the model state (BatchNorm statistics) passes from one micro-batch to the next.
     """
     rng = jax.random.fold_in(base_rng, state.step)
-    mix_rng, dropout_rng = jax.random.split(rng)
-    m = mixup_config  # both alphas 0: no mixing, only label smoothing
-    images, targets = mixup.mix_batch(
-        mix_rng,
-        batch['image'],
-        batch['label'],
-        num_classes=num_classes,
-        mixup_alpha=m.mixup_alpha,
-        cutmix_alpha=m.cutmix_alpha,
-        switch_prob=m.switch_prob,
-        label_smoothing=m.label_smoothing,
-    )
+    batch_rng, dropout_rng = jax.random.split(rng)
+    batch = task.transform_batch(batch_rng, batch)
 
-    def loss_fn(params, images, targets, rng):
-        logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
-        return soft_target_cross_entropy(logits, targets)
+    def loss_fn(params, model_state, batch, rng):
+        return task.loss(model, params, model_state, batch, rng)
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum_steps == 1:
-        loss, grads = grad_fn(state.params, images, targets, dropout_rng)
+        (loss, model_state), grads = grad_fn(state.params, state.model_state, batch, dropout_rng)
     else:
         # Micro-batch i takes rows i, i + A, i + 2A, ... so that each micro-batch is still spread
         # evenly over the devices (rows are laid out device after device).
@@ -268,18 +232,18 @@ def train_step(
             return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1), micro_sharding)
 
         def accumulate(carry, micro):
-            loss_sum, grad_sum = carry
-            index, images, targets = micro
-            loss, grads = grad_fn(
-                state.params, images, targets, jax.random.fold_in(dropout_rng, index)
+            loss_sum, grad_sum, model_state = carry
+            index, micro_batch = micro
+            (loss, model_state), grads = grad_fn(
+                state.params, model_state, micro_batch, jax.random.fold_in(dropout_rng, index)
             )
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), model_state), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss, grads), _ = jax.lax.scan(
+        (loss, grads, model_state), _ = jax.lax.scan(
             accumulate,
-            (jnp.zeros((), jnp.float32), zeros),
-            (jnp.arange(grad_accum_steps), split(images), split(targets)),
+            (jnp.zeros((), jnp.float32), zeros, state.model_state),
+            (jnp.arange(grad_accum_steps), jax.tree.map(split, batch)),
         )
         loss = loss / grad_accum_steps
         grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
@@ -293,26 +257,10 @@ def train_step(
         'param_norm': optax.global_norm(params),
         'learning_rate': schedule(state.step),
     }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def eval_step(
-    params: Any, batch: dict[str, jax.Array], *, model: nn.Module
-) -> dict[str, jax.Array]:
-    """Sums of loss / top-1 / top-5 hits over the real (mask=1) examples of a batch."""
-    logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
-    labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
-    num_classes = logits.shape[-1]
-    losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-    top1 = jnp.argmax(logits, axis=-1) == labels
-    _, top5_classes = jax.lax.top_k(logits, min(5, num_classes))
-    top5 = jnp.any(top5_classes == labels[:, None], axis=-1)
-    return {
-        'loss': jnp.sum(losses * mask),
-        'top1': jnp.sum(top1 * mask),
-        'top5': jnp.sum(top5 * mask),
-        'count': jnp.sum(mask),
-    }
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
+    )
+    return new_state, metrics
 
 
 # -------------------------------------------------------------------------------------------------
@@ -327,6 +275,15 @@ def _input_pipeline():
 
 def init_params(model: nn.Module, rng: jax.Array, image_size: int) -> Any:
     return model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))['params']
+
+
+def _init_state(
+    task: tasks.Task, model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
+    """A fresh train state: the task's initial variables, the optimizer's initial state."""
+    variables = dict(task.init_variables(model, rng))
+    params = variables.pop('params')
+    return TrainState.create(params, tx, variables)
 
 
 def load_pretrained_params(directory: str, params: Any) -> Any:
@@ -526,18 +483,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         total_steps,
     )
 
-    model = create_model(config, num_classes)
+    task = tasks.get_task(config, num_classes)
+    model = task.create_model(config)
     schedule = create_learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = create_optimizer(config, schedule)
 
     # Shapes first, then shardings, then the real arrays created directly in their layout.
     seed_rng = jax.random.key(config.seed)
     init_rng, train_rng = jax.random.split(seed_rng)
-    image_size = config.data.image_size
-    abstract_params = jax.eval_shape(
-        functools.partial(init_params, model, image_size=image_size), init_rng
-    )
-    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_params)
+    init_state = functools.partial(_init_state, task, model, tx)
+    abstract_state = jax.eval_shape(init_state, init_rng)
+    abstract_params = abstract_state.params
     state_sharding = sharding_lib.state_shardings(
         abstract_state, mesh, fsdp=config.fsdp, min_size=config.fsdp_min_size
     )
@@ -562,22 +518,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             mesh.size,
         )
 
-    ckpts = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
+    ckpts = checkpointing.Checkpoints(
+        workdir, keep=config.keep_checkpoints, best_metric=task.best_metric
+    )
     if ckpts.latest_step() is not None:
         state = ckpts.restore(sharding_lib.with_shardings(abstract_state, state_sharding))
         logging.info('Resumed from %s at step %d.', ckpts.latest.directory, ckpts.latest_step())
     else:
-        params = jax.jit(
-            functools.partial(init_params, model, image_size=image_size),
-            out_shardings=state_sharding.params,
-        )(init_rng)
+        state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
         if config.init_from:
             params = jax.device_put(
-                load_pretrained_params(config.init_from, params), state_sharding.params
+                load_pretrained_params(config.init_from, state.params), state_sharding.params
             )
-        state = jax.jit(
-            lambda p: TrainState.create(p, tx), out_shardings=state_sharding, donate_argnums=0
-        )(params)
+            state = jax.jit(
+                lambda s, p: TrainState.create(p, tx, s.model_state),
+                out_shardings=state_sharding,
+                donate_argnums=(0, 1),
+            )(state, params)
     start_step = int(jax.device_get(state.step))
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
     logging.info('Model has %s parameters.', f'{num_params:,}')
@@ -587,10 +544,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         functools.partial(
             train_step,
             model=model,
+            task=task,
             tx=tx,
             schedule=schedule,
-            num_classes=num_classes,
-            mixup_config=config.mixup,
             grad_accum_steps=config.grad_accum_steps,
             mesh=mesh,
         ),
@@ -598,10 +554,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         out_shardings=(state_sharding, repl),
         donate_argnums=0,
     )
-    p_eval_step = jax.jit(
-        functools.partial(eval_step, model=model),
-        in_shardings=(state_sharding.params, batch_sharding),
-        out_shardings=repl,
+    evaluator = task.make_evaluator(
+        model, mesh, {'params': state_sharding.params, **state_sharding.model_state}, config
     )
 
     train_iter = pipeline.create_train_iterator(
@@ -611,11 +565,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         start_step=start_step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        preprocess=task.train_preprocess(config.data, config.seed, jax.process_index()),
     )
     train_iter = prefetch_to_device(train_iter, mesh)
 
     def run_eval() -> dict[str, float]:
-        return evaluate_params(p_eval_step, state.params, config, mesh)
+        return task.final_metrics(evaluator(state.variables))
 
     if start_step >= total_steps:
         logging.info(
@@ -698,22 +653,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if step % eval_every == 0 or is_last:
                 eval_start = time.time()
                 eval_metrics = run_eval()
-                logging.info(
-                    'eval at step %d | top-1 %.2f%% | top-5 %.2f%% | loss %.4f | %d images',
-                    step,
-                    100 * eval_metrics['top1'],
-                    100 * eval_metrics['top5'],
-                    eval_metrics['loss'],
-                    eval_metrics['count'],
-                )
+                logging.info('eval at step %d | %s', step, task.describe(eval_metrics))
                 writer.write(
                     step, {f'eval/{k}': v for k, v in eval_metrics.items() if k != 'count'}
                 )
                 _check_finite(pending)
                 if ckpts.save_if_best(step, state, eval_metrics):
                     logging.info(
-                        'New best top-1 %.2f%%: saved to %s.',
-                        100 * eval_metrics['top1'],
+                        'New best %s %.4f: saved to %s.',
+                        task.best_metric,
+                        eval_metrics[task.best_metric],
                         ckpts.best.directory,
                     )
                 timer_start += time.time() - eval_start  # keep evaluation out of img/s
@@ -730,40 +679,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         ckpts.close()
 
     if eval_metrics:
-        logging.info(
-            'Final validation top-1: %.2f%% (top-5 %.2f%%, loss %.4f) after %d steps.',
-            100 * eval_metrics['top1'],
-            100 * eval_metrics['top5'],
-            eval_metrics['loss'],
-            step,
-        )
+        logging.info('Final validation %s after %d steps.', task.describe(eval_metrics), step)
     return state
-
-
-def evaluate_params(
-    p_eval_step, params: Any, config: ml_collections.ConfigDict, mesh
-) -> dict[str, float]:
-    """One pass over the validation split; padded examples (mask 0) are not counted."""
-    eval_iter = _input_pipeline().create_eval_iterator(
-        config.data,
-        local_batch_size=config.eval_batch_size // jax.process_count(),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    totals = None
-    for batch in prefetch_to_device(eval_iter, mesh):
-        sums = p_eval_step(params, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if totals is None:
-        raise ValueError('the validation split is empty')
-    totals = jax.device_get(totals)
-    count = float(totals['count'])
-    return {
-        'top1': float(totals['top1']) / count,
-        'top5': float(totals['top5']) / count,
-        'loss': float(totals['loss']) / count,
-        'count': int(count),
-    }
 
 
 # -------------------------------------------------------------------------------------------------
@@ -771,7 +688,7 @@ def evaluate_params(
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, float]:
-    """Top-1, top-5 and loss on the validation split.
+    """The task's validation metrics (top-1 / top-5 / loss; mIoU / aAcc / mAcc).
 
     Weights come from the workdir's best checkpoint (or latest, per config.eval_checkpoint) if it
     has one, else from the converted checkpoint directory config.init_from.
@@ -779,9 +696,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
     mesh = sharding_lib.create_mesh()
     validate_config(config, mode='evaluate', device_count=mesh.size)
     info = _input_pipeline().get_dataset_info(config.data)
+    task = tasks.get_task(config, info.num_classes)
 
     ckpts = (
-        checkpointing.Checkpoints(workdir)
+        checkpointing.Checkpoints(workdir, best_metric=task.best_metric)
         if workdir and _isdir(os.path.join(workdir, checkpointing.LATEST_DIR))
         else None
     )
@@ -791,19 +709,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
         if which == 'best' and ckpts.best_step() is None:
             logging.info('No best checkpoint in %s yet; using the latest.', workdir)
             which = 'latest'
-        model = create_model(config, info.num_classes)
+        model = task.create_model(config)
         steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
         tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch, 1))
-        abstract_params = jax.eval_shape(
-            functools.partial(init_params, model, image_size=config.data.image_size),
-            jax.random.key(0),
+        abstract_state = jax.eval_shape(
+            functools.partial(_init_state, task, model, tx), jax.random.key(0)
         )
-        abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_params)
         shardings = sharding_lib.state_shardings(
             abstract_state, mesh, fsdp=config.fsdp, min_size=config.fsdp_min_size
         )
         state = ckpts.restore(sharding_lib.with_shardings(abstract_state, shardings), which=which)
-        params, params_sharding = state.params, shardings.params
+        variables = state.variables
+        variables_sharding = {'params': shardings.params, **shardings.model_state}
         source = f'{which} checkpoint of {workdir} (step {int(state.step)})'
         ckpts.close()
     elif config.init_from:
@@ -817,35 +734,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
                 f'{config.init_from} has a {model.num_classes}-class head but the '
                 f'dataset has {info.num_classes} classes'
             )
-        params_sharding = sharding_lib.replicated(mesh)
-        params = jax.device_put(variables['params'], params_sharding)
+        variables_sharding = jax.tree.map(lambda _: sharding_lib.replicated(mesh), variables)
+        variables = jax.device_put(variables, variables_sharding)
         source = f'converted checkpoint {config.init_from}'
     else:
         raise ConfigError(
             f'nothing to evaluate: no checkpoint in workdir {workdir!r} and no config.init_from'
         )
 
-    logging.info(
-        'Evaluating the %s on %s/%s at %dx%d.',
-        source,
-        config.data.dataset,
-        config.data.eval_split,
-        config.data.image_size,
-        config.data.image_size,
-    )
-    p_eval_step = jax.jit(
-        functools.partial(eval_step, model=model),
-        in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
-        out_shardings=sharding_lib.replicated(mesh),
-    )
-    metrics = evaluate_params(p_eval_step, params, config, mesh)
-    logging.info(
-        'Validation top-1 %.2f%% | top-5 %.2f%% | loss %.4f | %d images',
-        100 * metrics['top1'],
-        100 * metrics['top5'],
-        metrics['loss'],
-        metrics['count'],
-    )
+    logging.info('Evaluating the %s on %s/%s.', source, config.data.dataset, config.data.eval_split)
+    evaluator = task.make_evaluator(model, mesh, variables_sharding, config)
+    metrics = task.final_metrics(evaluator(variables))
+    logging.info('Validation %s', task.describe(metrics))
     return metrics
 
 
@@ -863,9 +763,10 @@ def measure_throughput(config: ml_collections.ConfigDict) -> float:
     validate_config(config, mode='throughput', device_count=mesh.size)
     batch_size = config.throughput.batch_size or config.batch_size
     size = config.data.image_size
-    model = create_model(config, num_classes=1000)
+    task = tasks.get_task(config, num_classes=1000)
+    model = task.create_model(config)
     repl = sharding_lib.replicated(mesh)
-    params = jax.jit(functools.partial(init_params, model, image_size=size), out_shardings=repl)(
+    variables = jax.jit(functools.partial(task.init_variables, model), out_shardings=repl)(
         jax.random.key(config.seed)
     )
     images = jax.jit(
@@ -873,14 +774,14 @@ def measure_throughput(config: ml_collections.ConfigDict) -> float:
         out_shardings=sharding_lib.batch_sharding(mesh),
     )(jax.random.key(1))
     forward = jax.jit(
-        lambda p, x: model.apply({'params': p}, x, train=False),
+        lambda v, x: model.apply(v, x, train=False),
         in_shardings=(repl, sharding_lib.batch_sharding(mesh)),
     )
     for _ in range(config.throughput.warmup_steps):
-        jax.block_until_ready(forward(params, images))
+        jax.block_until_ready(forward(variables, images))
     start = time.perf_counter()
     for _ in range(config.throughput.num_steps):
-        out = forward(params, images)
+        out = forward(variables, images)
     jax.block_until_ready(out)
     elapsed = time.perf_counter() - start
     rate = batch_size * config.throughput.num_steps / elapsed

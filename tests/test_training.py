@@ -385,6 +385,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     import optax
 
     from crossformer_jax import crossformer, sharding
+    from crossformer_jax.tasks.classification import ClassificationTask
 
     model = crossformer.create_model(
         'crossformer_tiny',
@@ -415,10 +416,9 @@ def test_gradient_accumulation_matches_one_big_batch():
                 b,
                 r,
                 model=model,
+                task=ClassificationTask(num_classes=4, mixup=mixing),
                 tx=tx,
                 schedule=lambda _: 1e-3,
-                num_classes=4,
-                mixup_config=mixing,
                 grad_accum_steps=accum,
                 mesh=sharding.create_mesh(),
             )

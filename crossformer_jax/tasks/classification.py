@@ -1,0 +1,192 @@
+"""Image classification: mixup/CutMix targets, soft-target cross-entropy, top-1 / top-5."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from crossformer_jax import crossformer, mixup
+from crossformer_jax import sharding as sharding_lib
+from crossformer_jax.tasks import Task, model_overrides
+
+
+def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over the batch of -sum_c targets_c log softmax(logits)_c (targets sum to 1)."""
+    return jnp.mean(jnp.sum(-targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1))
+
+
+def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Sums of loss / top-1 / top-5 hits over the real (mask true) rows.
+
+    logits (B, K), labels (B,) int, mask (B,) bool; padded rows count for nothing whatever
+    their labels.
+    """
+    logits = logits.astype(jnp.float32)
+    mask = mask.astype(jnp.float32)
+    num_classes = logits.shape[-1]
+    losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    top1 = jnp.argmax(logits, axis=-1) == labels
+    _, top5_classes = jax.lax.top_k(logits, min(5, num_classes))
+    top5 = jnp.any(top5_classes == labels[:, None], axis=-1)
+    return {
+        'loss': jnp.sum(losses * mask),
+        'top1': jnp.sum(top1 * mask),
+        'top5': jnp.sum(top5 * mask),
+        'count': jnp.sum(mask),
+    }
+
+
+def eval_step(variables: Any, batch: dict[str, jax.Array], *, model: nn.Module):
+    """eval_sums of the model's logits on an evaluation batch {'image', 'label', 'mask'}."""
+    logits = model.apply(variables, batch['image'], train=False)
+    return eval_sums(logits, batch['label'], batch['mask'])
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationTask(Task):
+    """num_classes classes; mixup: config.mixup (both alphas 0: only label smoothing)."""
+
+    num_classes: int
+    mixup: ml_collections.ConfigDict
+    image_size: int = 224
+
+    name: ClassVar[str] = 'classification'
+    best_metric: ClassVar[str] = 'top1'
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict, *, mode: str) -> None:
+        from crossformer_jax.training import _isdir
+
+        name = config.model.name
+        if name not in crossformer.VARIANTS:
+            raise ValueError(
+                f'unknown model {name!r} (config.model.name); available: '
+                f'{", ".join(crossformer.list_models())}'
+            )
+        try:
+            crossformer.model_config(name, **model_overrides(config))
+        except ValueError as e:
+            raise ValueError(f'config.model: {e}') from None
+        size = config.data.image_size
+        if size <= 0 or size % 32:
+            raise ValueError(
+                f'config.data.image_size must be a positive multiple of 32, got {size}'
+            )
+        if mode not in ('train', 'evaluate'):
+            return
+        data = config.data
+        if data.dataset == 'image_folder':
+            if not data.data_dir:
+                raise ValueError("config.data.data_dir must be set for dataset 'image_folder'")
+            splits = [data.eval_split] + ([data.train_split] if mode == 'train' else [])
+            for split in splits:
+                path = os.path.join(data.data_dir, split)
+                if not _isdir(path):
+                    raise ValueError(
+                        f'data directory {path!r} does not exist (config.data.data_dir'
+                        f'={data.data_dir!r}, split {split!r})'
+                    )
+        elif data.dataset == 'imagenet2012':
+            if data.data_dir and not _isdir(data.data_dir):
+                raise ValueError(f'config.data.data_dir={data.data_dir!r} does not exist')
+        else:
+            raise ValueError(
+                f"config.data.dataset must be 'imagenet2012' or 'image_folder', got "
+                f'{data.dataset!r}'
+            )
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> ClassificationTask:
+        return cls(num_classes=num_classes, mixup=config.mixup, image_size=config.data.image_size)
+
+    def create_model(self, config: ml_collections.ConfigDict) -> nn.Module:
+        return crossformer.create_model(
+            config.model.name, num_classes=self.num_classes, **model_overrides(config)
+        )
+
+    def init_variables(self, model: nn.Module, rng: jax.Array) -> dict[str, Any]:
+        images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        return {'params': model.init(rng, images)['params']}
+
+    def train_preprocess(self, data_config, seed: int, process_index: int) -> Callable:
+        from crossformer_jax import input_pipeline
+
+        return input_pipeline._train_preprocess(data_config, seed, process_index)
+
+    def eval_preprocess(self, data_config) -> Callable:
+        from crossformer_jax import input_pipeline
+
+        return input_pipeline._eval_preprocess(data_config)
+
+    def transform_batch(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Mixes the batch as a whole: {'image', 'label'} -> {'image', 'target' (B, K)}."""
+        m = self.mixup
+        images, targets = mixup.mix_batch(
+            rng,
+            batch['image'],
+            batch['label'],
+            num_classes=self.num_classes,
+            mixup_alpha=m.mixup_alpha,
+            cutmix_alpha=m.cutmix_alpha,
+            switch_prob=m.switch_prob,
+            label_smoothing=m.label_smoothing,
+        )
+        return {'image': images, 'target': targets}
+
+    def loss(self, model, params, model_state, batch, rng):
+        logits = model.apply(
+            {'params': params, **model_state}, batch['image'], train=True, rngs={'dropout': rng}
+        )
+        return soft_target_cross_entropy(logits, batch['target']), model_state
+
+    def make_evaluator(self, model, mesh, variables_sharding, config):
+        """One pass of global, sharded batches; the jit's replicated sums cover every host."""
+        from crossformer_jax import input_pipeline, training
+
+        p_eval_step = jax.jit(
+            functools.partial(eval_step, model=model),
+            in_shardings=(variables_sharding, sharding_lib.batch_sharding(mesh)),
+            out_shardings=sharding_lib.replicated(mesh),
+        )
+
+        def evaluate(variables):
+            eval_iter = input_pipeline.create_eval_iterator(
+                config.data,
+                local_batch_size=config.eval_batch_size // jax.process_count(),
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                preprocess=self.eval_preprocess(config.data),
+            )
+            totals = None
+            for batch in training.prefetch_to_device(eval_iter, mesh):
+                sums = p_eval_step(variables, batch)
+                totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            if totals is None:
+                raise ValueError('the validation split is empty')
+            return jax.tree.map(np.asarray, jax.device_get(totals))
+
+        return evaluate
+
+    def final_metrics(self, sums):
+        count = float(sums['count'])
+        return {
+            'top1': float(sums['top1']) / count,
+            'top5': float(sums['top5']) / count,
+            'loss': float(sums['loss']) / count,
+            'count': int(count),
+        }
+
+    def describe(self, metrics):
+        return (
+            f'top-1 {100 * metrics["top1"]:.2f}% | top-5 {100 * metrics["top5"]:.2f}% | '
+            f'loss {metrics["loss"]:.4f} | {metrics["count"]} images'
+        )
