@@ -127,13 +127,31 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
 def create_learning_rate_schedule(
     config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
 ) -> optax.Schedule:
-    """Linear warm-up from warmup_lr to base_lr, then cosine to min_lr; updated every step.
+    """The learning rate of every step; config.lr_schedule picks the shape.
 
-    All three rates are given for a batch of config.lr_reference_batch (512) and scaled linearly
-    by batch_size / 512. (The reference code evaluates the cosine at step / total from step 0, so
+    'cosine' (default): linear warm-up from warmup_lr to base_lr, then cosine to min_lr. All three
+    rates are given for a batch of config.lr_reference_batch (512) and scaled linearly by
+    batch_size / 512. (The reference code evaluates the cosine at step / total from step 0, so
     its rate just after warm-up is a hair below the peak; here the cosine starts at the peak.)
+
+    'poly': base_lr * (1 - step / total_steps) ** poly_power from step 0, multiplied during the
+    first warmup_steps by 1 - (1 - step / warmup_steps) * (1 - warmup_ratio) (the segmentation
+    recipe; warmup_steps 0 for none). Scaled by batch_size / lr_reference_batch too.
     """
     scale = config.batch_size / config.lr_reference_batch
+    if config.get('lr_schedule', 'cosine') == 'poly':
+        peak, power = config.base_lr * scale, config.poly_power
+        warmup_steps, warmup_ratio = config.warmup_steps, config.warmup_ratio
+
+        def poly(step):
+            t = jnp.asarray(step, jnp.float32)
+            rate = peak * (1.0 - jnp.minimum(t, total_steps) / total_steps) ** power
+            if warmup_steps > 0:
+                factor = 1.0 - (1.0 - t / warmup_steps) * (1.0 - warmup_ratio)
+                rate = jnp.where(t < warmup_steps, rate * factor, rate)
+            return rate
+
+        return poly
     warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=config.warmup_lr * scale,
@@ -149,21 +167,46 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+# The LayerNorms whose PyTorch names contain 'norm' (patch_embed.norm, norm1, norm2,
+# downsample.norm); the DPB's pos{n}_norm, ACL's ex_ln and BatchNorms ('bn') are not among them.
+_NORM_MODULES = frozenset({'norm', 'norm1', 'norm2'})
+
+
+def decay_mask_except_norms(params: Any) -> Any:
+    """True for every parameter but those of the LayerNorms named norm / norm1 / norm2."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(getattr(k, 'key', None) in _NORM_MODULES for k in path), params
+    )
+
+
+DECAY_RULES = {
+    'no_1d': decay_mask,
+    'no_norm': decay_mask_except_norms,
+    'all': lambda params: jax.tree.map(lambda _: True, params),
+}
+
+
 def create_optimizer(
     config: ml_collections.ConfigDict, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-    """Gradient-norm clipping, then AdamW with decoupled weight decay off for 1-D parameters."""
-    return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip_norm),
-        optax.adamw(
-            schedule,
-            b1=config.adam_b1,
-            b2=config.adam_b2,
-            eps=config.adam_eps,
-            weight_decay=config.weight_decay,
-            mask=decay_mask,
-        ),
+    """Gradient-norm clipping (config.grad_clip_norm > 0), then AdamW with decoupled weight decay
+    on the parameters config.weight_decay_rule picks ('no_1d' default, 'no_norm', 'all')."""
+    rule = config.get('weight_decay_rule', 'no_1d')
+    if rule not in DECAY_RULES:
+        raise ConfigError(
+            f'config.weight_decay_rule must be one of {sorted(DECAY_RULES)}, got {rule!r}'
+        )
+    adamw = optax.adamw(
+        schedule,
+        b1=config.adam_b1,
+        b2=config.adam_b2,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        mask=DECAY_RULES[rule],
     )
+    if config.grad_clip_norm <= 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -293,6 +336,10 @@ def load_pretrained_params(directory: str, params: Any) -> Any:
     loads at any resolution. A head of another shape (new num_classes) keeps its fresh
     initialisation (as does a missing final norm, for a backbone-only checkpoint); any other
     mismatch means a different architecture and is an error.
+
+    A classifier's checkpoint loads into the `backbone` of a segmentation model (its norm and
+    head are left out; the segmentation heads start fresh), and a segmentation checkpoint with
+    another number of classes keeps fresh `conv_seg` layers.
     """
     from crossformer_jax import pretrained
 
@@ -302,6 +349,15 @@ def load_pretrained_params(directory: str, params: Any) -> Any:
     )
     source = traverse_util.flatten_dict(flax.core.unfreeze(variables['params']), sep='/')
     target = traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+    into_backbone = any(p.startswith('backbone/') for p in target) and not any(
+        p.startswith('backbone/') for p in source
+    )
+    if into_backbone:
+        source = {
+            f'backbone/{path}': value
+            for path, value in source.items()
+            if not path.startswith(('head/', 'norm/'))
+        }
     merged, fresh, problems = {}, [], []
     for path, value in target.items():
         loaded = source.get(path)
@@ -311,7 +367,10 @@ def load_pretrained_params(directory: str, params: Any) -> Any:
             merged[path] = value
             # The classifier (norm + head) may be new: other classes, or a backbone checkpoint.
             classifier = path.startswith('head/') or (path.startswith('norm/') and loaded is None)
-            (fresh if classifier else problems).append(
+            new_head = (into_backbone and not path.startswith('backbone/')) or (
+                '/conv_seg/' in path and loaded is not None
+            )
+            (fresh if classifier or new_head else problems).append(
                 f'{path}: model {tuple(value.shape)}, checkpoint '
                 f'{None if loaded is None else tuple(loaded.shape)}'
             )

@@ -1,0 +1,1 @@
+"""ADE20K semantic segmentation experiments (UPerNet and Semantic FPN on CrossFormer)."""

@@ -1,0 +1,7 @@
+"""Semantic FPN on CrossFormer++-S, ADE20K (see configs/segmentation/common.py)."""
+
+from configs.segmentation import common
+
+
+def get_config():
+    return common.get_config('fpn', 'pp_small')

@@ -1,0 +1,7 @@
+"""UPerNet on CrossFormer-L, ADE20K (see configs/segmentation/common.py)."""
+
+from configs.segmentation import common
+
+
+def get_config():
+    return common.get_config('upernet', 'large')
