@@ -147,7 +147,8 @@ def create_learning_rate_schedule(
             t = jnp.asarray(step, jnp.float32)
             rate = peak * (1.0 - jnp.minimum(t, total_steps) / total_steps) ** power
             if warmup_steps > 0:
-                factor = 1.0 - (1.0 - t / warmup_steps) * (1.0 - warmup_ratio)
+                # 1 - (1 - t / W)(1 - ratio), written so that float32 keeps the ratio exact
+                factor = warmup_ratio + (1.0 - warmup_ratio) * (t / warmup_steps)
                 rate = jnp.where(t < warmup_steps, rate * factor, rate)
             return rate
 
