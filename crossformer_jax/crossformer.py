@@ -608,8 +608,10 @@ class CrossFormer(nn.Module):
 
 
 def list_models() -> list[str]:
-    """Names of the registered variants."""
-    return sorted(VARIANTS)
+    """Names of the registered variants: classifiers, then segmentation models."""
+    from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
+
+    return sorted(VARIANTS) + sorted(SEGMENTATION_VARIANTS)
 
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(CrossFormer)} - {'parent', 'name'}
@@ -646,5 +648,14 @@ def model_config(
 def create_model(
     name: str, num_classes: int = 1000, features_only: bool = False, **overrides
 ) -> CrossFormer:
-    """A registered variant as a Flax module; features_only=True gives the 4-map backbone."""
+    """A registered variant as a Flax module; features_only=True gives the 4-map backbone.
+
+    Segmentation models (crossformer_jax.segmentation, e.g. 'upernet_crossformer_small') are
+    built by the same call; pass their num_classes (150 for ADE20K)."""
+    from crossformer_jax import segmentation
+
+    if name in segmentation.SEGMENTATION_VARIANTS:
+        if features_only:
+            raise ValueError(f'{name} is a segmentation model; features_only does not apply')
+        return segmentation.create_segmentation_model(name, num_classes, **overrides)
     return CrossFormer(**model_config(name, num_classes, features_only, **overrides))
