@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= workdirs/digits_demo
+SEG_DEMO_DIR ?= workdirs/segmentation_demo
 
-.PHONY: install lint format test test-slow demo benchmark report clean
+.PHONY: install lint format test test-slow demo demo-seg benchmark report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,11 @@ benchmark: install
 demo: install
 	$(PY) scripts/make_digits_dataset.py --out workdirs/digits_data
 	$(PY) train.py --config configs/digits_demo.py --workdir $(DEMO_DIR)
+
+# The built-in segmentation example: digits pasted on photographs (ADE20K layout), then train.py.
+demo-seg: install
+	$(PY) scripts/make_segmentation_demo.py --out workdirs/segmentation_demo_data
+	$(PY) train.py --config configs/segmentation/digits_demo.py --workdir $(SEG_DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

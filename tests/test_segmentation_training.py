@@ -315,3 +315,43 @@ def test_resumed_segmentation_run_is_exact(run_env):
     a, b = _saved_state(full, 6), _saved_state(part, 6)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_classifier_weights_initialise_the_backbone(tmp_path):
+    from crossformer_jax import crossformer, pretrained, training
+
+    geometry = dict(
+        embed_dim=16,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 2, 4, 8),
+        group_size=(4, 4, 4, 2),
+        interval=(2, 1, 1, 1),
+    )
+    images = np.zeros((1, 64, 64, 3), np.float32)
+    classifier = crossformer.create_model('crossformer_small', num_classes=10, **geometry)
+    shapes = jax.eval_shape(classifier.init, jax.random.key(0), images)['params']
+    leaves, treedef = jax.tree.flatten(shapes)
+    weights = jax.tree.unflatten(
+        treedef, [np.full(x.shape, i + 1.0, x.dtype) for i, x in enumerate(leaves)]
+    )
+    pretrained.save_pretrained(
+        tmp_path / 'classifier',
+        {'params': weights},
+        model_name='crossformer_small',
+        num_classes=10,
+        features_only=False,
+        model_overrides=geometry,
+    )
+    model = crossformer.create_model(
+        'fpn_crossformer_small', num_classes=11, head_channels=16, neck_channels=16, **geometry
+    )
+    seg_shapes = jax.eval_shape(model.init, jax.random.key(0), images)['params']
+    fresh = jax.tree.map(lambda x: np.full(x.shape, -1.0, x.dtype), seg_shapes)
+    loaded = training.load_pretrained_params(str(tmp_path / 'classifier'), fresh)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        loaded['backbone'],
+        {k: v for k, v in weights.items() if k not in ('norm', 'head')},
+    )
+    for head in ('neck', 'decode_head'):
+        assert all(np.all(x == -1.0) for x in jax.tree.leaves(loaded[head]))

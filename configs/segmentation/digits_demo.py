@@ -1,4 +1,4 @@
-"""Built-in segmentation example: digits pasted on photographs, a small Semantic FPN, minutes on CPU.
+"""Built-in segmentation example: digits pasted on photographs, a small Semantic FPN, on CPU.
 
     python scripts/make_segmentation_demo.py   # writes workdirs/segmentation_demo_data
     python train.py --config configs/segmentation/digits_demo.py --workdir workdirs/seg_demo
