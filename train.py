@@ -1,12 +1,13 @@
-"""Train, evaluate or time a CrossFormer image classifier.
+"""Train, evaluate or time a CrossFormer image classifier or segmentation model (config.task).
 
     python train.py --config configs/crossformer_tiny.py --workdir runs/tiny \
         [--config.batch_size=256 ...] [--mode train|evaluate|throughput] [--multihost]
 
 train:      trains from scratch, from config.init_from, or resumes from WORKDIR's checkpoints;
             writes WORKDIR/config.json, TensorBoard logs and checkpoints.
-evaluate:   top-1 / top-5 / loss on the validation split, from WORKDIR's best (or latest)
-            checkpoint, or from a converted checkpoint directory given as --config.init_from.
+evaluate:   top-1 / top-5 / loss (segmentation: mIoU / aAcc / mAcc) on the validation split, from
+            WORKDIR's best (or latest) checkpoint, or from a converted checkpoint directory given
+            as --config.init_from.
 throughput: images per second of the jit-compiled forward pass.
 
 Exit codes: 0 on success and after a preemption (SIGTERM; the checkpoint is saved, rerun to
@@ -59,7 +60,7 @@ def main(argv):
 
     tf.config.set_visible_devices([], 'GPU')  # the input pipeline must leave the GPUs to JAX
 
-    from crossformer_jax import training
+    from crossformer_jax import tasks, training
 
     logging.info(
         'JAX %s, %d process(es), devices: %s', jax.__version__, jax.process_count(), jax.devices()
@@ -70,10 +71,7 @@ def main(argv):
             training.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == 'evaluate':
             metrics = training.evaluate(config, FLAGS.workdir)
-            print(
-                f'top-1 {100 * metrics["top1"]:.2f}%  top-5 {100 * metrics["top5"]:.2f}%  '
-                f'loss {metrics["loss"]:.4f}  ({metrics["count"]} images)'
-            )
+            print(tasks.task_class(config).describe(metrics))
         else:
             rate = training.measure_throughput(config)
             print(f'{rate:.1f} images/s')

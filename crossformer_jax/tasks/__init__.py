@@ -96,8 +96,9 @@ class Task(abc.ABC):
     def final_metrics(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
         """Metrics (floats) from the evaluation sums."""
 
+    @staticmethod
     @abc.abstractmethod
-    def describe(self, metrics: dict[str, float]) -> str:
+    def describe(metrics: dict[str, float]) -> str:
         """The metrics as a short log fragment, e.g. 'top-1 76.10% | top-5 ...'."""
 
 

@@ -185,7 +185,8 @@ class ClassificationTask(Task):
             'count': int(count),
         }
 
-    def describe(self, metrics):
+    @staticmethod
+    def describe(metrics):
         return (
             f'top-1 {100 * metrics["top1"]:.2f}% | top-5 {100 * metrics["top5"]:.2f}% | '
             f'loss {metrics["loss"]:.4f} | {metrics["count"]} images'

@@ -239,7 +239,8 @@ class SegmentationTask(Task):
     def final_metrics(self, sums):
         return segmentation_metrics(sums['confusion']) | {'count': int(sums['count'])}
 
-    def describe(self, metrics):
+    @staticmethod
+    def describe(metrics):
         return (
             f'mIoU {100 * metrics["miou"]:.2f}% | aAcc {100 * metrics["aacc"]:.2f}% | '
             f'mAcc {100 * metrics["macc"]:.2f}% | {metrics["count"]} images'
