@@ -1,7 +1,7 @@
 """Writes a small semantic segmentation dataset in the ADE20K folder layout (no download needed).
 
 Each image is a crop of one of scikit-learn's sample photographs (china.jpg, flower.jpg), blurred
-and darkened into a textured canvas, with one to three of scikit-learn's handwritten digits
+and darkened into a textured canvas, with one or two of scikit-learn's handwritten digits
 (8x8, upsampled) pasted at random places and sizes in random bright colours. Every pixel is
 labelled with its digit or background:
 
@@ -79,7 +79,7 @@ def write_segmentation_demo(
     rng = np.random.RandomState(seed)
     order = rng.permutation(len(digits.target))
     pools = {'validation': order[: len(order) // 5], 'training': order[len(order) // 5 :]}
-    side_range = (size * 3 // 8, size * 5 // 8)
+    side_range = (size // 2, size * 3 // 4)
     tmp_dir = out_dir.rstrip('/') + '.tmp'
     shutil.rmtree(tmp_dir, ignore_errors=True)
     counts = {}
@@ -90,7 +90,7 @@ def write_segmentation_demo(
             image = _canvas(rng, photos, size)
             label = np.ones((size, size), np.uint8)
             boxes = []
-            for chosen in rng.choice(pools[split], size=rng.randint(1, 4)):
+            for chosen in rng.choice(pools[split], size=rng.randint(1, 3)):
                 _paste_digit(
                     rng,
                     image,

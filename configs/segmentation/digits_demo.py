@@ -34,13 +34,15 @@ def get_config():
     config.data.num_parallel_calls = 2
 
     config.batch_size = 16
-    config.num_train_steps = 1200
-    config.base_lr = 2e-3
+    config.num_train_steps = 1500
+    config.base_lr = 1e-3
+    config.warmup_steps = 100
+    config.warmup_ratio = 1e-3
     config.weight_decay = 1e-4
     config.poly_power = 0.9
 
     config.log_every_steps = 50
-    config.eval_every_steps = 400
-    config.checkpoint_every_steps = 400
+    config.eval_every_steps = 500
+    config.checkpoint_every_steps = 500
     config.keep_checkpoints = 1
     return config
