@@ -4,13 +4,22 @@ Two CheckpointManagers, in two directories, so that both guarantees hold indepen
 
 * `WORKDIR/checkpoints/`: the most recent `keep` saves (periodic, final, and on preemption); this
   is what a restarted run resumes from.
-* `WORKDIR/checkpoints_best/`: the single checkpoint with the best validation top-1 seen so far,
-  with its evaluation metrics (orbax's `best_fn` picks what to keep).
+* `WORKDIR/checkpoints_best/`: the single checkpoint with the best validation metric seen so far
+  (`best_metric`, higher is better: top-1, mIoU...), with its evaluation metrics (orbax's
+  `best_fn` picks what to keep).
 
 Saves are asynchronous (the device-to-host copy happens in `save`, the writing in a background
 thread), so the train step may donate the state right after `save` returns. Orbax writes into a
 temporary directory and renames it when complete, so a run killed mid-save leaves the previous
 checkpoints intact and the half-written one is ignored.
+
+Several processes: every process calls every method at the same steps (each writes its shards;
+process 0 renames), and orbax synchronises them with named barriers of the JAX distributed
+runtime. Those names are built from the step, so the two managers saving the same step (a new
+best at a periodic save, always the case at the last step) would meet in one barrier and fail
+('Barrier ... is already ongoing'). Each manager therefore gets its own barrier prefix (orbax's
+`MultiprocessingOptions.barrier_sync_key_prefix`, meant for managers used concurrently): the two
+saves still run side by side in the background, and nothing waits on the other.
 """
 
 from __future__ import annotations
@@ -28,24 +37,40 @@ BEST_METRIC = 'top1'
 class Checkpoints:
     """The 'latest' and 'best' checkpoints of one workdir."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        best_metric: str = BEST_METRIC,
+    ):
+        self.best_metric = best_metric
         if '://' not in workdir:  # local paths must be absolute for orbax; gs:// etc. as they are
             workdir = os.path.abspath(workdir)
         self.latest = ocp.CheckpointManager(
             os.path.join(workdir, LATEST_DIR),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=LATEST_DIR
+                ),
             ),
         )
         self.best = ocp.CheckpointManager(
             os.path.join(workdir, BEST_DIR),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1,
-                best_fn=lambda metrics: metrics[BEST_METRIC],
+                best_fn=lambda metrics: metrics[best_metric],
                 best_mode='max',
                 keep_checkpoints_without_metrics=False,
                 create=True,
                 enable_async_checkpointing=async_save,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=BEST_DIR
+                ),
             ),
         )
 
@@ -61,9 +86,10 @@ class Checkpoints:
         step = self.best_step()
         return None if step is None else dict(self.best.metrics(step))
 
-    def best_top1(self) -> float:
+    def best_value(self) -> float:
+        """metrics[best_metric] of the best checkpoint, -inf when there is none yet."""
         metrics = self.best_metrics()
-        return float('-inf') if metrics is None else float(metrics[BEST_METRIC])
+        return float('-inf') if metrics is None else float(metrics[self.best_metric])
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -74,9 +100,14 @@ class Checkpoints:
         return self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def save_if_best(self, step: int, state: Any, metrics: dict[str, float]) -> bool:
-        """Saves state into the 'best' directory if metrics[BEST_METRIC] beats every earlier one."""
-        value = float(metrics[BEST_METRIC])
-        if value <= self.best_top1() or step in self.best.all_steps():
+        """Saves state into the 'best' directory if metrics[best_metric] beats every earlier one."""
+        if self.best_metric not in metrics:
+            raise KeyError(
+                f'best_metric {self.best_metric!r} is not among the evaluation metrics '
+                f'{sorted(metrics)}'
+            )
+        value = float(metrics[self.best_metric])
+        if value <= self.best_value() or step in self.best.all_steps():
             return False
         return self.best.save(
             step,
