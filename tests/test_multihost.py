@@ -3,7 +3,9 @@ train.py together (4 devices, one mesh) on a tiny image folder.
 
 Process 0 gets the distributed set-up from the command-line flags, process 1 from the JAX_*
 environment variables, so both ways are exercised. Every subprocess is bounded by a timeout and
-killed in a `finally`; the runs share a persistent compilation cache.
+killed in a `finally`. Every run splits the larger parameters and their optimizer moments over
+the 4 devices (FSDP) and keeps the small ones replicated, so both layouts go through the
+multi-process saves and restores (test_training checks that FSDP does not change the numbers).
 
 Each process reads only its own shard of the training set, shuffled and augmented with its
 process index (input_pipeline), so the global batches of a two-process run differ by design from
@@ -36,7 +38,7 @@ from crossformer_jax import distributed
 NUM_STEPS = 8
 EVERY = 4  # evaluation, best and periodic checkpoints all fall on steps 4 and 8
 HEARTBEAT_S = 10  # --heartbeat_timeout of the runs: the bound on a lost peer
-RUN_TIMEOUT_S = 480  # a bound for loaded machines; a run takes seconds once compiled
+RUN_TIMEOUT_S = 900  # a bound for loaded machines; a run takes seconds once compiled
 
 CONFIG_TEMPLATE = """
 from configs import digits_demo
@@ -62,6 +64,8 @@ def get_config():
     config.eval_every_steps = {every}
     config.checkpoint_every_steps = {every}
     config.keep_checkpoints = 2
+    config.fsdp = True
+    config.fsdp_min_size = 256
     return config
 """
 
@@ -75,16 +79,15 @@ def env(tmp_path_factory):
     config_path = str(root / 'config.py')
     with open(config_path, 'w') as f:
         f.write(CONFIG_TEMPLATE.format(data_dir=data_dir, num_steps=NUM_STEPS, every=EVERY))
-    # A compilation cache given from outside (e.g. kept between CI runs) is used, else a fresh one.
-    cache = os.environ.get('JAX_COMPILATION_CACHE_DIR') or str(root / 'jax_cache')
-    # Nothing that would make JAX auto-detect another cluster.
+    # No persistent compilation cache: only process 0 writes it and the processes' cache keys
+    # differ, so process 0 would skip compilations that process 1 repeats, and on CPU the first
+    # collective fails when one process waits more than 30 s for the other (gloo's rendezvous).
+    # Nothing that would make JAX auto-detect another cluster either.
     sub_env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'SLURM_', 'OMPI_'))}
     sub_env.update(
         {
             'PYTHONPATH': REPO,
             'JAX_PLATFORMS': 'cpu',
-            'JAX_COMPILATION_CACHE_DIR': cache,
-            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
             'TF_CPP_MIN_LOG_LEVEL': '2',
             # One thread per op: bitwise repeatable runs (see test_training).
             'XLA_FLAGS': '--xla_force_host_platform_device_count=2 '
@@ -190,10 +193,11 @@ def reference(env):
     return {'workdir': workdir, 'log': run.log(0)}
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(2400)
 def test_colliding_saves_complete_and_evaluate_everything(reference):
     workdir = reference['workdir']
     assert 'on 4 cpu device(s) in 2 process(es)' in reference['log']
+    assert ' are split over the 4 devices' in reference['log']  # FSDP
     assert _checkpoint_steps(workdir) == [EVERY, NUM_STEPS]
     _assert_complete(workdir, 'checkpoints')
     best = _checkpoint_steps(workdir, 'checkpoints_best')
@@ -208,7 +212,7 @@ def test_colliding_saves_complete_and_evaluate_everything(reference):
     assert 'Final validation top-1' in reference['log']
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 def test_sigterm_then_kill_then_resume_is_exact(env, reference):
     """SIGTERM both -> checkpoint, exit 0; resume, kill -9 process 0 -> process 1 exits non-zero
     within the heartbeat bound; resume again -> the reference's parameters, bit for bit."""
@@ -259,22 +263,6 @@ def test_sigterm_then_kill_then_resume_is_exact(env, reference):
     assert [losses[s] for s in range(1, NUM_STEPS + 1)] == [
         reference_losses[s] for s in range(1, NUM_STEPS + 1)
     ]
-
-
-@pytest.mark.timeout(1200)
-def test_fsdp_two_processes_match_replicated(env, reference):
-    """Parameters and optimizer state split over the 4 devices of both processes (FSDP), with the
-    same colliding evaluation/checkpoint steps: same run as the replicated reference, up to
-    rounding (the sums are ordered differently)."""
-    workdir = env['root'] / 'fsdp'
-    run = _run(env, workdir, 'run', '--config.fsdp=True', '--config.fsdp_min_size=256')
-    assert ' are split over the 4 devices' in run.log(0)
-    assert _checkpoint_steps(workdir) == [EVERY, NUM_STEPS]
-    _assert_complete(workdir, 'checkpoints')
-    _assert_complete(workdir, 'checkpoints_best')
-    _assert_same_params(
-        _params(workdir, NUM_STEPS), _params(reference['workdir'], NUM_STEPS), rtol=1e-2, atol=2e-4
-    )
 
 
 def test_setup_from_flags_and_environment():
