@@ -73,6 +73,8 @@ class Checkpoints:
                 ),
             ),
         )
+        metrics = self.best_metrics()
+        self._best_value = float('-inf') if metrics is None else float(metrics[best_metric])
 
     # -- queries -----------------------------------------------------------------------------------
 
@@ -83,13 +85,18 @@ class Checkpoints:
         return self.best.best_step()
 
     def best_metrics(self) -> dict[str, float] | None:
+        """Evaluation metrics of the best checkpoint written completely (None if none)."""
         step = self.best_step()
         return None if step is None else dict(self.best.metrics(step))
 
     def best_value(self) -> float:
-        """metrics[best_metric] of the best checkpoint, -inf when there is none yet."""
-        metrics = self.best_metrics()
-        return float('-inf') if metrics is None else float(metrics[self.best_metric])
+        """metrics[best_metric] of the best checkpoint, -inf when there is none yet.
+
+        Kept in memory from the last save_if_best: orbax has no metrics for a step whose
+        asynchronous save is still being written, so reading them back would forget a best
+        checkpoint saved one evaluation earlier.
+        """
+        return self._best_value
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -107,14 +114,17 @@ class Checkpoints:
                 f'{sorted(metrics)}'
             )
         value = float(metrics[self.best_metric])
-        if value <= self.best_value() or step in self.best.all_steps():
+        if value <= self._best_value or step in self.best.all_steps():
             return False
-        return self.best.save(
+        saved = self.best.save(
             step,
             args=ocp.args.StandardSave(state),
             metrics={k: float(v) for k, v in metrics.items()},
             force=True,
         )
+        if saved:
+            self._best_value = value
+        return saved
 
     # -- restoring ---------------------------------------------------------------------------------
 

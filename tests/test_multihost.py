@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 from test_training import (
     REPO,
@@ -182,6 +184,70 @@ def _assert_complete(workdir, sub):
     assert not leftovers, leftovers
     for step in _checkpoint_steps(workdir, sub):
         assert os.path.exists(os.path.join(path, str(step), '_CHECKPOINT_METADATA')), (sub, step)
+
+
+# Both managers save every step, with asynchronous writes still running when the next save
+# starts: without distinct barrier names the second process fails with 'Barrier
+# _async_write_complete.N is already ongoing' and both hang.
+CHECKPOINT_SCRIPT = """
+import sys
+
+import jax
+import numpy as np
+
+from crossformer_jax import checkpointing, distributed, sharding
+
+process_id, address, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+distributed.initialize(distributed.Setup(address, 2, process_id), heartbeat_timeout_s=10)
+mesh = sharding.create_mesh()
+weights = jax.device_put(np.arange(8.0, dtype=np.float32), sharding.batch_sharding(mesh))
+checkpoints = checkpointing.Checkpoints(workdir, keep=2, best_metric='miou')
+for step in range(1, 7):
+    state = {'w': weights + step}
+    assert checkpoints.save_if_best(step, state, {'miou': step / 10, 'loss': 1.0}), step
+    assert checkpoints.save(step, state), step
+checkpoints.wait()
+checkpoints.close()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_latest_and_best_saves_of_the_same_steps_do_not_collide(env, tmp_path):
+    import orbax.checkpoint as ocp
+
+    script = tmp_path / 'save_both.py'
+    script.write_text(CHECKPOINT_SCRIPT)
+    address = f'127.0.0.1:{_free_port()}'
+    workdir = tmp_path / 'workdir'
+    processes = []
+    try:
+        for i in range(2):
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), str(i), address, str(workdir)],
+                    cwd=REPO,
+                    env=env['env'],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        outputs = [p.communicate(timeout=240)[0] for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in processes] == [0, 0], '\n'.join(o[-3000:] for o in outputs)
+    assert _checkpoint_steps(workdir) == [5, 6]
+    assert _checkpoint_steps(workdir, 'checkpoints_best') == [6]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {'w': jax.ShapeDtypeStruct((8,), np.float32, sharding=device)}
+    for sub in ('checkpoints', 'checkpoints_best'):
+        _assert_complete(workdir, sub)
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(workdir / sub / '6' / 'default', target)
+        assert restored['w'].tolist() == [float(i + 6) for i in range(8)]
 
 
 @pytest.fixture(scope='module')
