@@ -14,10 +14,12 @@ Failure detection: each process sends heartbeats to the coordination service on 
 a process dies (kill -9, a lost machine), the service marks it dead after `heartbeat_timeout_s`
 without a heartbeat and every other process is terminated (abort, exit code 134); when process 0
 itself dies, the others fail as soon as they next talk to it, and at the latest when their own
-heartbeats have failed for `heartbeat_timeout_s`. A process that exits on its own (an error, the
-end of the run) waits at most `heartbeat_timeout_s` for the others in the shutdown barrier. So a
-run never hangs for much longer than `heartbeat_timeout_s` after losing a process, and running
-the same command again on every host resumes from the last complete checkpoint.
+heartbeats have failed for `heartbeat_timeout_s`. So a run never hangs for much longer than
+`heartbeat_timeout_s` after losing a process, and running the same command again on every host
+resumes from the last complete checkpoint. A process that exits on its own while the others go
+on (an error in that process only) waits up to `shutdown_timeout_s` for them in JAX's shutdown
+barrier; then all of them are terminated the same way. (That wait is longer than the heartbeat
+bound so that a normal end, where process 0 still writes its logs, is never cut short.)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ NUM_PROCESSES_ENV = 'JAX_NUM_PROCESSES'
 PROCESS_ID_ENV = 'JAX_PROCESS_ID'
 DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 DEFAULT_INITIALIZATION_TIMEOUT_S = 300
+DEFAULT_SHUTDOWN_TIMEOUT_S = 120
 
 
 class SetupError(ValueError):
@@ -114,12 +117,14 @@ def initialize(
     *,
     heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
     initialization_timeout_s: int = DEFAULT_INITIALIZATION_TIMEOUT_S,
+    shutdown_timeout_s: int = DEFAULT_SHUTDOWN_TIMEOUT_S,
 ) -> None:
     """Calls jax.distributed.initialize for a multi-process set-up (nothing for None).
 
     Must run before any other JAX call. heartbeat_timeout_s bounds how long the processes run on
     after one of them is lost (see the module docstring); initialization_timeout_s is how long
-    each process waits for all the others to connect at the start.
+    each process waits for all the others to connect at the start, shutdown_timeout_s how long
+    a finished process waits for the others at exit.
     """
     if setup is None:
         return
@@ -133,5 +138,5 @@ def initialize(
         process_id=setup.process_id,
         initialization_timeout=initialization_timeout_s,
         heartbeat_timeout_seconds=heartbeat_timeout_s,
-        shutdown_timeout_seconds=heartbeat_timeout_s,
+        shutdown_timeout_seconds=shutdown_timeout_s,
     )
