@@ -122,21 +122,33 @@ class TwoProcesses:
         ]
         self.log_paths = [f'{workdir}.{tag}.{i}.log' for i in range(2)]
         self.processes = []
-        for i, log_path in enumerate(self.log_paths):
-            sub_env = dict(env['env'])
-            if i == 0:
-                args = [f'--coordinator_address={address}', '--num_processes=2', '--process_id=0']
-            else:
-                args = []
-                sub_env.update(
-                    JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='1'
-                )
-            with open(log_path, 'w') as log:
-                self.processes.append(
-                    subprocess.Popen(
-                        command + args, cwd=REPO, env=sub_env, stdout=log, stderr=subprocess.STDOUT
+        try:
+            for i, log_path in enumerate(self.log_paths):
+                sub_env = dict(env['env'])
+                if i == 0:
+                    args = [
+                        f'--coordinator_address={address}',
+                        '--num_processes=2',
+                        '--process_id=0',
+                    ]
+                else:
+                    args = []
+                    sub_env.update(
+                        JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='1'
                     )
-                )
+                with open(log_path, 'w') as log:
+                    self.processes.append(
+                        subprocess.Popen(
+                            command + args,
+                            cwd=REPO,
+                            env=sub_env,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                        )
+                    )
+        except BaseException:
+            self.kill()
+            raise
 
     def wait(self, timeout=RUN_TIMEOUT_S) -> list[int]:
         deadline = time.time() + timeout
@@ -269,8 +281,8 @@ def test_colliding_saves_complete_and_evaluate_everything(reference):
     best = _checkpoint_steps(workdir, 'checkpoints_best')
     assert len(best) == 1 and best[0] in (EVERY, NUM_STEPS)
     _assert_complete(workdir, 'checkpoints_best')
-    with open(os.path.join(workdir, 'checkpoints_best', str(best[0]), '_CHECKPOINT_METADATA')) as f:
-        assert 'top1' in json.load(f)['metrics']
+    with open(os.path.join(workdir, 'checkpoints_best', str(best[0]), 'metrics', 'metrics')) as f:
+        assert json.load(f)['top1'] == max(m['eval/top1'] for m in _metrics(workdir))
     evals = [m for m in _metrics(workdir) if 'eval/top1' in m]
     assert [m['step'] for m in evals] == [EVERY, NUM_STEPS]
     # The two processes' shards together are the whole validation set, each image counted once.
