@@ -391,3 +391,30 @@ def test_incomplete_setup_on_the_command_line_exits_2(env, tmp_path):
     assert 'incomplete distributed set-up' in result.stderr
     assert '--process_id / JAX_PROCESS_ID missing' in result.stderr
     assert not os.listdir(tmp_path)  # stopped before touching the workdir
+
+
+def test_best_checkpoint_by_any_metric_with_saves_in_flight(tmp_path):
+    """Evaluations at consecutive steps: each best save starts while the previous one is still
+    being written, and a reopened workdir knows its best value."""
+    import jax.numpy as jnp
+
+    from crossformer_jax import checkpointing
+
+    checkpoints = checkpointing.Checkpoints(str(tmp_path), keep=2, best_metric='miou')
+    saved = []
+    for step, miou in [(1, 0.5), (2, 0.7), (3, 0.6), (4, 0.7), (5, 0.8)]:
+        state = {'w': jnp.full((3,), float(step))}
+        saved.append(checkpoints.save_if_best(step, state, {'miou': miou, 'loss': 1.0}))
+        assert checkpoints.save(step, state)
+    assert saved == [True, True, False, False, True]
+    checkpoints.close()
+
+    checkpoints = checkpointing.Checkpoints(str(tmp_path), keep=2, best_metric='miou')
+    assert checkpoints.latest.all_steps() == [4, 5]
+    assert (checkpoints.best_step(), checkpoints.best_value()) == (5, 0.8)
+    assert not checkpoints.save_if_best(6, {'w': jnp.zeros(3)}, {'miou': 0.75})
+    with pytest.raises(KeyError, match="best_metric 'miou' is not among the evaluation metrics"):
+        checkpoints.save_if_best(6, {'w': jnp.zeros(3)}, {'top1': 0.9})
+    target = {'w': jax.ShapeDtypeStruct((3,), np.float32)}
+    assert checkpoints.restore(target, which='best')['w'].tolist() == [5.0, 5.0, 5.0]
+    checkpoints.close()
