@@ -38,8 +38,8 @@ flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'throughput'], 'What to
 flags.DEFINE_bool(
     'multihost',
     os.environ.get('CROSSFORMER_MULTIHOST', '') == '1',
-    'Call jax.distributed.initialize() first (multi-host TPU/GPU; also set by '
-    'CROSSFORMER_MULTIHOST=1).',
+    'Several processes: let JAX detect the set-up (TPU slice, SLURM, Open MPI, Kubernetes); '
+    'also set by CROSSFORMER_MULTIHOST=1.',
 )
 flags.DEFINE_string(
     'coordinator_address',
