@@ -1,7 +1,8 @@
 """Train, evaluate or time a CrossFormer image classifier or segmentation model (config.task).
 
     python train.py --config configs/crossformer_tiny.py --workdir runs/tiny \
-        [--config.batch_size=256 ...] [--mode train|evaluate|throughput] [--multihost]
+        [--config.batch_size=256 ...] [--mode train|evaluate|throughput]
+        [--multihost | --coordinator_address=HOST:PORT --num_processes=N --process_id=I]
 
 train:      trains from scratch, from config.init_from, or resumes from WORKDIR's checkpoints;
             writes WORKDIR/config.json, TensorBoard logs and checkpoints.
@@ -12,6 +13,12 @@ throughput: images per second of the jit-compiled forward pass.
 
 Exit codes: 0 on success and after a preemption (SIGTERM; the checkpoint is saved, rerun to
 resume), 1 when the loss becomes NaN/inf (nothing is saved after it), 2 for a bad configuration.
+
+Several processes (hosts): every process runs the same command; with --multihost JAX detects the
+set-up (TPU slice, SLURM, Open MPI, Kubernetes), else give --coordinator_address (HOST:PORT of
+process 0), --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID). When a process dies, the others abort (exit code 134) within about
+--heartbeat_timeout seconds; the same command on every host then resumes.
 """
 
 import logging as pylogging
@@ -20,6 +27,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from crossformer_jax import distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -30,8 +39,26 @@ flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'throughput'], 'What to
 flags.DEFINE_bool(
     'multihost',
     os.environ.get('CROSSFORMER_MULTIHOST', '') == '1',
-    'Call jax.distributed.initialize() first (multi-host TPU/GPU; also set by '
-    'CROSSFORMER_MULTIHOST=1).',
+    'Several processes: let JAX detect the set-up (TPU slice, SLURM, Open MPI, Kubernetes); '
+    'also set by CROSSFORMER_MULTIHOST=1.',
+)
+flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'HOST:PORT of process 0, where the coordination service listens (or JAX_COORDINATOR_ADDRESS).',
+)
+flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes of the run (or JAX_NUM_PROCESSES).', lower_bound=1
+)
+flags.DEFINE_integer(
+    'process_id', None, 'This process, in [0, num_processes) (or JAX_PROCESS_ID).', lower_bound=0
+)
+flags.DEFINE_integer(
+    'heartbeat_timeout',
+    distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+    'Seconds without a heartbeat after which a lost process is declared dead and the others '
+    'abort (several processes only).',
+    lower_bound=1,
 )
 flags.mark_flags_as_required(['config'])
 
@@ -50,10 +77,19 @@ def main(argv):
         raise app.UsageError('--workdir is required for --mode train')
 
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    try:
+        setup = distributed.resolve_setup(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            auto_detect=FLAGS.multihost,
+        )
+        distributed.initialize(setup, heartbeat_timeout_s=FLAGS.heartbeat_timeout)
+    except distributed.SetupError as e:
+        logging.error('Distributed set-up error: %s', e)
+        sys.exit(2)
     import jax
 
-    if FLAGS.multihost:
-        jax.distributed.initialize()
     if jax.process_index() != 0:  # only process 0 talks
         logging.set_verbosity(logging.ERROR)
     import tensorflow as tf

@@ -12,6 +12,14 @@ Saves are asynchronous (the device-to-host copy happens in `save`, the writing i
 thread), so the train step may donate the state right after `save` returns. Orbax writes into a
 temporary directory and renames it when complete, so a run killed mid-save leaves the previous
 checkpoints intact and the half-written one is ignored.
+
+Several processes: every process calls every method at the same steps (each writes its shards;
+process 0 renames), and orbax synchronises them with named barriers of the JAX distributed
+runtime. Those names are built from the step, so the two managers saving the same step (a new
+best at a periodic save, always the case at the last step) would meet in one barrier and fail
+('Barrier ... is already ongoing'). Each manager therefore gets its own barrier prefix (orbax's
+`MultiprocessingOptions.barrier_sync_key_prefix`, meant for managers used concurrently): the two
+saves still run side by side in the background, and nothing waits on the other.
 """
 
 from __future__ import annotations
@@ -43,7 +51,12 @@ class Checkpoints:
         self.latest = ocp.CheckpointManager(
             os.path.join(workdir, LATEST_DIR),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=LATEST_DIR
+                ),
             ),
         )
         self.best = ocp.CheckpointManager(
@@ -55,8 +68,13 @@ class Checkpoints:
                 keep_checkpoints_without_metrics=False,
                 create=True,
                 enable_async_checkpointing=async_save,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=BEST_DIR
+                ),
             ),
         )
+        metrics = self.best_metrics()
+        self._best_value = float('-inf') if metrics is None else float(metrics[best_metric])
 
     # -- queries -----------------------------------------------------------------------------------
 
@@ -67,12 +85,18 @@ class Checkpoints:
         return self.best.best_step()
 
     def best_metrics(self) -> dict[str, float] | None:
+        """Evaluation metrics of the best checkpoint written completely (None if none)."""
         step = self.best_step()
         return None if step is None else dict(self.best.metrics(step))
 
-    def best_top1(self) -> float:
-        metrics = self.best_metrics()
-        return float('-inf') if metrics is None else float(metrics[self.best_metric])
+    def best_value(self) -> float:
+        """metrics[best_metric] of the best checkpoint, -inf when there is none yet.
+
+        Kept in memory from the last save_if_best: orbax has no metrics for a step whose
+        asynchronous save is still being written, so reading them back would forget a best
+        checkpoint saved one evaluation earlier.
+        """
+        return self._best_value
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -84,15 +108,23 @@ class Checkpoints:
 
     def save_if_best(self, step: int, state: Any, metrics: dict[str, float]) -> bool:
         """Saves state into the 'best' directory if metrics[best_metric] beats every earlier one."""
+        if self.best_metric not in metrics:
+            raise KeyError(
+                f'best_metric {self.best_metric!r} is not among the evaluation metrics '
+                f'{sorted(metrics)}'
+            )
         value = float(metrics[self.best_metric])
-        if value <= self.best_top1() or step in self.best.all_steps():
+        if value <= self._best_value or step in self.best.all_steps():
             return False
-        return self.best.save(
+        saved = self.best.save(
             step,
             args=ocp.args.StandardSave(state),
             metrics={k: float(v) for k, v in metrics.items()},
             force=True,
         )
+        if saved:
+            self._best_value = value
+        return saved
 
     # -- restoring ---------------------------------------------------------------------------------
 
