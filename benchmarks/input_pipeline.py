@@ -15,7 +15,9 @@ row times that step with JAX on the same cores).
 The process is pinned to ``--cores`` CPUs (``os.sched_setaffinity``) before TensorFlow is
 imported, and tf.data runs on a private threadpool of that size. Every stage is measured
 ``--rounds`` times, rounds alternating over the stages, on a fresh iterator each time (one untimed
-warm-up batch, then ``--batches`` timed batches); the table gives the median and the range.
+warm-up batch, then ``--batches`` timed batches); the table gives the median and the range of
+images/s, and the median images per CPU-second of the process (the work each image costs, which
+other load on the machine disturbs much less than the wall-clock rate).
 
 Without ``--data-dir``/``--tfds`` it writes an ImageNet-like folder (``--images`` JPEGs of
 500x375 / 375x500, random crops and resizes of scikit-learn's two sample photos) to
@@ -175,13 +177,32 @@ def eval_batches(args, root: str, cores: int):
     return itertools.islice(endless(), None)
 
 
-def time_batches(iterator, count: int) -> float:
-    """Seconds for ``count`` batches after one untimed warm-up batch."""
+def device_ops_batches(args):
+    """Iterator that runs ``batch_ops.train_images`` (normalise + erase) on one uint8 batch with
+    JAX on this process's cores, as the train step does on the accelerator."""
+    import jax
+    import numpy as np
+
+    from crossformer_jax import batch_ops
+
+    cfg = data_config(args, '')
+    images = np.random.RandomState(0).randint(0, 256, (args.batch_size, 224, 224, 3), np.uint8)
+    images = jax.device_put(images)
+    step = jax.jit(lambda x, k: batch_ops.train_images(x, k, cfg))
+    key = jax.random.key(0)
+    jax.block_until_ready(step(images, key))
+    while True:
+        key = jax.random.fold_in(key, 1)
+        yield jax.block_until_ready(step(images, key))
+
+
+def time_batches(iterator, count: int) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds for ``count`` batches after one untimed warm-up."""
     next(iterator)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         next(iterator)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def main() -> None:
@@ -206,27 +227,30 @@ def main() -> None:
             lambda: train_batches(args, root, n, random_erasing_prob=0.0),
         ),
         'erasing': ('+ erasing (full recipe)', lambda: train_batches(args, root, n)),
+        'device': ('device ops alone (JAX, same cores)', lambda: device_ops_batches(args)),
         'eval': ('eval (resize + centre crop)', lambda: eval_batches(args, root, n)),
     }
     stages = [s for s in args.stages.split(',') if s in makers]
     rates: dict[str, list[float]] = {s: [] for s in stages}
+    cpu_rates: dict[str, list[float]] = {s: [] for s in stages}
     for r in range(args.rounds):
         order = stages if r % 2 == 0 else stages[::-1]
         for stage in order:
             iterator = makers[stage][1]()
-            seconds = time_batches(iterator, args.batches)
+            seconds, cpu_seconds = time_batches(iterator, args.batches)
             rates[stage].append(args.batches * args.batch_size / seconds)
+            cpu_rates[stage].append(args.batches * args.batch_size / cpu_seconds)
             del iterator
     source = f'tfds {args.tfds}' if args.tfds else root
     print(f'\n{source}; {n} core(s) {cores}; batch {args.batch_size}; ', end='')
     print(f'{args.rounds} rounds of {args.batches} batches\n')
-    print('| stage | images/s (median) | range |')
-    print('|---|---:|---:|')
+    print('| stage | images/s (median) | range | images per CPU-second (median) |')
+    print('|---|---:|---:|---:|')
     for stage in stages:
         values = rates[stage]
         print(
             f'| {makers[stage][0]} | {statistics.median(values):.0f} '
-            f'| {min(values):.0f}-{max(values):.0f} |'
+            f'| {min(values):.0f}-{max(values):.0f} | {statistics.median(cpu_rates[stage]):.0f} |'
         )
 
 

@@ -10,8 +10,11 @@ Public API (used by the trainer)::
                                    process_index=i, process_count=n)
     corrupt_image_count()
 
-Batches are dicts of numpy arrays: ``image`` float32 (B, S, S, 3), normalised;
-``label`` int32 (B,); eval batches also carry ``mask`` bool (B,).
+Batches are dicts of numpy arrays: ``image`` uint8 (B, S, S, 3), augmented but not
+normalised; ``label`` int32 (B,); eval batches also carry ``mask`` bool (B,).
+Normalisation (and, in training, random erasing) runs on the device:
+``batch_ops.train_images`` / ``batch_ops.eval_images`` (a quarter of the bytes to
+transfer, and the float work where it is cheapest).
 
 Config fields read (``config.data``), with the defaults assumed when absent::
 
@@ -27,11 +30,12 @@ Config fields read (``config.data``), with the defaults assumed when absent::
     randaugment_fill = None         # fill colour of geometric RandAugment ops;
                                     # None = round(255 * mean), like timm's train
                                     # transform; e.g. (128, 128, 128) for grey
-    random_erasing_prob = 0.25
-    mean = (0.485, 0.456, 0.406); std = (0.229, 0.224, 0.225)
+    random_erasing_prob = 0.25      # } read by batch_ops on the device
+    mean = (0.485, 0.456, 0.406); std = (0.229, 0.224, 0.225)  # }
     shuffle_buffer = 16384          # TFDS only: records per shuffle group (below)
     num_parallel_calls = -1         # -1 = tf.data.AUTOTUNE
     prefetch = 2                    # batches prefetched by tf.data
+    private_threadpool_size = 0     # >0: tf.data runs on its own pool of that many threads
 
 Design
 ------
@@ -43,7 +47,8 @@ files ``i, i+n, i+2n, ...`` of the sorted file list; for TFDS the ``i``-th of
 shard; batch ``k`` holds stream elements ``[kB, (k+1)B)``. Every random choice
 of an element's augmentation comes from stateless RNG ops seeded by
 ``(seed, process_index, epoch, position in epoch)``, so an element looks the
-same however the stream was reached. ``start_step=k`` starts at element ``kB``
+same however the stream was reached (random erasing on the device draws from the
+train step's key, a function of (seed, step)). ``start_step=k`` starts at element ``kB``
 without decoding anything before it:
 
 * image folder: epoch ``e`` is the permutation
@@ -58,6 +63,10 @@ without decoding anything before it:
   metadata) and reads, but does not decode, the part of one group before the
   resume point. Memory: about three groups of encoded records (at 16384
   ImageNet records, ~110 KB each: ~5 GB); lower ``shuffle_buffer`` on small hosts.
+
+*Decoding.* A training JPEG is decoded only inside its random-resized-crop window
+(the window is drawn from the size in the JPEG header, then
+``decode_and_crop_jpeg``); other formats are decoded whole and cropped.
 
 *Corrupt images.* Decoding runs in a guarded sub-dataset
 (``map(decode).ignore_errors()`` followed by a placeholder), so a file that
@@ -298,7 +307,7 @@ class _FolderSource:
 
 class _TfdsSource:
     """A TFDS dataset prepared in ``data_dir`` (TFRecord files), read by this
-    process's file instructions; images stay encoded until ``_guarded_decode``."""
+    process's file instructions; images stay encoded until ``_guarded``."""
 
     def __init__(self, cfg, split: str, process_index: int, process_count: int):
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -481,21 +490,19 @@ def get_dataset_info(data_config) -> DatasetInfo:
 # Decoding and preprocessing
 
 
-def _guarded_decode(load_fn):
+def _guarded(decode_fn):
     """Element -> one element with 'image' (uint8) and 'valid'; never raises.
 
-    The decode runs in a one-element dataset with ``ignore_errors``; if it fails
-    the placeholder (1x1 black image, ``valid`` False) that follows is taken.
+    ``decode_fn(el)`` (reading and decoding, the only steps that can fail) runs in a
+    one-element dataset with ``ignore_errors``; if it fails the placeholder that
+    follows (1x1 black image, ``valid`` False) is taken.
     """
 
     def fn(el):
         meta = {k: v for k, v in el.items() if k != 'data'}
 
         def decode(e):
-            out = {k: v for k, v in e.items() if k != 'data'}
-            out['image'] = ops.decode_image(load_fn(e['data']))
-            out['valid'] = tf.constant(True)
-            return out
+            return dict(meta, image=decode_fn(e), valid=tf.constant(True))
 
         good = tf.data.Dataset.from_tensors(el).map(decode).ignore_errors()
         bad = dict(meta, image=tf.zeros([1, 1, 3], tf.uint8), valid=tf.constant(False))
@@ -504,32 +511,45 @@ def _guarded_decode(load_fn):
     return fn
 
 
-def _train_preprocess(cfg, seed: int, process_index: int):
-    size = int(_get(cfg, 'image_size', 224))
+def _augment_seeds(key: tf.Tensor, el) -> list[tf.Tensor]:
+    """(crop, flip, RandAugment) seeds of a stream element: f(seed, process, epoch, position)."""
+    s = tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(key, el['epoch']), el['position']
+    )
+    return tf.unstack(tf.random.experimental.stateless_split(s, 4))[:3]
+
+
+def _train_decode(cfg, load_fn, seed: int, process_index: int):
+    """Element -> uint8 pixels of its random resized crop window (before resizing)."""
     scale = tuple(_get(cfg, 'rrc_scale', (0.08, 1.0)))
     ratio = tuple(_get(cfg, 'rrc_ratio', (3 / 4, 4 / 3)))
+    key = _shard_key(seed, process_index, _AUGMENT_DOMAIN)
+
+    def fn(el):
+        s_crop, _, _ = _augment_seeds(key, el)
+        return ops.decode_random_crop(load_fn(el['data']), s_crop, scale=scale, ratio=ratio)
+
+    return fn
+
+
+def _train_preprocess(cfg, seed: int, process_index: int):
+    """Cropped window -> uint8 (S, S, 3): resize, flip, RandAugment. Normalisation and
+    random erasing follow on the device (``batch_ops.train_images``)."""
+    size = int(_get(cfg, 'image_size', 224))
     hflip = bool(_get(cfg, 'hflip', True))
     ra_spec = _get(cfg, 'randaugment', 'rand-m9-mstd0.5-inc1') or ''
     ra_cfg = ops.parse_randaugment(ra_spec) if ra_spec else None
     fill = _randaugment_fill(cfg)
-    erase = float(_get(cfg, 'random_erasing_prob', 0.25))
-    mean = tuple(_get(cfg, 'mean', _DEFAULT_MEAN))
-    std = tuple(_get(cfg, 'std', _DEFAULT_STD))
     key = _shard_key(seed, process_index, _AUGMENT_DOMAIN)
 
     def fn(el):
-        s = tf.random.experimental.stateless_fold_in(
-            tf.random.experimental.stateless_fold_in(key, el['epoch']), el['position']
-        )
-        s_crop, s_flip, s_ra, s_erase = tf.unstack(tf.random.experimental.stateless_split(s, 4))
-        image = ops.random_resized_crop(el['image'], s_crop, size=size, scale=scale, ratio=ratio)
+        _, s_flip, s_ra = _augment_seeds(key, el)
+        image = ops.resize(el['image'], [size, size], method='bicubic')
+        image.set_shape([size, size, 3])
         if hflip:
             image = ops.random_flip_left_right(image, s_flip)
         if ra_cfg is not None:
             image = ops.randaugment(image, s_ra, ra_cfg, fill=fill)
-        image = ops.normalize(image, mean, std)
-        if erase > 0:
-            image = ops.random_erasing(image, s_erase, prob=erase)
         return {
             'image': image,
             'label': tf.cast(el['label'], tf.int32),
@@ -541,17 +561,15 @@ def _train_preprocess(cfg, seed: int, process_index: int):
 
 
 def _eval_preprocess(cfg):
+    """Decoded image -> uint8 (S, S, 3); normalisation follows on the device."""
     size = int(_get(cfg, 'image_size', 224))
     short = _eval_resize_size(cfg)
     if short < size:
         raise ValueError(f'eval_crop_fraction must be <= 1 (resize to {short} < crop {size})')
-    mean = tuple(_get(cfg, 'mean', _DEFAULT_MEAN))
-    std = tuple(_get(cfg, 'std', _DEFAULT_STD))
 
     def fn(el):
         image = ops.resize_short_side(el['image'], short)
         image = ops.center_crop(image, size)
-        image = ops.normalize(image, mean, std)
         return {
             'image': image,
             'label': tf.cast(el['label'], tf.int32),
@@ -562,10 +580,13 @@ def _eval_preprocess(cfg):
     return fn
 
 
-def _options() -> tf.data.Options:
+def _options(cfg) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
     options.threading.max_intra_op_parallelism = 1
+    threads = int(_get(cfg, 'private_threadpool_size', 0))
+    if threads > 0:
+        options.threading.private_threadpool_size = threads
     return options
 
 
@@ -641,7 +662,7 @@ class EvalIterator(_BaseIterator):
     def _empty(self) -> dict[str, np.ndarray]:
         b, s = self._batch_size, self._image_size
         return {
-            'image': np.zeros((b, s, s, 3), np.float32),
+            'image': np.zeros((b, s, s, 3), np.uint8),
             'label': np.zeros((b,), np.int32),
             'mask': np.zeros((b,), bool),
             'id': np.full((b,), b'', dtype=object),
@@ -660,7 +681,7 @@ class EvalIterator(_BaseIterator):
             if batch is not None:
                 n, valid = len(batch['label']), batch['valid']
                 out['image'][:n] = batch['image']
-                out['image'][:n][~valid] = 0.0
+                out['image'][:n][~valid] = 0
                 out['label'][:n] = batch['label']
                 out['mask'][:n] = valid
                 out['id'][:n] = batch['id']
@@ -697,9 +718,8 @@ def create_train_iterator(
     start_epoch, start_position = divmod(start_element, source.num_examples)
     parallel = _parallel(cfg)
     ds = source.train_stream(int(seed), process_index, start_epoch, start_position, cfg)
-    ds = ds.interleave(
-        _guarded_decode(source.load), num_parallel_calls=parallel, deterministic=True
-    )
+    decode = _train_decode(cfg, source.load, int(seed), process_index)
+    ds = ds.interleave(_guarded(decode), num_parallel_calls=parallel, deterministic=True)
     ds = ds.map(
         _train_preprocess(cfg, int(seed), process_index),
         num_parallel_calls=parallel,
@@ -707,7 +727,7 @@ def create_train_iterator(
     )
     ds = ds.batch(local_batch_size, drop_remainder=True)
     ds = ds.prefetch(int(_get(cfg, 'prefetch', 2)))
-    return TrainIterator(ds.with_options(_options()), return_ids)
+    return TrainIterator(ds.with_options(_options(cfg)), return_ids)
 
 
 def create_eval_iterator(
@@ -725,14 +745,16 @@ def create_eval_iterator(
     parallel = _parallel(cfg)
     ds = source.eval_stream(cfg)
     ds = ds.interleave(
-        _guarded_decode(source.load), num_parallel_calls=parallel, deterministic=True
+        _guarded(lambda el: ops.decode_image(source.load(el['data']))),
+        num_parallel_calls=parallel,
+        deterministic=True,
     )
     ds = ds.map(_eval_preprocess(cfg), num_parallel_calls=parallel, deterministic=True)
     ds = ds.batch(local_batch_size, drop_remainder=False)
     ds = ds.prefetch(int(_get(cfg, 'prefetch', 2)))
     num_batches = -(-source.max_shard_examples // local_batch_size)
     return EvalIterator(
-        ds.with_options(_options()),
+        ds.with_options(_options(cfg)),
         return_ids,
         local_batch_size,
         num_batches,

@@ -36,7 +36,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import NamedSharding
 
-from crossformer_jax import checkpointing, crossformer, mixup
+from crossformer_jax import batch_ops, checkpointing, crossformer, mixup
 from crossformer_jax import sharding as sharding_lib
 
 
@@ -227,6 +227,7 @@ def train_step(
     schedule: optax.Schedule,
     num_classes: int,
     mixup_config: ml_collections.ConfigDict,
+    data_config: ml_collections.ConfigDict,
     grad_accum_steps: int,
     mesh: jax.sharding.Mesh,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -237,10 +238,12 @@ def train_step(
     """
     rng = jax.random.fold_in(base_rng, state.step)
     mix_rng, dropout_rng = jax.random.split(rng)
+    # uint8 batch -> normalised, randomly erased float32 (the erasing key is a function of step).
+    images = batch_ops.train_images(batch['image'], jax.random.fold_in(rng, 2), data_config)
     m = mixup_config  # both alphas 0: no mixing, only label smoothing
     images, targets = mixup.mix_batch(
         mix_rng,
-        batch['image'],
+        images,
         batch['label'],
         num_classes=num_classes,
         mixup_alpha=m.mixup_alpha,
@@ -297,10 +300,15 @@ def train_step(
 
 
 def eval_step(
-    params: Any, batch: dict[str, jax.Array], *, model: nn.Module
+    params: Any,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    data_config: ml_collections.ConfigDict,
 ) -> dict[str, jax.Array]:
     """Sums of loss / top-1 / top-5 hits over the real (mask=1) examples of a batch."""
-    logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
+    images = batch_ops.eval_images(batch['image'], data_config)
+    logits = model.apply({'params': params}, images, train=False).astype(jnp.float32)
     labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
     num_classes = logits.shape[-1]
     losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
@@ -591,6 +599,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             schedule=schedule,
             num_classes=num_classes,
             mixup_config=config.mixup,
+            data_config=config.data,
             grad_accum_steps=config.grad_accum_steps,
             mesh=mesh,
         ),
@@ -599,7 +608,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         donate_argnums=0,
     )
     p_eval_step = jax.jit(
-        functools.partial(eval_step, model=model),
+        functools.partial(eval_step, model=model, data_config=config.data),
         in_shardings=(state_sharding.params, batch_sharding),
         out_shardings=repl,
     )
@@ -629,6 +638,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     eval_metrics: dict[str, float] = {}
     step = start_step
     timer_step, timer_start = step, time.time()
+    data_wait = 0.0  # seconds spent waiting for input batches since timer_start
     try:
         while step < total_steps:
             if preemption.should_stop(step):
@@ -643,7 +653,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 )
                 return state
 
-            state, metrics = p_train_step(state, next(train_iter), train_rng)
+            wait_start = time.time()
+            batch = next(train_iter)
+            data_wait += time.time() - wait_start
+            state, metrics = p_train_step(state, batch, train_rng)
             step += 1
             pending.append((step, metrics))
             if step == start_step + 1:  # the first step includes compilation
@@ -651,7 +664,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 logging.info(
                     'First step (with compilation) took %.1f s.', time.time() - timer_start
                 )
-                timer_step, timer_start = step, time.time()
+                timer_step, timer_start, data_wait = step, time.time(), 0.0
 
             is_last = step == total_steps
             if step % config.log_every_steps == 0 or is_last:
@@ -665,9 +678,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 averaged['learning_rate'] = float(host[-1]['learning_rate'])
                 seconds_per_step = (now - timer_start) / max(step - timer_step, 1)
                 images_per_second = config.batch_size / seconds_per_step
+                # Time the loop waited for the input pipeline: near 100% means input-bound.
+                wait_per_step = data_wait / max(step - timer_step, 1)
+                wait_fraction = min(data_wait / max(now - timer_start, 1e-9), 1.0)
                 logging.info(
                     'step %d/%d | epoch %.2f | loss %.4f | lr %.3e | grad_norm %.3f | %.1f img/s '
-                    '| ETA %s',
+                    '| data wait %.1f ms/step (%.0f%%) | ETA %s',
                     step,
                     total_steps,
                     step / steps_per_epoch,
@@ -675,6 +691,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     averaged['learning_rate'],
                     averaged['grad_norm'],
                     images_per_second,
+                    1e3 * wait_per_step,
+                    100 * wait_fraction,
                     _format_eta(seconds_per_step * (total_steps - step)),
                 )
                 corrupt = pipeline.corrupt_image_count()
@@ -688,12 +706,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     {f'train/{k}': v for k, v in averaged.items()}
                     | {
                         'train/images_per_second': images_per_second,
+                        'train/data_wait_seconds_per_step': wait_per_step,
+                        'train/data_wait_fraction': wait_fraction,
                         'train/epoch': step / steps_per_epoch,
                         'train/corrupt_images': corrupt,
                     },
                 )
                 pending.clear()
-                timer_step, timer_start = step, time.time()
+                timer_step, timer_start, data_wait = step, time.time(), 0.0
 
             if step % eval_every == 0 or is_last:
                 eval_start = time.time()
@@ -834,7 +854,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
         config.data.image_size,
     )
     p_eval_step = jax.jit(
-        functools.partial(eval_step, model=model),
+        functools.partial(eval_step, model=model, data_config=config.data),
         in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
         out_shardings=sharding_lib.replicated(mesh),
     )
