@@ -49,7 +49,9 @@ def _erase_one(
     height, width, _ = image.shape
     k_apply, k_area, k_aspect, k_top, k_left, k_noise = jax.random.split(rng, 6)
     apply = jax.random.uniform(k_apply) < prob
-    area = height * width * jax.random.uniform(k_area, (attempts,), minval=min_area, maxval=max_area)
+    area = (
+        height * width * jax.random.uniform(k_area, (attempts,), minval=min_area, maxval=max_area)
+    )
     log_aspect = jax.random.uniform(
         k_aspect, (attempts,), minval=math.log(min_aspect), maxval=math.log(max_aspect)
     )

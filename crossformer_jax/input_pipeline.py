@@ -39,6 +39,10 @@ Config fields read (``config.data``), with the defaults assumed when absent::
 
 Design
 ------
+*TFDS file formats.* TFRecord (streamed, below) and ArrayRecord (random access:
+trained like an image folder, an epoch is a stateless permutation of the shard's
+record indices, and resuming skips indices for free).
+
 *Sharding.* Process ``i`` of ``n`` reads only its shard: for an image folder the
 files ``i, i+n, i+2n, ...`` of the sorted file list; for TFDS the ``i``-th of
 ``tfds.even_splits(split, n)`` (example-exact ranges inside the record files).
@@ -54,7 +58,8 @@ without decoding anything before it:
 * image folder: epoch ``e`` is the permutation
   ``stateless_shuffle(range(n), (seed, process, e))`` of the shard's files;
   resuming skips file indices, which costs nothing.
-* TFDS (TFRecord, no random access): per epoch the shard's file instructions are
+* TFDS ArrayRecord: the same, over record indices.
+* TFDS TFRecord (no random access): per epoch the shard's file instructions are
   shuffled (stateless, per epoch) and cut into *groups* of consecutive files
   holding about ``shuffle_buffer`` records; each group is read whole, permuted
   with a stateless shuffle seeded by (epoch, group) and streamed. Records in
@@ -315,10 +320,11 @@ class _TfdsSource:
         self._tfds = tfds
         builder = _tfds_builder(_get(cfg, 'dataset'), _get(cfg, 'data_dir', '') or None)
         info = builder.info
-        file_format = str(getattr(info, 'file_format', 'tfrecord')).lower()
-        if 'tfrecord' not in file_format:
+        self.file_format = _file_format(info)
+        if self.file_format not in ('tfrecord', 'array_record'):
             raise NotImplementedError(
-                f'Only TFRecord-prepared TFDS datasets are supported, got {file_format}'
+                f'TFDS dataset {info.name} is prepared as {self.file_format}; only tfrecord and '
+                'array_record are supported'
             )
         if process_count > 1:
             shards = tfds.even_splits(split, n=process_count)
@@ -444,6 +450,74 @@ class _TfdsSource:
         return ds.map(self._parse, num_parallel_calls=_parallel(cfg), deterministic=True)
 
 
+class _ArrayRecordSource(_TfdsSource):
+    """A TFDS dataset prepared as ArrayRecord: random access by record index, so training
+    and resuming work as for an image folder (a stateless permutation of the shard per
+    epoch; resuming skips indices). Records are read in chunks of ``_READ_CHUNK`` through
+    ``array_record``'s data source and parsed like TFRecord examples."""
+
+    _READ_CHUNK = 64
+
+    def __init__(self, cfg, split: str, process_index: int, process_count: int):
+        super().__init__(cfg, split, process_index, process_count)
+        from array_record.python import array_record_data_source
+
+        self._records = array_record_data_source.ArrayRecordDataSource(self.instructions)
+        if len(self._records) != self.num_examples:
+            raise ValueError(
+                f'array_record files hold {len(self._records)} records for this shard, the '
+                f'TFDS metadata says {self.num_examples}'
+            )
+
+    def _read_chunk(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self._records.__getitems__(indices.tolist()), dtype=object)
+
+    def _with_records(self, ds: tf.data.Dataset, cfg) -> tf.data.Dataset:
+        """Adds 'record' (the serialized example at 'index') to each element, reading in chunks."""
+
+        def read(el):
+            records = tf.numpy_function(self._read_chunk, [el['index']], tf.string, stateful=False)
+            records.set_shape(el['index'].shape)
+            return dict(el, record=records)
+
+        ds = ds.batch(self._READ_CHUNK).map(read, num_parallel_calls=_parallel(cfg))
+        return ds.unbatch()
+
+    def _parsed(self, el):
+        out = self._parse(el['record'])
+        out.update({k: v for k, v in el.items() if k in ('epoch', 'position')})
+        return out
+
+    def train_stream(
+        self, seed: int, process_index: int, start_epoch: int, start_position: int, cfg
+    ) -> tf.data.Dataset:
+        n = self.num_examples
+        perm_key = _shard_key(seed, process_index, _PERMUTATION_DOMAIN)
+
+        def epoch(e):
+            perm = tf.random.experimental.stateless_shuffle(
+                tf.range(n, dtype=tf.int64),
+                seed=tf.random.experimental.stateless_fold_in(perm_key, e),
+            )
+            return tf.data.Dataset.from_tensor_slices(
+                {'index': perm, 'epoch': tf.fill([n], e), 'position': tf.range(n, dtype=tf.int64)}
+            )
+
+        ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch)
+        ds = self._with_records(ds.skip(start_position), cfg)
+        return ds.map(self._parsed, num_parallel_calls=_parallel(cfg), deterministic=True)
+
+    def eval_stream(self, cfg) -> tf.data.Dataset:
+        ds = tf.data.Dataset.range(self.num_examples).map(lambda i: {'index': i})
+        ds = self._with_records(ds, cfg)
+        return ds.map(self._parsed, num_parallel_calls=_parallel(cfg), deterministic=True)
+
+
+def _file_format(info) -> str:
+    value = getattr(info, 'file_format', 'tfrecord')
+    return str(getattr(value, 'value', value)).lower()
+
+
 def _tfds_builder(name: str, data_dir: str | None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -455,6 +529,9 @@ def _make_source(cfg, split, process_index, process_count):
         raise ValueError(f'bad process_index {process_index} for {process_count} processes')
     if _get(cfg, 'dataset') == 'image_folder':
         return _FolderSource(cfg, split, process_index, process_count)
+    info = _tfds_builder(_get(cfg, 'dataset'), _get(cfg, 'data_dir', '') or None).info
+    if _file_format(info) == 'array_record':
+        return _ArrayRecordSource(cfg, split, process_index, process_count)
     return _TfdsSource(cfg, split, process_index, process_count)
 
 

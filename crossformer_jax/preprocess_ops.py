@@ -209,9 +209,7 @@ def random_resized_crop(
     """Crops ``random_crop_window(H, W, seed)`` and resizes it to ``size x size``."""
     shape = tf.shape(image)
     top, left, crop_h, crop_w = tf.unstack(
-        random_crop_window(
-            shape[0], shape[1], seed, scale=scale, ratio=ratio, attempts=attempts
-        )
+        random_crop_window(shape[0], shape[1], seed, scale=scale, ratio=ratio, attempts=attempts)
     )
     crop = image[top : top + crop_h, left : left + crop_w]
     out = resize(crop, [size, size], method=method)

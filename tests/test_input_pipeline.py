@@ -252,7 +252,11 @@ def test_eval_center_crop_geometry(tmp_path):
 # imagenet2012 through TFDS (a tiny fake prepared from fake ILSVRC tar files)
 
 
-def _prepare_fake_imagenet(root):
+def _tree(root):
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+
+
+def _prepare_fake_imagenet(root, file_format):
     import tensorflow_datasets as tfds
 
     # tfds' download_and_prepare needs the `importlib_resources` backport, which
@@ -284,13 +288,16 @@ def _prepare_fake_imagenet(root):
             add(t, f'ILSVRC2012_val_{i:08d}.JPEG', data)
     builder = tfds.builder('imagenet2012', data_dir=str(root / 'data'))
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual)),
+        file_format=file_format,
     )
     return str(root / 'data')
 
 
-def test_tfds_imagenet2012(tmp_path):
-    data_dir = _prepare_fake_imagenet(tmp_path)
+@pytest.mark.parametrize('file_format', ['tfrecord', 'array_record'])
+def test_tfds_imagenet2012(tmp_path, file_format):
+    data_dir = _prepare_fake_imagenet(tmp_path, file_format)
+    assert any(f.endswith(file_format) or file_format in f for f in _tree(data_dir))
     cfg = _cfg(
         tmp_path, dataset='imagenet2012', data_dir=data_dir, randaugment='', shuffle_buffer=4
     )
