@@ -10,11 +10,14 @@ Public API (used by the trainer)::
                                    process_index=i, process_count=n)
     corrupt_image_count()
 
-Both iterators take ``preprocess=``, the task's per-example function (see
-crossformer_jax.tasks); without it they make classification examples.
-Classification batches are dicts of numpy arrays: ``image`` float32
-(B, S, S, 3), normalised; ``label`` int32 (B,); eval batches also carry ``mask``
-bool (B,).
+Both iterators take the task's per-example functions (see crossformer_jax.tasks):
+``decode`` (encoded element -> decoded tensors, run under the corrupt-file guard) and
+``preprocess`` (decoded element -> example); without them they make classification
+examples. Classification batches are dicts of numpy arrays: ``image`` uint8
+(B, S, S, 3), augmented but not normalised; ``label`` int32 (B,); eval batches also
+carry ``mask`` bool (B,). Normalisation (and, in training, random erasing) runs on
+the device: ``batch_ops.train_images`` / ``batch_ops.eval_images`` (a quarter of the
+bytes to transfer, and the float work where it is cheapest).
 
 Sources give elements ``{'data', 'label', 'id'}`` (``data``: an encoded image
 or its path); a source of dense labels (``dataset='ade20k'``, see
@@ -35,14 +38,19 @@ Config fields read (``config.data``), with the defaults assumed when absent::
     randaugment_fill = None         # fill colour of geometric RandAugment ops;
                                     # None = round(255 * mean), like timm's train
                                     # transform; e.g. (128, 128, 128) for grey
-    random_erasing_prob = 0.25
-    mean = (0.485, 0.456, 0.406); std = (0.229, 0.224, 0.225)
+    random_erasing_prob = 0.25      # } read by batch_ops on the device
+    mean = (0.485, 0.456, 0.406); std = (0.229, 0.224, 0.225)  # }
     shuffle_buffer = 16384          # TFDS only: records per shuffle group (below)
     num_parallel_calls = -1         # -1 = tf.data.AUTOTUNE
     prefetch = 2                    # batches prefetched by tf.data
+    private_threadpool_size = 0     # >0: tf.data runs on its own pool of that many threads
 
 Design
 ------
+*TFDS file formats.* TFRecord (streamed, below) and ArrayRecord (random access:
+trained like an image folder, an epoch is a stateless permutation of the shard's
+record indices, and resuming skips indices for free).
+
 *Sharding.* Process ``i`` of ``n`` reads only its shard: for an image folder the
 files ``i, i+n, i+2n, ...`` of the sorted file list; for TFDS the ``i``-th of
 ``tfds.even_splits(split, n)`` (example-exact ranges inside the record files).
@@ -51,13 +59,15 @@ files ``i, i+n, i+2n, ...`` of the sorted file list; for TFDS the ``i``-th of
 shard; batch ``k`` holds stream elements ``[kB, (k+1)B)``. Every random choice
 of an element's augmentation comes from stateless RNG ops seeded by
 ``(seed, process_index, epoch, position in epoch)``, so an element looks the
-same however the stream was reached. ``start_step=k`` starts at element ``kB``
+same however the stream was reached (random erasing on the device draws from the
+train step's key, a function of (seed, step)). ``start_step=k`` starts at element ``kB``
 without decoding anything before it:
 
 * image folder: epoch ``e`` is the permutation
   ``stateless_shuffle(range(n), (seed, process, e))`` of the shard's files;
   resuming skips file indices, which costs nothing.
-* TFDS (TFRecord, no random access): per epoch the shard's file instructions are
+* TFDS ArrayRecord: the same, over record indices.
+* TFDS TFRecord (no random access): per epoch the shard's file instructions are
   shuffled (stateless, per epoch) and cut into *groups* of consecutive files
   holding about ``shuffle_buffer`` records; each group is read whole, permuted
   with a stateless shuffle seeded by (epoch, group) and streamed. Records in
@@ -66,6 +76,10 @@ without decoding anything before it:
   metadata) and reads, but does not decode, the part of one group before the
   resume point. Memory: about three groups of encoded records (at 16384
   ImageNet records, ~110 KB each: ~5 GB); lower ``shuffle_buffer`` on small hosts.
+
+*Decoding.* A training JPEG is decoded only inside its random-resized-crop window
+(the window is drawn from the size in the JPEG header, then
+``decode_and_crop_jpeg``); other formats are decoded whole and cropped.
 
 *Corrupt images.* Decoding runs in a guarded sub-dataset
 (``map(decode).ignore_errors()`` followed by a placeholder), so a file that
@@ -306,7 +320,7 @@ class _FolderSource:
 
 class _TfdsSource:
     """A TFDS dataset prepared in ``data_dir`` (TFRecord files), read by this
-    process's file instructions; images stay encoded until ``_guarded_decode``."""
+    process's file instructions; images stay encoded until ``_guarded``."""
 
     def __init__(self, cfg, split: str, process_index: int, process_count: int):
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -314,10 +328,11 @@ class _TfdsSource:
         self._tfds = tfds
         builder = _tfds_builder(_get(cfg, 'dataset'), _get(cfg, 'data_dir', '') or None)
         info = builder.info
-        file_format = str(getattr(info, 'file_format', 'tfrecord')).lower()
-        if 'tfrecord' not in file_format:
+        self.file_format = _file_format(info)
+        if self.file_format not in ('tfrecord', 'array_record'):
             raise NotImplementedError(
-                f'Only TFRecord-prepared TFDS datasets are supported, got {file_format}'
+                f'TFDS dataset {info.name} is prepared as {self.file_format}; only tfrecord and '
+                'array_record are supported'
             )
         if process_count > 1:
             shards = tfds.even_splits(split, n=process_count)
@@ -443,6 +458,74 @@ class _TfdsSource:
         return ds.map(self._parse, num_parallel_calls=_parallel(cfg), deterministic=True)
 
 
+class _ArrayRecordSource(_TfdsSource):
+    """A TFDS dataset prepared as ArrayRecord: random access by record index, so training
+    and resuming work as for an image folder (a stateless permutation of the shard per
+    epoch; resuming skips indices). Records are read in chunks of ``_READ_CHUNK`` through
+    ``array_record``'s data source and parsed like TFRecord examples."""
+
+    _READ_CHUNK = 64
+
+    def __init__(self, cfg, split: str, process_index: int, process_count: int):
+        super().__init__(cfg, split, process_index, process_count)
+        from array_record.python import array_record_data_source
+
+        self._records = array_record_data_source.ArrayRecordDataSource(self.instructions)
+        if len(self._records) != self.num_examples:
+            raise ValueError(
+                f'array_record files hold {len(self._records)} records for this shard, the '
+                f'TFDS metadata says {self.num_examples}'
+            )
+
+    def _read_chunk(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self._records.__getitems__(indices.tolist()), dtype=object)
+
+    def _with_records(self, ds: tf.data.Dataset, cfg) -> tf.data.Dataset:
+        """Adds 'record' (the serialized example at 'index') to each element, reading in chunks."""
+
+        def read(el):
+            records = tf.numpy_function(self._read_chunk, [el['index']], tf.string, stateful=False)
+            records.set_shape(el['index'].shape)
+            return dict(el, record=records)
+
+        ds = ds.batch(self._READ_CHUNK).map(read, num_parallel_calls=_parallel(cfg))
+        return ds.unbatch()
+
+    def _parsed(self, el):
+        out = self._parse(el['record'])
+        out.update({k: v for k, v in el.items() if k in ('epoch', 'position')})
+        return out
+
+    def train_stream(
+        self, seed: int, process_index: int, start_epoch: int, start_position: int, cfg
+    ) -> tf.data.Dataset:
+        n = self.num_examples
+        perm_key = _shard_key(seed, process_index, _PERMUTATION_DOMAIN)
+
+        def epoch(e):
+            perm = tf.random.experimental.stateless_shuffle(
+                tf.range(n, dtype=tf.int64),
+                seed=tf.random.experimental.stateless_fold_in(perm_key, e),
+            )
+            return tf.data.Dataset.from_tensor_slices(
+                {'index': perm, 'epoch': tf.fill([n], e), 'position': tf.range(n, dtype=tf.int64)}
+            )
+
+        ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch)
+        ds = self._with_records(ds.skip(start_position), cfg)
+        return ds.map(self._parsed, num_parallel_calls=_parallel(cfg), deterministic=True)
+
+    def eval_stream(self, cfg) -> tf.data.Dataset:
+        ds = tf.data.Dataset.range(self.num_examples).map(lambda i: {'index': i})
+        ds = self._with_records(ds, cfg)
+        return ds.map(self._parsed, num_parallel_calls=_parallel(cfg), deterministic=True)
+
+
+def _file_format(info) -> str:
+    value = getattr(info, 'file_format', 'tfrecord')
+    return str(getattr(value, 'value', value)).lower()
+
+
 def _tfds_builder(name: str, data_dir: str | None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -458,6 +541,9 @@ def _make_source(cfg, split, process_index, process_count):
         from crossformer_jax.segmentation_ops import ADE20KSource
 
         return ADE20KSource(cfg, split, process_index, process_count)
+    info = _tfds_builder(_get(cfg, 'dataset'), _get(cfg, 'data_dir', '') or None).info
+    if _file_format(info) == 'array_record':
+        return _ArrayRecordSource(cfg, split, process_index, process_count)
     return _TfdsSource(cfg, split, process_index, process_count)
 
 
@@ -497,11 +583,28 @@ def get_dataset_info(data_config) -> DatasetInfo:
 # Decoding and preprocessing
 
 
-def _guarded_decode(load_fn):
-    """Element -> one element with 'image' (uint8) and 'valid'; never raises.
+def decode_whole(load_fn):
+    """Element -> {'image': uint8 (H, W, 3)} (+ 'label': uint8 (H, W) for dense labels)."""
 
-    The decode runs in a one-element dataset with ``ignore_errors``; if it fails
-    the placeholder (1x1 black image, ``valid`` False) that follows is taken.
+    def fn(el):
+        out = {'image': ops.decode_image(load_fn(el['data']))}
+        if 'label_data' in el:
+            label = tf.io.decode_png(load_fn(el['label_data']), channels=1)[..., 0]
+            tf.debugging.assert_equal(
+                tf.shape(label), tf.shape(out['image'])[:2], 'label and image sizes differ'
+            )
+            out['label'] = label
+        return out
+
+    return fn
+
+
+def _guarded(decode_fn):
+    """Element -> one element with 'image' (uint8), 'valid' and its metadata; never raises.
+
+    ``decode_fn(el)`` -> dict of decoded tensors (reading and decoding, the only steps that
+    can fail) runs in a one-element dataset with ``ignore_errors``; if it fails the
+    placeholder that follows (1x1 black image, ``valid`` False) is taken.
     """
 
     encoded = ('data', 'label_data')
@@ -510,16 +613,7 @@ def _guarded_decode(load_fn):
         meta = {k: v for k, v in el.items() if k not in encoded}
 
         def decode(e):
-            out = {k: v for k, v in e.items() if k not in encoded}
-            out['image'] = ops.decode_image(load_fn(e['data']))
-            if 'label_data' in e:
-                label = tf.io.decode_png(load_fn(e['label_data']), channels=1)[..., 0]
-                tf.debugging.assert_equal(
-                    tf.shape(label), tf.shape(out['image'])[:2], 'label and image sizes differ'
-                )
-                out['label'] = label
-            out['valid'] = tf.constant(True)
-            return out
+            return dict(meta, **decode_fn(e), valid=tf.constant(True))
 
         good = tf.data.Dataset.from_tensors(el).map(decode).ignore_errors()
         bad = dict(meta, image=tf.zeros([1, 1, 3], tf.uint8), valid=tf.constant(False))
@@ -530,32 +624,49 @@ def _guarded_decode(load_fn):
     return fn
 
 
-def _train_preprocess(cfg, seed: int, process_index: int):
-    size = int(_get(cfg, 'image_size', 224))
+def _augment_seeds(key: tf.Tensor, el) -> list[tf.Tensor]:
+    """(crop, flip, RandAugment) seeds of a stream element: f(seed, process, epoch, position)."""
+    s = tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(key, el['epoch']), el['position']
+    )
+    return tf.unstack(tf.random.experimental.stateless_split(s, 4))[:3]
+
+
+def _train_decode(cfg, load_fn, *, seed: int, process_index: int):
+    """Element -> {'image': uint8 pixels of its random resized crop window (before resizing)}.
+
+    Classification's training decode: a JPEG is decoded only inside the window."""
     scale = tuple(_get(cfg, 'rrc_scale', (0.08, 1.0)))
     ratio = tuple(_get(cfg, 'rrc_ratio', (3 / 4, 4 / 3)))
+    key = _shard_key(seed, process_index, _AUGMENT_DOMAIN)
+
+    def fn(el):
+        s_crop, _, _ = _augment_seeds(key, el)
+        return {
+            'image': ops.decode_random_crop(load_fn(el['data']), s_crop, scale=scale, ratio=ratio)
+        }
+
+    return fn
+
+
+def _train_preprocess(cfg, seed: int, process_index: int):
+    """Cropped window -> uint8 (S, S, 3): resize, flip, RandAugment. Normalisation and
+    random erasing follow on the device (``batch_ops.train_images``)."""
+    size = int(_get(cfg, 'image_size', 224))
     hflip = bool(_get(cfg, 'hflip', True))
     ra_spec = _get(cfg, 'randaugment', 'rand-m9-mstd0.5-inc1') or ''
     ra_cfg = ops.parse_randaugment(ra_spec) if ra_spec else None
     fill = _randaugment_fill(cfg)
-    erase = float(_get(cfg, 'random_erasing_prob', 0.25))
-    mean = tuple(_get(cfg, 'mean', _DEFAULT_MEAN))
-    std = tuple(_get(cfg, 'std', _DEFAULT_STD))
     key = _shard_key(seed, process_index, _AUGMENT_DOMAIN)
 
     def fn(el):
-        s = tf.random.experimental.stateless_fold_in(
-            tf.random.experimental.stateless_fold_in(key, el['epoch']), el['position']
-        )
-        s_crop, s_flip, s_ra, s_erase = tf.unstack(tf.random.experimental.stateless_split(s, 4))
-        image = ops.random_resized_crop(el['image'], s_crop, size=size, scale=scale, ratio=ratio)
+        _, s_flip, s_ra = _augment_seeds(key, el)
+        image = ops.resize(el['image'], [size, size], method='bicubic')
+        image.set_shape([size, size, 3])
         if hflip:
             image = ops.random_flip_left_right(image, s_flip)
         if ra_cfg is not None:
             image = ops.randaugment(image, s_ra, ra_cfg, fill=fill)
-        image = ops.normalize(image, mean, std)
-        if erase > 0:
-            image = ops.random_erasing(image, s_erase, prob=erase)
         return {
             'image': image,
             'label': tf.cast(el['label'], tf.int32),
@@ -567,17 +678,15 @@ def _train_preprocess(cfg, seed: int, process_index: int):
 
 
 def _eval_preprocess(cfg):
+    """Decoded image -> uint8 (S, S, 3); normalisation follows on the device."""
     size = int(_get(cfg, 'image_size', 224))
     short = _eval_resize_size(cfg)
     if short < size:
         raise ValueError(f'eval_crop_fraction must be <= 1 (resize to {short} < crop {size})')
-    mean = tuple(_get(cfg, 'mean', _DEFAULT_MEAN))
-    std = tuple(_get(cfg, 'std', _DEFAULT_STD))
 
     def fn(el):
         image = ops.resize_short_side(el['image'], short)
         image = ops.center_crop(image, size)
-        image = ops.normalize(image, mean, std)
         return {
             'image': image,
             'label': tf.cast(el['label'], tf.int32),
@@ -588,10 +697,13 @@ def _eval_preprocess(cfg):
     return fn
 
 
-def _options() -> tf.data.Options:
+def _options(cfg) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
     options.threading.max_intra_op_parallelism = 1
+    threads = int(_get(cfg, 'private_threadpool_size', 0))
+    if threads > 0:
+        options.threading.private_threadpool_size = threads
     return options
 
 
@@ -667,7 +779,7 @@ class EvalIterator(_BaseIterator):
     def _empty(self) -> dict[str, np.ndarray]:
         b, s = self._batch_size, self._image_size
         return {
-            'image': np.zeros((b, s, s, 3), np.float32),
+            'image': np.zeros((b, s, s, 3), np.uint8),
             'label': np.zeros((b,), np.int32),
             'mask': np.zeros((b,), bool),
             'id': np.full((b,), b'', dtype=object),
@@ -686,7 +798,7 @@ class EvalIterator(_BaseIterator):
             if batch is not None:
                 n, valid = len(batch['label']), batch['valid']
                 out['image'][:n] = batch['image']
-                out['image'][:n][~valid] = 0.0
+                out['image'][:n][~valid] = 0
                 out['label'][:n] = batch['label']
                 out['mask'][:n] = valid
                 out['id'][:n] = batch['id']
@@ -707,6 +819,7 @@ def create_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     return_ids: bool = False,
+    decode=None,
     preprocess=None,
 ) -> TrainIterator:
     """Endless training batches for this process, starting at batch ``start_step``.
@@ -714,8 +827,8 @@ def create_train_iterator(
     ``create_train_iterator(..., start_step=k)`` yields exactly the batches a
     fresh iterator yields from its k-th on (same images, same augmentation).
     With ``return_ids`` batches also carry ``id`` (file path / TFDS file_name).
-    ``preprocess``: the task's decoded element -> example function (default:
-    classification training preprocessing).
+    ``decode``: ``load_fn -> (element -> decoded dict)``, and ``preprocess``: decoded
+    element -> example, the task's functions (default: classification training).
     """
     cfg = data_config
     split = _get(cfg, 'train_split', 'train')
@@ -726,11 +839,13 @@ def create_train_iterator(
     start_epoch, start_position = divmod(start_element, source.num_examples)
     parallel = _parallel(cfg)
     ds = source.train_stream(int(seed), process_index, start_epoch, start_position, cfg)
-    ds = ds.interleave(
-        _guarded_decode(source.load), num_parallel_calls=parallel, deterministic=True
-    )
+    if decode is None:
+        decode = functools.partial(_train_decode, cfg, seed=int(seed), process_index=process_index)
     if preprocess is None:
         preprocess = _train_preprocess(cfg, int(seed), process_index)
+    ds = ds.interleave(
+        _guarded(decode(source.load)), num_parallel_calls=parallel, deterministic=True
+    )
     ds = ds.map(
         preprocess,
         num_parallel_calls=parallel,
@@ -738,7 +853,7 @@ def create_train_iterator(
     )
     ds = ds.batch(local_batch_size, drop_remainder=True)
     ds = ds.prefetch(int(_get(cfg, 'prefetch', 2)))
-    return TrainIterator(ds.with_options(_options()), return_ids)
+    return TrainIterator(ds.with_options(_options(cfg)), return_ids)
 
 
 def create_eval_iterator(
@@ -761,7 +876,9 @@ def create_eval_iterator(
     parallel = _parallel(cfg)
     ds = source.eval_stream(cfg)
     ds = ds.interleave(
-        _guarded_decode(source.load), num_parallel_calls=parallel, deterministic=True
+        _guarded(decode_whole(source.load)),
+        num_parallel_calls=parallel,
+        deterministic=True,
     )
     if preprocess is None:
         preprocess = _eval_preprocess(cfg)
@@ -770,7 +887,7 @@ def create_eval_iterator(
     ds = ds.prefetch(int(_get(cfg, 'prefetch', 2)))
     num_batches = -(-source.max_shard_examples // local_batch_size)
     return EvalIterator(
-        ds.with_options(_options()),
+        ds.with_options(_options(cfg)),
         return_ids,
         local_batch_size,
         num_batches,

@@ -8,8 +8,8 @@ Small composable TensorFlow functions, usable inside ``tf.data`` map functions
   for ``uint8`` the result is clipped to ``[0, 255]`` and rounded the way PIL
   rounds that op (blends truncate, resampling rounds to nearest); for floats it
   is only clipped.
-* ``normalize`` turns ``[0, 255]`` pixels into float32 ``(x / 255 - mean) / std``;
-  ``random_erasing`` works on such normalised images.
+* Normalisation and random erasing are not here: they run on the device, on
+  whole uint8 batches (``crossformer_jax.batch_ops``).
 * Random ops take a stateless seed: an int32/int64 tensor of shape ``[2]``
   (see ``tf.random.experimental.stateless_split`` / ``stateless_fold_in``).
   The same image and seed always give the same output, so a pipeline built from
@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 
 _LEVEL_DENOM = 10.0  # RandAugment magnitudes live on [0, 10].
+_JPEG_MARGIN = 16  # pixels decoded around a JPEG crop window (one MCU)
 
 
 # ----------------------------------------------------------------------------
@@ -108,27 +109,24 @@ def resize(image: tf.Tensor, size_hw, method: str = 'bicubic', antialias: bool =
     return _restore(out, dtype, rounding='nearest')
 
 
-@_tensor_input
-def random_resized_crop(
-    image: tf.Tensor,
+def random_crop_window(
+    height: tf.Tensor,
+    width: tf.Tensor,
     seed: tf.Tensor,
     *,
-    size: int,
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     attempts: int = 10,
-    method: str = 'bicubic',
 ) -> tf.Tensor:
-    """Inception-style random resized crop (torchvision/timm semantics).
+    """The window of an Inception-style random resized crop (torchvision/timm semantics).
 
     Up to ``attempts`` draws of (area fraction ~ U(scale), log aspect ratio
     ~ U(log ratio)); crop width/height are ``round(sqrt(area * aspect))`` /
     ``round(sqrt(area / aspect))``; the first draw that fits is used, at a uniform
-    position. If none fits, falls back to a centred crop with the aspect ratio
-    clamped to ``ratio``. The crop is resized to ``size x size``.
+    position. If none fits, a centred crop of the whole image with the aspect ratio
+    clamped to ``ratio``. Returns int32 ``[top, left, crop_height, crop_width]``.
     """
-    shape = tf.shape(image)
-    h, w = shape[0], shape[1]
+    h, w = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
     s_area, s_ratio, s_top, s_left = _split(seed, 4)
     target_area = hf * wf * _uniform(s_area, [attempts], scale[0], scale[1])
@@ -152,6 +150,67 @@ def random_resized_crop(
     crop_h = tf.clip_by_value(crop_h, 1, h)
     top = tf.where(found, _randint_inclusive(_uniform(s_top), h - crop_h), (h - crop_h) // 2)
     left = tf.where(found, _randint_inclusive(_uniform(s_left), w - crop_w), (w - crop_w) // 2)
+    return tf.stack([top, left, crop_h, crop_w])
+
+
+def decode_random_crop(
+    data: tf.Tensor,
+    seed: tf.Tensor,
+    *,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> tf.Tensor:
+    """Decodes only the ``random_crop_window`` of encoded image bytes: uint8 (h, w, 3).
+
+    JPEG: the window is drawn from the header's size and only its rows and blocks
+    are decoded (``decode_and_crop_jpeg``). Other formats are decoded whole and
+    cropped. The same bytes and seed give the same pixels as ``decode_image``
+    followed by cropping that window. Raises on corrupt data, like ``decode_image``.
+    """
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(data)
+        top, left, ch, cw = tf.unstack(
+            random_crop_window(shape[0], shape[1], seed, scale=scale, ratio=ratio)
+        )
+        # Chroma upsampling reads neighbouring samples: decoding a margin of one
+        # 16-pixel MCU around the window makes its pixels those of the full decode.
+        top0, left0 = tf.maximum(top - _JPEG_MARGIN, 0), tf.maximum(left - _JPEG_MARGIN, 0)
+        bottom = tf.minimum(top + ch + _JPEG_MARGIN, shape[0])
+        right = tf.minimum(left + cw + _JPEG_MARGIN, shape[1])
+        window = tf.stack([top0, left0, bottom - top0, right - left0])
+        padded = tf.image.decode_and_crop_jpeg(data, window, channels=3)
+        return padded[top - top0 : top - top0 + ch, left - left0 : left - left0 + cw]
+
+    def other():
+        image = decode_image(data)
+        shape = tf.shape(image)
+        top, left, ch, cw = tf.unstack(
+            random_crop_window(shape[0], shape[1], seed, scale=scale, ratio=ratio)
+        )
+        return image[top : top + ch, left : left + cw]
+
+    out = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    out.set_shape([None, None, 3])
+    return out
+
+
+@_tensor_input
+def random_resized_crop(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    *,
+    size: int,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+    method: str = 'bicubic',
+) -> tf.Tensor:
+    """Crops ``random_crop_window(H, W, seed)`` and resizes it to ``size x size``."""
+    shape = tf.shape(image)
+    top, left, crop_h, crop_w = tf.unstack(
+        random_crop_window(shape[0], shape[1], seed, scale=scale, ratio=ratio, attempts=attempts)
+    )
     crop = image[top : top + crop_h, left : left + crop_w]
     out = resize(crop, [size, size], method=method)
     out.set_shape([size, size, 3])
@@ -199,58 +258,6 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     out = image[top : top + size, left : left + size]
     out.set_shape([size, size, image.shape[-1]])
     return out
-
-
-@_tensor_input
-def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-    """float32 ``(x / 255 - mean) / std`` with mean/std given on the [0, 1] scale."""
-    x = _to_float(image) / 255.0
-    return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
-
-
-@_tensor_input
-def random_erasing(
-    image: tf.Tensor,
-    seed: tf.Tensor,
-    *,
-    prob: float = 0.25,
-    min_area: float = 0.02,
-    max_area: float = 1 / 3,
-    min_aspect: float = 0.3,
-    max_aspect: float | None = None,
-    attempts: int = 10,
-) -> tf.Tensor:
-    """Random erasing, 'pixel' mode, one box (timm ``RandomErasing`` semantics).
-
-    Meant for normalised float images. With probability ``prob``: up to
-    ``attempts`` draws of area fraction ~ U(min_area, max_area) and log aspect
-    ~ U(log min_aspect, log max_aspect); box height ``round(sqrt(area*aspect))``,
-    width ``round(sqrt(area/aspect))``; the first box strictly smaller than the
-    image is placed uniformly and filled with per-pixel, per-channel N(0, 1) noise.
-    """
-    max_aspect = max_aspect or 1.0 / min_aspect
-    shape = tf.shape(image)
-    h, w = shape[0], shape[1]
-    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
-    s_apply, s_area, s_aspect, s_top, s_left, s_noise = _split(seed, 6)
-    apply = _uniform(s_apply) < prob
-    target_area = hf * wf * _uniform(s_area, [attempts], min_area, max_area)
-    aspect = tf.exp(_uniform(s_aspect, [attempts], math.log(min_aspect), math.log(max_aspect)))
-    eh = tf.round(tf.sqrt(target_area * aspect))
-    ew = tf.round(tf.sqrt(target_area / aspect))
-    fits = (ew < wf) & (eh < hf)
-    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-    do = apply & tf.reduce_any(fits)
-    bh = tf.cast(eh[first], tf.int32)
-    bw = tf.cast(ew[first], tf.int32)
-    top = _randint_inclusive(_uniform(s_top), h - bh)
-    left = _randint_inclusive(_uniform(s_left), w - bw)
-    rows = tf.range(h)[:, None]
-    cols = tf.range(w)[None, :]
-    box = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
-    box = box & do
-    noise = tf.random.stateless_normal(tf.shape(image), s_noise, dtype=image.dtype)
-    return tf.where(box[:, :, None], noise, image)
 
 
 # ----------------------------------------------------------------------------

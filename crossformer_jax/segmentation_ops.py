@@ -351,7 +351,9 @@ def create_eval_examples(
     parallel = input_pipeline._parallel(cfg)
     ds = source.eval_stream(cfg)
     ds = ds.interleave(
-        input_pipeline._guarded_decode(source.load), num_parallel_calls=parallel, deterministic=True
+        input_pipeline._guarded(input_pipeline.decode_whole(source.load)),
+        num_parallel_calls=parallel,
+        deterministic=True,
     )
     ds = ds.map(eval_preprocess(cfg, scales), num_parallel_calls=parallel, deterministic=True)
     ds = ds.prefetch(int(input_pipeline._get(cfg, 'prefetch', 2)))

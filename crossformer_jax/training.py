@@ -625,6 +625,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         start_step=start_step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        decode=task.train_decode(config.data, config.seed, jax.process_index()),
         preprocess=task.train_preprocess(config.data, config.seed, jax.process_index()),
     )
     train_iter = prefetch_to_device(train_iter, mesh)
@@ -644,6 +645,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     eval_metrics: dict[str, float] = {}
     step = start_step
     timer_step, timer_start = step, time.time()
+    data_wait = 0.0  # seconds spent waiting for input batches since timer_start
     try:
         while step < total_steps:
             if preemption.should_stop(step):
@@ -658,7 +660,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 )
                 return state
 
-            state, metrics = p_train_step(state, next(train_iter), train_rng)
+            wait_start = time.time()
+            batch = next(train_iter)
+            data_wait += time.time() - wait_start
+            state, metrics = p_train_step(state, batch, train_rng)
             step += 1
             pending.append((step, metrics))
             if step == start_step + 1:  # the first step includes compilation
@@ -666,7 +671,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 logging.info(
                     'First step (with compilation) took %.1f s.', time.time() - timer_start
                 )
-                timer_step, timer_start = step, time.time()
+                timer_step, timer_start, data_wait = step, time.time(), 0.0
 
             is_last = step == total_steps
             if step % config.log_every_steps == 0 or is_last:
@@ -680,9 +685,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 averaged['learning_rate'] = float(host[-1]['learning_rate'])
                 seconds_per_step = (now - timer_start) / max(step - timer_step, 1)
                 images_per_second = config.batch_size / seconds_per_step
+                # Time the loop waited for the input pipeline: near 100% means input-bound.
+                wait_per_step = data_wait / max(step - timer_step, 1)
+                wait_fraction = min(data_wait / max(now - timer_start, 1e-9), 1.0)
                 logging.info(
                     'step %d/%d | epoch %.2f | loss %.4f | lr %.3e | grad_norm %.3f | %.1f img/s '
-                    '| ETA %s',
+                    '| data wait %.1f ms/step (%.0f%%) | ETA %s',
                     step,
                     total_steps,
                     step / steps_per_epoch,
@@ -690,6 +698,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     averaged['learning_rate'],
                     averaged['grad_norm'],
                     images_per_second,
+                    1e3 * wait_per_step,
+                    100 * wait_fraction,
                     _format_eta(seconds_per_step * (total_steps - step)),
                 )
                 corrupt = pipeline.corrupt_image_count()
@@ -703,12 +713,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     {f'train/{k}': v for k, v in averaged.items()}
                     | {
                         'train/images_per_second': images_per_second,
+                        'train/data_wait_seconds_per_step': wait_per_step,
+                        'train/data_wait_fraction': wait_fraction,
                         'train/epoch': step / steps_per_epoch,
                         'train/corrupt_images': corrupt,
                     },
                 )
                 pending.clear()
-                timer_step, timer_start = step, time.time()
+                timer_step, timer_start, data_wait = step, time.time(), 0.0
 
             if step % eval_every == 0 or is_last:
                 eval_start = time.time()

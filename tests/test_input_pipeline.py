@@ -131,9 +131,8 @@ def test_train_batches_labels_and_corrupt_files(folder, caplog):
     corrupt = {str(folder / 'train' / c) for c in CORRUPT_TRAIN}
     for b in batches:
         assert set(b) == {'image', 'label', 'id'}
-        assert b['image'].shape == (5, 16, 16, 3) and b['image'].dtype == np.float32
+        assert b['image'].shape == (5, 16, 16, 3) and b['image'].dtype == np.uint8
         assert b['label'].shape == (5,) and b['label'].dtype == np.int32
-        assert np.isfinite(b['image']).all()
         for path, label in zip(_ids(b), b['label']):
             assert path in valid  # corrupt files never reach a batch
             assert CLASSES[label] == os.path.basename(os.path.dirname(path))
@@ -146,9 +145,9 @@ def test_train_batches_labels_and_corrupt_files(folder, caplog):
     assert ip.corrupt_image_count() - before == 6
     for path in corrupt:
         assert any(path in r.getMessage() for r in caplog.records)
-    # normalised pixels: values span well beyond [0, 1]
+    # raw pixels (normalisation happens on the device): the whole uint8 range is used
     images = np.concatenate([b['image'] for b in batches])
-    assert images.min() < -1.0 and images.max() > 1.5
+    assert images.min() < 10 and images.max() > 245
 
 
 def test_determinism_and_exact_resume(folder):
@@ -210,7 +209,7 @@ def test_eval_padding_and_mask(folder):
     assert len(batches) == len(ev) == 2  # 7 files
     for b in batches:
         assert set(b) == {'image', 'label', 'mask', 'id'}
-        assert b['image'].shape == (4, 16, 16, 3) and b['image'].dtype == np.float32
+        assert b['image'].shape == (4, 16, 16, 3) and b['image'].dtype == np.uint8
         assert b['label'].dtype == np.int32 and b['mask'].dtype == bool
     ids = [i for b in batches for i in _ids(b)]
     mask = np.concatenate([b['mask'] for b in batches])
@@ -238,24 +237,26 @@ def test_eval_center_crop_geometry(tmp_path):
     os.makedirs(tmp_path / 'train' / 'a')
     cfg = _cfg(tmp_path, image_size=20, eval_crop_fraction=0.5)
     batch = next(ip.create_eval_iterator(cfg, local_batch_size=2))
-    expected = (array[10:30, 20:40] / 255.0 - np.array(MEAN)) / np.array(STD)
-    np.testing.assert_allclose(batch['image'][0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(batch['image'][0], array[10:30, 20:40])
     np.testing.assert_array_equal(batch['mask'], [True, False])
     # With the standard fraction the short side becomes floor(20 / 0.875) = 22:
     # a 22x33 bicubic resize and a centred crop; the result is a plain downscale.
     cfg = _cfg(tmp_path, image_size=20)
     image = next(ip.create_eval_iterator(cfg, local_batch_size=1))['image'][0]
-    pixels = image * np.array(STD) + np.array(MEAN)
     ref = tf.image.resize(array.astype(np.float32), (22, 33), 'bicubic', antialias=True)
-    ref = np.clip(np.floor(ref.numpy() + 0.5), 0, 255)[1:21, 6:26] / 255.0
-    np.testing.assert_allclose(pixels, ref, atol=1e-5)
+    ref = np.clip(np.floor(ref.numpy() + 0.5), 0, 255)[1:21, 6:26]
+    np.testing.assert_array_equal(image, ref)
 
 
 # ----------------------------------------------------------------------------
 # imagenet2012 through TFDS (a tiny fake prepared from fake ILSVRC tar files)
 
 
-def _prepare_fake_imagenet(root):
+def _tree(root):
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+
+
+def _prepare_fake_imagenet(root, file_format):
     import tensorflow_datasets as tfds
 
     # tfds' download_and_prepare needs the `importlib_resources` backport, which
@@ -287,13 +288,16 @@ def _prepare_fake_imagenet(root):
             add(t, f'ILSVRC2012_val_{i:08d}.JPEG', data)
     builder = tfds.builder('imagenet2012', data_dir=str(root / 'data'))
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual)),
+        file_format=file_format,
     )
     return str(root / 'data')
 
 
-def test_tfds_imagenet2012(tmp_path):
-    data_dir = _prepare_fake_imagenet(tmp_path)
+@pytest.mark.parametrize('file_format', ['tfrecord', 'array_record'])
+def test_tfds_imagenet2012(tmp_path, file_format):
+    data_dir = _prepare_fake_imagenet(tmp_path, file_format)
+    assert any(f.endswith(file_format) or file_format in f for f in _tree(data_dir))
     cfg = _cfg(
         tmp_path, dataset='imagenet2012', data_dir=data_dir, randaugment='', shuffle_buffer=4
     )
@@ -305,7 +309,7 @@ def test_tfds_imagenet2012(tmp_path):
         it = ip.create_train_iterator(cfg, start_step=0, process_index=p, process_count=2, **kw)
         fresh = _take(it, 5)  # shards of 6: epoch 0 is batches 0-1
         for b in fresh:
-            assert b['image'].shape == (3, 16, 16, 3) and b['image'].dtype == np.float32
+            assert b['image'].shape == (3, 16, 16, 3) and b['image'].dtype == np.uint8
             assert b['label'].dtype == np.int32
             for name, label in zip(_ids(b), b['label']):
                 assert name != 'n01443537_2.JPEG'

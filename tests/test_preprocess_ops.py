@@ -1,5 +1,7 @@
 """Tests of the TF preprocessing ops (small images, eager mode)."""
 
+import io
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -116,44 +118,40 @@ def test_resize_short_side_and_center_crop():
     np.testing.assert_array_equal(ops.center_crop(x[:6, :8], 4).numpy(), x[1:5, 2:6])
 
 
-def test_normalize_numbers():
-    img = np.array([[[0, 0, 0], [255, 255, 255], [51, 102, 204]]], np.uint8)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    out = ops.normalize(img, mean, std).numpy()
-    assert out.dtype == np.float32
-    expected = (img.astype(np.float64) / 255.0 - np.array(mean)) / np.array(std)
-    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(
-        out[0, 1], [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rtol=1e-6
-    )
-
-
-def test_random_erasing_box_fraction_and_noise():
-    h, w = 64, 80
-    base = np.full((h, w, 3), 100.0, np.float32)  # sentinel value noise never hits
-    np.testing.assert_array_equal(ops.random_erasing(base, SEED, prob=0.0).numpy(), base)
-    fractions, noise = [], []
-    for i in range(12):
-        out = ops.random_erasing(base, _seed(i), prob=1.0).numpy()
-        changed = np.any(out != base, axis=-1)
-        rows, cols = np.nonzero(changed)
-        assert rows.size > 0
-        # one axis-aligned box
-        box = np.zeros_like(changed)
-        box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
-        np.testing.assert_array_equal(changed, box)
-        fractions.append(changed.mean())
-        noise.append(out[changed])
-        np.testing.assert_array_equal(out, ops.random_erasing(base, _seed(i), prob=1.0).numpy())
-    # area fraction in [0.02, 1/3] up to the rounding of the box sides
-    assert min(fractions) >= 0.02 * 0.8 and max(fractions) <= (1 / 3) * 1.2
-    noise = np.concatenate(noise)
-    assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1.0) < 0.05
-    applied = [
-        not np.array_equal(ops.random_erasing(base, _seed(i), prob=0.25).numpy(), base)
-        for i in range(80)
-    ]
-    assert 8 <= sum(applied) <= 35
+@pytest.mark.parametrize(
+    'fmt,options',
+    [
+        ('JPEG', dict(quality=90, subsampling=2)),  # 4:2:0 chroma, the common case
+        ('JPEG', dict(quality=95, subsampling=1)),  # 4:2:2
+        ('JPEG', dict(quality=75, subsampling=0, progressive=True)),
+        ('PNG', {}),
+    ],
+)
+def test_decode_random_crop_equals_full_decode_then_crop(fmt, options):
+    # Smooth content with texture, sides not multiples of the 16-pixel MCU.
+    yy, xx = np.mgrid[0:83, 0:117]
+    array = np.stack([yy * 3, xx * 2, (yy * xx) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **options)
+    data = tf.constant(buf.getvalue())
+    full = ops.decode_image(data).numpy()
+    shapes = set()
+    for i in range(25):
+        top, left, h, w = ops.random_crop_window(83, 117, _seed(i)).numpy()
+        crop = ops.decode_random_crop(data, _seed(i)).numpy()
+        np.testing.assert_array_equal(crop, full[top : top + h, left : left + w])
+        shapes.add((h, w))
+        # resized, the window gives exactly random_resized_crop of the decoded image
+        if i < 3:
+            np.testing.assert_array_equal(
+                ops.resize(crop, [16, 16]).numpy(),
+                ops.random_resized_crop(full, _seed(i), size=16).numpy(),
+            )
+    assert len(shapes) > 10
+    truncated = buf.getvalue()[: len(buf.getvalue()) // 2]
+    for corrupt in (truncated, b'\xff\xd8\xff garbage after a JPEG marker', b'not an image'):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            ops.decode_random_crop(tf.constant(corrupt), SEED)
 
 
 # ----------------------------------------------------------------------------

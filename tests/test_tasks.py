@@ -55,7 +55,9 @@ def test_classification_eval_sums_count_only_real_rows():
     expected_loss = -float(np.sum(np.asarray(log_probs)[np.arange(4), labels[:4]]))
     np.testing.assert_allclose(float(sums['loss']), expected_loss, rtol=1e-6)
 
-    task = classification.ClassificationTask(num_classes=8, mixup=ml_collections.ConfigDict())
+    task = classification.ClassificationTask(
+        num_classes=8, mixup=ml_collections.ConfigDict(), data=ml_collections.ConfigDict()
+    )
     metrics = task.final_metrics(sums)
     assert metrics['top1'] == 0.5 and metrics['top5'] == 0.75 and metrics['count'] == 4
     assert 'top-1 50.00%' in task.describe(metrics)

@@ -240,7 +240,13 @@ def test_training_lowers_the_loss_and_writes_the_workdir(reference):
     evals = [m for m in _metrics(workdir) if 'eval/top1' in m]
     assert [m['step'] for m in evals] == [16, 32]
     assert 'Final validation top-1' in reference['log']
-    assert 'step 32/32 | epoch' in reference['log'] and 'img/s | ETA' in reference['log']
+    assert 'step 32/32 | epoch' in reference['log'] and 'img/s | data wait' in reference['log']
+    # the share of each logging interval spent waiting for input batches is logged
+    waits = [m for m in _metrics(workdir) if 'train/data_wait_fraction' in m]
+    assert len(waits) == len([m for m in _metrics(workdir) if 'train/loss' in m])
+    for m in waits:
+        assert 0.0 <= m['train/data_wait_fraction'] <= 1.0
+        assert m['train/data_wait_seconds_per_step'] >= 0.0
 
 
 def test_eight_devices_match_one_device(env, reference):
@@ -402,9 +408,12 @@ def test_gradient_accumulation_matches_one_big_batch():
     state = training.TrainState.create(params, tx)
     rng = np.random.RandomState(0)
     batch = {
-        'image': rng.randn(8, 32, 32, 3).astype(np.float32),
+        'image': rng.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8),
         'label': rng.randint(0, 4, size=8).astype(np.int32),
     }
+    data = ml_collections.ConfigDict(
+        {'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25), 'random_erasing_prob': 0.5}
+    )
     mixing = ml_collections.ConfigDict(
         {'mixup_alpha': 0.0, 'cutmix_alpha': 0.0, 'switch_prob': 0.5, 'label_smoothing': 0.1}
     )
@@ -416,7 +425,7 @@ def test_gradient_accumulation_matches_one_big_batch():
                 b,
                 r,
                 model=model,
-                task=ClassificationTask(num_classes=4, mixup=mixing),
+                task=ClassificationTask(num_classes=4, mixup=mixing, data=data),
                 tx=tx,
                 schedule=lambda _: 1e-3,
                 grad_accum_steps=accum,

@@ -5,6 +5,9 @@ preemption, resume, logging and the data sources are shared. A task supplies the
 
 * `create_model(config)` and `init_variables(model, rng)`: the Flax module and its variables
   (`{'params': ..., <model state such as 'batch_stats'>}`);
+* `train_decode(data_config, seed, process_index)`: how a training element is decoded (a factory
+  `load_fn -> (element -> dict of decoded tensors)`, run under the pipeline's corrupt-file guard;
+  default: the whole image, and the label map where there is one);
 * `train_preprocess(data_config, seed, process_index)` / `eval_preprocess(data_config)`: per-example
   tf.data functions (decoded element dict -> example dict) handed to the shared input pipeline;
 * `transform_batch(rng, batch)`: an on-device transform of the global training batch (mixup);
@@ -61,6 +64,13 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def init_variables(self, model: nn.Module, rng: jax.Array) -> dict[str, Any]:
         """Fresh variables: 'params' and any model state collections."""
+
+    def train_decode(self, data_config, seed: int, process_index: int) -> Callable:
+        """load_fn -> (encoded element -> decoded tensors); default: whole image (+ label map)."""
+        del data_config, seed, process_index
+        from crossformer_jax import input_pipeline
+
+        return input_pipeline.decode_whole
 
     @abc.abstractmethod
     def train_preprocess(self, data_config, seed: int, process_index: int) -> Callable:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from crossformer_jax import crossformer, mixup
+from crossformer_jax import batch_ops, crossformer, mixup
 from crossformer_jax import sharding as sharding_lib
 from crossformer_jax.tasks import Task, model_overrides
 
@@ -45,18 +45,27 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str
     }
 
 
-def eval_step(variables: Any, batch: dict[str, jax.Array], *, model: nn.Module):
-    """eval_sums of the model's logits on an evaluation batch {'image', 'label', 'mask'}."""
-    logits = model.apply(variables, batch['image'], train=False)
+def eval_step(
+    variables: Any,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    data_config: ml_collections.ConfigDict,
+):
+    """eval_sums of the model's logits on an evaluation batch {'image' uint8, 'label', 'mask'}."""
+    images = batch_ops.eval_images(batch['image'], data_config)
+    logits = model.apply(variables, images, train=False)
     return eval_sums(logits, batch['label'], batch['mask'])
 
 
 @dataclasses.dataclass(frozen=True)
 class ClassificationTask(Task):
-    """num_classes classes; mixup: config.mixup (both alphas 0: only label smoothing)."""
+    """num_classes classes; mixup: config.mixup (both alphas 0: only label smoothing); data:
+    config.data (normalisation and random erasing on the device)."""
 
     num_classes: int
     mixup: ml_collections.ConfigDict
+    data: ml_collections.ConfigDict
     image_size: int = 224
 
     name: ClassVar[str] = 'classification'
@@ -106,7 +115,12 @@ class ClassificationTask(Task):
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> ClassificationTask:
-        return cls(num_classes=num_classes, mixup=config.mixup, image_size=config.data.image_size)
+        return cls(
+            num_classes=num_classes,
+            mixup=config.mixup,
+            data=config.data,
+            image_size=config.data.image_size,
+        )
 
     def create_model(self, config: ml_collections.ConfigDict) -> nn.Module:
         return crossformer.create_model(
@@ -116,6 +130,14 @@ class ClassificationTask(Task):
     def init_variables(self, model: nn.Module, rng: jax.Array) -> dict[str, Any]:
         images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         return {'params': model.init(rng, images)['params']}
+
+    def train_decode(self, data_config, seed: int, process_index: int) -> Callable:
+        """JPEGs decoded only inside their random resized crop window."""
+        from crossformer_jax import input_pipeline
+
+        return functools.partial(
+            input_pipeline._train_decode, data_config, seed=seed, process_index=process_index
+        )
 
     def train_preprocess(self, data_config, seed: int, process_index: int) -> Callable:
         from crossformer_jax import input_pipeline
@@ -128,11 +150,14 @@ class ClassificationTask(Task):
         return input_pipeline._eval_preprocess(data_config)
 
     def transform_batch(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """Mixes the batch as a whole: {'image', 'label'} -> {'image', 'target' (B, K)}."""
+        """{'image' uint8, 'label'} -> {'image' float32, 'target' (B, K)}: normalised, randomly
+        erased (per example), then mixed as a whole."""
+        erase_rng, mix_rng = jax.random.split(rng)
+        images = batch_ops.train_images(batch['image'], erase_rng, self.data)
         m = self.mixup
         images, targets = mixup.mix_batch(
-            rng,
-            batch['image'],
+            mix_rng,
+            images,
             batch['label'],
             num_classes=self.num_classes,
             mixup_alpha=m.mixup_alpha,
@@ -153,7 +178,7 @@ class ClassificationTask(Task):
         from crossformer_jax import input_pipeline, training
 
         p_eval_step = jax.jit(
-            functools.partial(eval_step, model=model),
+            functools.partial(eval_step, model=model, data_config=self.data),
             in_shardings=(variables_sharding, sharding_lib.batch_sharding(mesh)),
             out_shardings=sharding_lib.replicated(mesh),
         )

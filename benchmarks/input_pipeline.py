@@ -1,0 +1,258 @@
+"""Images/s of the tf.data training and evaluation pipelines, stage by stage, on pinned cores.
+
+Stages of the training pipeline (each a full ``create_train_iterator`` unless noted):
+
+* ``decode only``: read + decode of every image, nothing else (a plain tf.data map);
+* ``+ crop/flip``: random resized crop + flip (RandAugment and random erasing off);
+* ``+ RandAugment``: and the configured RandAugment;
+* ``+ erasing``: the whole recipe, random erasing included;
+* ``eval``: ``create_eval_iterator`` (resize short side, centre crop).
+
+Batches that leave the iterator are what is counted; the pipeline's normalisation and random
+erasing run where the pipeline puts them (see ``crossformer_jax.batch_ops``; the ``device ops``
+row times that step with JAX on the same cores).
+
+The process is pinned to ``--cores`` CPUs (``os.sched_setaffinity``) before TensorFlow is
+imported, and tf.data runs on a private threadpool of that size. Every stage is measured
+``--rounds`` times, rounds alternating over the stages, on a fresh iterator each time (one untimed
+warm-up batch, then ``--batches`` timed batches); the table gives the median and the range of
+images/s, and the median images per CPU-second of the process (the work each image costs, which
+other load on the machine disturbs much less than the wall-clock rate).
+
+Without ``--data-dir``/``--tfds`` it writes an ImageNet-like folder (``--images`` JPEGs of
+500x375 / 375x500, random crops and resizes of scikit-learn's two sample photos) to
+``--make-dir`` and measures on that::
+
+    python benchmarks/input_pipeline.py --cores 2
+    python benchmarks/input_pipeline.py --cores 8 --data-dir /data/imagenet_folder
+    python benchmarks/input_pipeline.py --cores 8 --tfds imagenet2012 --tfds-data-dir ~/tfds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+RECIPE = dict(
+    image_size=224,
+    eval_crop_fraction=0.875,
+    rrc_scale=(0.08, 1.0),
+    rrc_ratio=(3 / 4, 4 / 3),
+    hflip=True,
+    randaugment='rand-m9-mstd0.5-inc1',
+    random_erasing_prob=0.25,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    shuffle_buffer=1024,
+    num_parallel_calls=-1,
+    prefetch=2,
+)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--cores', type=int, default=2, help='CPUs the process is pinned to')
+    parser.add_argument('--data-dir', default='', help='image folder root (<split>/<class>/*)')
+    parser.add_argument('--tfds', default='', help='a prepared TFDS dataset name instead')
+    parser.add_argument('--tfds-data-dir', default='', help='TFDS data_dir for --tfds')
+    parser.add_argument('--train-split', default='train')
+    parser.add_argument('--eval-split', default='validation')
+    parser.add_argument(
+        '--make-dir', default='/tmp/crossformer_input_benchmark', help='where to write the folder'
+    )
+    parser.add_argument('--images', type=int, default=640, help='training images to write')
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--batches', type=int, default=8, help='timed batches per measurement')
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument(
+        '--stages', default='decode,crop,randaugment,erasing,device,eval', help='comma-separated'
+    )
+    return parser.parse_args()
+
+
+def pin(cores: int) -> list[int]:
+    available = sorted(os.sched_getaffinity(0))
+    if cores > len(available):
+        raise SystemExit(f'--cores {cores} but only {len(available)} CPUs are usable')
+    chosen = available[:cores]
+    os.sched_setaffinity(0, chosen)
+    return chosen
+
+
+def make_folder(root: str, num_train: int) -> str:
+    """ImageNet-like JPEGs (quality 90) from the two scikit-learn sample photos; reused if
+    present. Train: ``num_train`` images in 2 classes; validation: a quarter as many."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    marker = os.path.join(root, f'.complete_{num_train}')
+    if os.path.exists(marker):
+        return root
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = np.random.RandomState(0)
+    for split, count in (('train', num_train), ('validation', max(num_train // 4, 1))):
+        for i in range(count):
+            photo = photos[i % 2]
+            w, h = photo.size
+            cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
+            left, top = rng.randint(0, w - cw + 1), rng.randint(0, h - ch + 1)
+            size = (500, 375) if rng.rand() < 0.75 else (375, 500)
+            image = photo.crop((left, top, left + cw, top + ch)).resize(size, Image.BICUBIC)
+            class_dir = os.path.join(root, split, f'class{i % 2}')
+            os.makedirs(class_dir, exist_ok=True)
+            image.save(os.path.join(class_dir, f'{i:05d}.jpg'), quality=90)
+    open(marker, 'w').close()
+    return root
+
+
+def data_config(args, root: str, **overrides):
+    import ml_collections
+
+    cfg = dict(RECIPE, train_split=args.train_split, eval_split=args.eval_split)
+    if args.tfds:
+        cfg.update(dataset=args.tfds, data_dir=args.tfds_data_dir)
+    else:
+        cfg.update(dataset='image_folder', data_dir=root)
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def decode_only_batches(args, root: str, cores: int):
+    """Iterator over batches of decoded images' sizes (decode work only, no augmentation)."""
+    import tensorflow as tf
+
+    from crossformer_jax import preprocess_ops as ops
+
+    if args.tfds:
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(args.tfds, data_dir=args.tfds_data_dir or None)
+        ds = builder.as_dataset(
+            args.train_split, decoders={'image': tfds.decode.SkipDecoding()}, shuffle_files=False
+        )
+        ds = ds.map(lambda ex: ex['image'])
+    else:
+        split_dir = os.path.join(root, args.train_split)
+        files = sorted(
+            os.path.join(split_dir, c, f)
+            for c in os.listdir(split_dir)
+            for f in os.listdir(os.path.join(split_dir, c))
+        )
+        ds = tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file)
+    ds = ds.repeat().map(
+        lambda data: tf.shape(ops.decode_image(data)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    ds = ds.batch(args.batch_size).prefetch(2)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = cores
+    return iter(ds.with_options(options).as_numpy_iterator())
+
+
+def train_batches(args, root: str, cores: int, **overrides):
+    from crossformer_jax import input_pipeline as ip
+
+    cfg = data_config(args, root, private_threadpool_size=cores, **overrides)
+    return ip.create_train_iterator(cfg, local_batch_size=args.batch_size, seed=0)
+
+
+def eval_batches(args, root: str, cores: int):
+    import itertools
+
+    from crossformer_jax import input_pipeline as ip
+
+    cfg = data_config(args, root, private_threadpool_size=cores)
+
+    def endless():
+        while True:
+            yield from ip.create_eval_iterator(cfg, local_batch_size=args.batch_size)
+
+    return itertools.islice(endless(), None)
+
+
+def device_ops_batches(args):
+    """Iterator that runs ``batch_ops.train_images`` (normalise + erase) on one uint8 batch with
+    JAX on this process's cores, as the train step does on the accelerator."""
+    import jax
+    import numpy as np
+
+    from crossformer_jax import batch_ops
+
+    cfg = data_config(args, '')
+    images = np.random.RandomState(0).randint(0, 256, (args.batch_size, 224, 224, 3), np.uint8)
+    images = jax.device_put(images)
+    step = jax.jit(lambda x, k: batch_ops.train_images(x, k, cfg))
+    key = jax.random.key(0)
+    jax.block_until_ready(step(images, key))
+    while True:
+        key = jax.random.fold_in(key, 1)
+        yield jax.block_until_ready(step(images, key))
+
+
+def time_batches(iterator, count: int) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds for ``count`` batches after one untimed warm-up."""
+    next(iterator)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for _ in range(count):
+        next(iterator)
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def main() -> None:
+    args = parse_args()
+    cores = pin(args.cores)
+    root = args.data_dir
+    if not (root or args.tfds):
+        root = make_folder(args.make_dir, args.images)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(len(cores))
+    tf.config.threading.set_inter_op_parallelism_threads(len(cores))
+    n = len(cores)
+    makers = {
+        'decode': ('decode only', lambda: decode_only_batches(args, root, n)),
+        'crop': (
+            '+ crop/flip',
+            lambda: train_batches(args, root, n, randaugment='', random_erasing_prob=0.0),
+        ),
+        'randaugment': (
+            '+ RandAugment',
+            lambda: train_batches(args, root, n, random_erasing_prob=0.0),
+        ),
+        'erasing': ('+ erasing (full recipe)', lambda: train_batches(args, root, n)),
+        'device': ('device ops alone (JAX, same cores)', lambda: device_ops_batches(args)),
+        'eval': ('eval (resize + centre crop)', lambda: eval_batches(args, root, n)),
+    }
+    stages = [s for s in args.stages.split(',') if s in makers]
+    rates: dict[str, list[float]] = {s: [] for s in stages}
+    cpu_rates: dict[str, list[float]] = {s: [] for s in stages}
+    for r in range(args.rounds):
+        order = stages if r % 2 == 0 else stages[::-1]
+        for stage in order:
+            iterator = makers[stage][1]()
+            seconds, cpu_seconds = time_batches(iterator, args.batches)
+            rates[stage].append(args.batches * args.batch_size / seconds)
+            cpu_rates[stage].append(args.batches * args.batch_size / cpu_seconds)
+            del iterator
+    source = f'tfds {args.tfds}' if args.tfds else root
+    print(f'\n{source}; {n} core(s) {cores}; batch {args.batch_size}; ', end='')
+    print(f'{args.rounds} rounds of {args.batches} batches\n')
+    print('| stage | images/s (median) | range | images per CPU-second (median) |')
+    print('|---|---:|---:|---:|')
+    for stage in stages:
+        values = rates[stage]
+        print(
+            f'| {makers[stage][0]} | {statistics.median(values):.0f} '
+            f'| {min(values):.0f}-{max(values):.0f} | {statistics.median(cpu_rates[stage]):.0f} |'
+        )
+
+
+if __name__ == '__main__':
+    main()
