@@ -86,11 +86,13 @@ _BACKBONE_FIELDS = (
 @functools.cache
 def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices i0, i1 and weight of i1 for F.interpolate(bilinear, align_corners=False)."""
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    # In float32 arithmetic, as PyTorch computes it (float64 would differ by ~1e-6 when shrinking).
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
     i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1).astype(np.int32)
-    weight = np.clip(src - i0, 0.0, 1.0).astype(np.float32)
+    weight = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
     return i0, i1, weight
 
 
