@@ -385,27 +385,9 @@ class SegmentationModel(nn.Module):
     remat: bool = False
     dtype: Any = jnp.float32
 
-    def backbone_module(self) -> CrossFormer:
-        return CrossFormer(
-            embed_dim=self.embed_dim,
-            depths=self.depths,
-            num_heads=self.num_heads,
-            group_size=self.group_size,
-            interval=self.interval,
-            version=self.version,
-            features_only=True,
-            mlp_ratio=self.mlp_ratio,
-            drop_path_rate=self.drop_path_rate,
-            patch_kernel_sizes=self.patch_kernel_sizes,
-            merge_kernel_sizes=self.merge_kernel_sizes,
-            remat=self.remat,
-            dtype=self.dtype,
-            name='backbone',
-        )
-
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False):
-        backbone = self.backbone_module()
+        backbone = segmentation_backbone(self, name='backbone')
         backbone.check_images(images)
         size = images.shape[1:3]
         features = backbone(images, train)
@@ -442,6 +424,27 @@ class SegmentationModel(nn.Module):
         if not train:
             return logits
         return logits, aux_logits
+
+
+def segmentation_backbone(model: SegmentationModel, name: str | None = None) -> CrossFormer:
+    """The features_only CrossFormer of a segmentation model (its variables: params['backbone'];
+    created inside the model's __call__ with name='backbone', or standalone with name None)."""
+    return CrossFormer(
+        embed_dim=model.embed_dim,
+        depths=model.depths,
+        num_heads=model.num_heads,
+        group_size=model.group_size,
+        interval=model.interval,
+        version=model.version,
+        features_only=True,
+        mlp_ratio=model.mlp_ratio,
+        drop_path_rate=model.drop_path_rate,
+        patch_kernel_sizes=model.patch_kernel_sizes,
+        merge_kernel_sizes=model.merge_kernel_sizes,
+        remat=model.remat,
+        dtype=model.dtype,
+        name=name,
+    )
 
 
 # -------------------------------------------------------------------------------------------------
