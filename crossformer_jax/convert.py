@@ -687,27 +687,45 @@ def segmentation_overrides(state_dict: Mapping[str, Any], name: str) -> dict[str
 
     state_dict = {_strip_module_prefix(k): v for k, v in state_dict.items()}
     default = segmentation_config(name)
+    # Each width with the (key, axis) pairs that show it, the first present one is used.
     if default['head'] == 'upernet':
         sources = {
-            'head_channels': 'decode_head.bottleneck.conv.weight',
-            'aux_channels': 'auxiliary_head.convs.0.conv.weight',
+            'head_channels': [
+                ('decode_head.bottleneck.conv.weight', 0),
+                ('decode_head.bottleneck.bn.weight', 0),
+                ('decode_head.conv_seg.weight', 1),
+            ],
+            'aux_channels': [
+                ('auxiliary_head.convs.0.conv.weight', 0),
+                ('auxiliary_head.convs.0.bn.weight', 0),
+                ('auxiliary_head.conv_seg.weight', 1),
+            ],
         }
     else:
         sources = {
-            'head_channels': 'decode_head.scale_heads.0.0.conv.weight',
-            'neck_channels': 'neck.lateral_convs.0.conv.weight',
+            'head_channels': [
+                ('decode_head.scale_heads.0.0.conv.weight', 0),
+                ('decode_head.scale_heads.0.0.bn.weight', 0),
+                ('decode_head.conv_seg.weight', 1),
+            ],
+            'neck_channels': [
+                ('neck.lateral_convs.0.conv.weight', 0),
+                ('neck.lateral_convs.0.conv.bias', 0),
+                ('neck.fpn_convs.0.conv.weight', 0),
+            ],
         }
     overrides = {}
-    for field, key in sources.items():
-        shape = _shape_of(state_dict, key)
-        if shape:
-            width = shape[0]
+    for field, candidates in sources.items():
+        shapes = [_shape_of(state_dict, key) for key, _ in candidates]
+        widths = [shape[axis] for shape, (_, axis) in zip(shapes, candidates) if shape]
+        if widths:
+            width = widths[0]
         elif field == 'aux_channels' and not any(
             k.startswith('auxiliary_head.') for k in state_dict
         ):
             width = None
         else:
-            continue  # reported as a missing key by the conversion
+            continue  # reported as missing keys by the conversion
         if width != default[field]:
             overrides[field] = width
     return overrides
