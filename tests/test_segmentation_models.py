@@ -9,6 +9,7 @@ import textwrap
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -401,4 +402,63 @@ def test_adaptive_avg_pool_matches_torch_for_uneven_bins(size, bins):
         S.adaptive_avg_pool(jnp.asarray(x), bins),
         reference.numpy().transpose(0, 2, 3, 1),
         atol=1e-6,
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Complexity report.
+
+
+def _conv_macs_in_jaxpr(jaxpr) -> int:
+    """MACs of every convolution in a (closed) jaxpr, nested calls included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'conv_general_dilated':
+            rhs = eqn.invars[1].aval
+            out = eqn.outvars[0].aval
+            dims = eqn.params['dimension_numbers']
+            kernel = rhs.shape
+            out_channels = kernel[dims.rhs_spec[0]]
+            per_output = math.prod(kernel) // out_channels  # kh * kw * in / groups
+            total += math.prod(out.shape) * per_output
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += _conv_macs_in_jaxpr(sub)
+    return total
+
+
+@pytest.mark.parametrize('name', ['upernet_crossformer_small', 'fpn_crossformer_pp_small'])
+def test_head_macs_equal_the_convolutions_the_model_runs(name):
+    from crossformer_jax.complexity import count_macs, count_segmentation_macs
+
+    size = (64, 96)
+    model = crossformer_jax.create_model(name, num_classes=11, **TINY)
+    features = [
+        jax.ShapeDtypeStruct(
+            (1, size[0] // 2 ** (s + 2), size[1] // 2 ** (s + 2), 16 * 2**s), jnp.float32
+        )
+        for s in range(4)
+    ]
+    variables = abstract_variables(model)
+    if name.startswith('upernet'):
+        head = S.UPerHead(11, 32)
+        head_variables = {k: v['decode_head'] for k, v in variables.items()}
+        jaxpr = jax.make_jaxpr(lambda v, x: head.apply(v, x, False))(head_variables, features)
+    else:
+        neck, head = S.FPNNeck(256), S.FPNHead(11, 32)
+        neck_variables = {'params': variables['params']['neck']}
+        head_variables = {k: v['decode_head'] for k, v in variables.items()}
+        jaxpr = jax.make_jaxpr(lambda n, v, x: head.apply(v, neck.apply(n, x), False))(
+            neck_variables, head_variables, features
+        )
+    backbone = count_macs(
+        'crossformer_small',
+        size,
+        features_only=True,
+        **{
+            k: getattr(model, k)
+            for k in ('embed_dim', 'depths', 'num_heads', 'group_size', 'interval', 'version')
+        },
+    )
+    assert count_segmentation_macs(name, size, 11, **TINY) - backbone == _conv_macs_in_jaxpr(
+        jaxpr.jaxpr
     )
