@@ -16,9 +16,9 @@ from crossformer_jax.torch_segmentation import (
     randomize_batch_norm_statistics,
 )
 
-# Observed max|diff| / max|reference| is about 1e-6 (float32 rounding of the same sums taken in a
-# different order: XLA's convolutions and attention vs PyTorch's, ~20 layers deep); the bound
-# leaves a factor 10 of headroom and stays 10x inside the 1e-4 acceptance bound.
+# Observed max|diff| / max|reference|: 1e-6 to 1.8e-6 (float32 rounding of the same sums taken in
+# a different order: XLA's convolutions and attention vs PyTorch's, ~20 layers deep); the bound
+# leaves a factor 5 of headroom and stays 10x inside the 1e-4 acceptance bound.
 RELATIVE_TOLERANCE = 1e-5
 
 # Two blocks per stage (SDA then LDA); ++ with four blocks in stage 2 (block 2 has an ACL).
