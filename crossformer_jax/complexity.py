@@ -5,6 +5,11 @@ matmul the Flax model runs (attention over padded groups included), one image at
 Normalisations, activations and softmax are not counted, as in the paper's GMACs.
 
     python -m crossformer_jax.complexity [--image-size 224] [--num-classes 1000]
+    python -m crossformer_jax.complexity --segmentation [--image-size 512] [--num-classes 150]
+
+Segmentation models: backbone MACs as above plus the heads' convolutions counted analytically
+(inference: decode head only, as the auxiliary head runs in training only); pooling, resizing,
+BatchNorm and ReLU are not counted.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from crossformer_jax.crossformer import VARIANTS, create_model, cross_scale_chan
 def count_params(
     name: str, num_classes: int = 1000, features_only: bool = False, **overrides
 ) -> int:
-    """Number of parameters of a registered variant (shapes only; nothing is allocated)."""
+    """Number of parameters of a registered variant (shapes only; nothing is allocated); for
+    segmentation models without the BatchNorm statistics."""
     model = create_model(name, num_classes, features_only, **overrides)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
-    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes['params'])))
 
 
 def _conv_macs(out_h: int, out_w: int, kernel: int, in_ch: int, out_ch: int, groups: int = 1):
@@ -86,6 +92,68 @@ def count_macs(
     return int(macs)
 
 
+def count_segmentation_macs(
+    name: str, image_size: tuple[int, int] | int = 512, num_classes: int = 150, **overrides
+) -> int:
+    """MACs of one inference pass (backbone + neck + decode head) of one image of `image_size`
+    through a registered segmentation model."""
+    from crossformer_jax.segmentation import create_segmentation_model
+
+    model = create_segmentation_model(name, num_classes, **overrides)
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    backbone_fields = (
+        'embed_dim',
+        'depths',
+        'num_heads',
+        'group_size',
+        'interval',
+        'version',
+        'mlp_ratio',
+        'patch_kernel_sizes',
+        'merge_kernel_sizes',
+    )
+    macs = count_macs(
+        'crossformer_small',  # any variant: every architecture field is given
+        (height, width),
+        features_only=True,
+        **{k: getattr(model, k) for k in backbone_fields},
+    )
+    sizes = [(height // 2 ** (s + 2), width // 2 ** (s + 2)) for s in range(4)]
+    channels = [model.embed_dim * 2**s for s in range(4)]
+    head = model.head_channels
+    if model.head == 'upernet':
+        (h3, w3), (h0, w0) = sizes[3], sizes[0]
+        macs += sum(_conv_macs(s, s, 1, channels[3], head) for s in (1, 2, 3, 6))  # psp_modules
+        macs += _conv_macs(h3, w3, 3, channels[3] + 4 * head, head)  # bottleneck
+        for (h, w), c in zip(sizes[:3], channels[:3]):
+            macs += _conv_macs(h, w, 1, c, head) + _conv_macs(h, w, 3, head, head)  # lateral, fpn
+        macs += _conv_macs(h0, w0, 3, 4 * head, head)  # fpn_bottleneck
+    else:
+        neck = model.neck_channels
+        for (h, w), c in zip(sizes, channels):
+            macs += _conv_macs(h, w, 1, c, neck) + _conv_macs(h, w, 3, neck, neck)
+        for i in range(4):
+            for j in range(max(1, i)):  # conv j of scale head i runs at level i - j
+                h, w = sizes[i - j]
+                macs += _conv_macs(h, w, 3, neck if j == 0 else head, head)
+    macs += _conv_macs(*sizes[0], 1, head, num_classes)  # conv_seg
+    return int(macs)
+
+
+def segmentation_report(image_sizes=(512, 1024), num_classes: int = 150) -> list[dict]:
+    """Parameters and inference GMACs of every segmentation model at each square image size."""
+    from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
+
+    return [
+        dict(
+            model=name,
+            params=count_params(name, num_classes),
+            gmacs={s: count_segmentation_macs(name, s, num_classes) / 1e9 for s in image_sizes},
+        )
+        for name in SEGMENTATION_VARIANTS
+    ]
+
+
 def report(image_size: int = 224, num_classes: int = 1000) -> list[dict]:
     """Parameters and GMACs of every variant: [{'model', 'params', 'gmacs'}]."""
     return [
@@ -100,9 +168,24 @@ def report(image_size: int = 224, num_classes: int = 1000) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--image-size', type=int, default=224)
-    parser.add_argument('--num-classes', type=int, default=1000)
+    parser.add_argument(
+        '--segmentation',
+        action='store_true',
+        help='report the segmentation models (default sizes 512 and 1024, 150 classes)',
+    )
+    parser.add_argument('--image-size', type=int, action='append', default=None)
+    parser.add_argument('--num-classes', type=int, default=None)
     args = parser.parse_args(argv)
+    if args.segmentation:
+        sizes = args.image_size or [512, 1024]
+        header = ''.join(f'{"GMACs@" + str(s):>13}' for s in sizes)
+        print(f'{"model":<30} {"params":>12}{header}')
+        for row in segmentation_report(tuple(sizes), args.num_classes or 150):
+            gmacs = ''.join(f'{row["gmacs"][s]:>13.1f}' for s in sizes)
+            print(f'{row["model"]:<30} {row["params"]:>12,}{gmacs}')
+        return
+    args.image_size = args.image_size[-1] if args.image_size else 224
+    args.num_classes = args.num_classes or 1000
     print(f'{"model":<22} {"params":>12} {"GMACs@" + str(args.image_size):>12}')
     for row in report(args.image_size, args.num_classes):
         print(f'{row["model"]:<22} {row["params"]:>12,} {row["gmacs"]:>12.2f}')

@@ -42,6 +42,10 @@ _STORABLE_OVERRIDES = (
     'mlp_ratio',
     'patch_kernel_sizes',
     'merge_kernel_sizes',
+    # Segmentation heads (crossformer_jax.segmentation).
+    'head_channels',
+    'aux_channels',
+    'neck_channels',
 )
 
 
@@ -205,7 +209,8 @@ def load_pretrained(directory: str | os.PathLike, *, dtype: Any = None):
     """Rebuilds the Flax module from the metadata and restores its variables.
 
     dtype: compute dtype of the module (e.g. jnp.bfloat16); parameters are always float32.
-    Returns (model, variables) with variables {'params': ...} of float32 jax arrays.
+    Returns (model, variables) with variables {'params': ...} of float32 jax arrays (segmentation
+    models also 'batch_stats', the BatchNorm running statistics).
     """
     import jax
     import jax.numpy as jnp

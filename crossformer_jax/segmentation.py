@@ -86,11 +86,13 @@ _BACKBONE_FIELDS = (
 @functools.cache
 def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices i0, i1 and weight of i1 for F.interpolate(bilinear, align_corners=False)."""
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    # In float32 arithmetic, as PyTorch computes it (float64 would differ by ~1e-6 when shrinking).
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
     i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1).astype(np.int32)
-    weight = np.clip(src - i0, 0.0, 1.0).astype(np.float32)
+    weight = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
     return i0, i1, weight
 
 
@@ -383,27 +385,9 @@ class SegmentationModel(nn.Module):
     remat: bool = False
     dtype: Any = jnp.float32
 
-    def backbone_module(self) -> CrossFormer:
-        return CrossFormer(
-            embed_dim=self.embed_dim,
-            depths=self.depths,
-            num_heads=self.num_heads,
-            group_size=self.group_size,
-            interval=self.interval,
-            version=self.version,
-            features_only=True,
-            mlp_ratio=self.mlp_ratio,
-            drop_path_rate=self.drop_path_rate,
-            patch_kernel_sizes=self.patch_kernel_sizes,
-            merge_kernel_sizes=self.merge_kernel_sizes,
-            remat=self.remat,
-            dtype=self.dtype,
-            name='backbone',
-        )
-
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False):
-        backbone = self.backbone_module()
+        backbone = segmentation_backbone(self, name='backbone')
         backbone.check_images(images)
         size = images.shape[1:3]
         features = backbone(images, train)
@@ -440,6 +424,27 @@ class SegmentationModel(nn.Module):
         if not train:
             return logits
         return logits, aux_logits
+
+
+def segmentation_backbone(model: SegmentationModel, name: str | None = None) -> CrossFormer:
+    """The features_only CrossFormer of a segmentation model (its variables: params['backbone'];
+    created inside the model's __call__ with name='backbone', or standalone with name None)."""
+    return CrossFormer(
+        embed_dim=model.embed_dim,
+        depths=model.depths,
+        num_heads=model.num_heads,
+        group_size=model.group_size,
+        interval=model.interval,
+        version=model.version,
+        features_only=True,
+        mlp_ratio=model.mlp_ratio,
+        drop_path_rate=model.drop_path_rate,
+        patch_kernel_sizes=model.patch_kernel_sizes,
+        merge_kernel_sizes=model.merge_kernel_sizes,
+        remat=model.remat,
+        dtype=model.dtype,
+        name=name,
+    )
 
 
 # -------------------------------------------------------------------------------------------------
