@@ -112,6 +112,7 @@ class DatasetInfo:
     num_classes: int
     num_train_examples: int
     num_eval_examples: int
+    class_names: tuple[str, ...] | None = None  # folder names / TFDS label names, by class id
 
 
 # ----------------------------------------------------------------------------
@@ -463,7 +464,7 @@ def get_dataset_info(data_config) -> DatasetInfo:
                 return 0
             return len(_list_folder(root, split, classes)[0])
 
-        return DatasetInfo(len(classes), count(train_split), count(eval_split))
+        return DatasetInfo(len(classes), count(train_split), count(eval_split), tuple(classes))
     info = _tfds_builder(_get(cfg, 'dataset'), _get(cfg, 'data_dir', '') or None).info
 
     def count(split):
@@ -472,9 +473,9 @@ def get_dataset_info(data_config) -> DatasetInfo:
         except (KeyError, ValueError):
             return 0
 
-    return DatasetInfo(
-        int(info.features['label'].num_classes), count(train_split), count(eval_split)
-    )
+    label = info.features['label']
+    names = tuple(label.names) if label.names else None
+    return DatasetInfo(int(label.num_classes), count(train_split), count(eval_split), names)
 
 
 # ----------------------------------------------------------------------------

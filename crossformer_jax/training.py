@@ -467,6 +467,40 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def save_workdir_metadata(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    num_classes: int,
+    class_names: tuple[str, ...] | None,
+) -> None:
+    """WORKDIR/metadata.json: the model, the evaluation preprocessing (timm's pretrained-config
+    fields) and the class names, so that predict.py and export_torch_weights.py can use the
+    workdir's checkpoints without the config file."""
+    from crossformer_jax import pretrained
+
+    if jax.process_index() != 0:
+        return
+    data = config.data
+    preprocessing = pretrained.Preprocessing(
+        input_size=(data.image_size, data.image_size),
+        crop_pct=float(data.eval_crop_fraction),
+        interpolation='bicubic',  # the input pipeline's evaluation resize
+        mean=tuple(data.mean),
+        std=tuple(data.std),
+    )
+    metadata = pretrained.workdir_metadata(
+        model_name=config.model.name,
+        model_overrides=model_overrides(config),
+        num_classes=num_classes,
+        preprocessing=preprocessing,
+        label_names=class_names,
+    )
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(os.path.join(workdir, pretrained.METADATA_FILE), 'w') as f:
+        f.write(json.dumps(metadata, indent=2, sort_keys=True) + '\n')
+
+
 def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
     """Raises NonFiniteLossError at the first pending step with a NaN/inf loss or parameters.
 
@@ -582,6 +616,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
     logging.info('Model has %s parameters.', f'{num_params:,}')
     save_config(config, workdir)
+    save_workdir_metadata(config, workdir, num_classes, info.class_names)
 
     p_train_step = jax.jit(
         functools.partial(
