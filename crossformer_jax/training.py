@@ -805,6 +805,25 @@ def evaluate_params(
 # Mode 'evaluate'.
 
 
+def preprocessing_differences(data: ml_collections.ConfigDict, metadata: dict) -> list[str]:
+    """One line per config.data field that differs from the preprocessing stored with weights
+    (the ImageNet defaults for older directories without it)."""
+    from crossformer_jax import pretrained
+
+    stored = pretrained.preprocessing_from_metadata(metadata)
+    pairs = (
+        ('image_size', data.image_size, stored.input_size[0]),
+        ('eval_crop_fraction', data.eval_crop_fraction, stored.crop_pct),
+        ('mean', tuple(data.mean), stored.mean),
+        ('std', tuple(data.std), stored.std),
+    )
+    return [
+        f'config.data.{field}={ours} differs from the {theirs} stored with the weights'
+        for field, ours, theirs in pairs
+        if not np.allclose(ours, theirs)
+    ]
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, float]:
     """Top-1, top-5 and loss on the validation split.
 
@@ -855,6 +874,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
         params_sharding = sharding_lib.replicated(mesh)
         params = jax.device_put(variables['params'], params_sharding)
         source = f'converted checkpoint {config.init_from}'
+        for problem in preprocessing_differences(
+            config.data, pretrained.read_metadata(config.init_from)
+        ):
+            logging.warning('%s (the weights in %s)', problem, config.init_from)
     else:
         raise ConfigError(
             f'nothing to evaluate: no checkpoint in workdir {workdir!r} and no config.init_from'

@@ -197,3 +197,16 @@ def test_a_backbone_has_nothing_to_predict(tmp_path, capsys):
     )
     assert predict.main(['--weights', directory, str(tmp_path)]) == 2
     assert 'holds a backbone model, which has no predictions' in capsys.readouterr().err
+
+
+def test_evaluate_names_config_fields_that_differ_from_the_weights():
+    config = digits_demo.get_config()  # 32 px, crop 1.0, mean/std 0.5
+    problems = training.preprocessing_differences(config.data, {})  # older: ImageNet defaults
+    assert [p.split('=')[0] for p in problems] == [
+        'config.data.image_size',
+        'config.data.eval_crop_fraction',
+        'config.data.mean',
+        'config.data.std',
+    ]
+    stored = P.Preprocessing((32, 32), 1.0, 'bicubic', (0.5,) * 3, (0.5,) * 3).to_metadata()
+    assert training.preprocessing_differences(config.data, stored) == []

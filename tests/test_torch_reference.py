@@ -1,4 +1,4 @@
-"""Fast checks of the PyTorch reference model against the published facts (counts, names, shapes, errors)."""
+"""Fast checks of the PyTorch reference model: published counts, names, shapes, errors."""
 
 import subprocess
 import sys
