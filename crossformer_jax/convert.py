@@ -36,8 +36,12 @@ import numpy as np
 
 CONVERTER_VERSION = '1'
 
-# Non-learned buffers of the v1 classification checkpoints; derived from the group size.
-DERIVED_BUFFER_SUFFIXES = ('.attn.biases', '.attn.relative_position_index')
+# Non-learned buffers of the v1 classification checkpoints (derived from the group size) and
+# BatchNorm's step counter (unused with a fixed momentum); the converter skips them.
+DERIVED_BUFFER_SUFFIXES = ('.attn.biases', '.attn.relative_position_index', '.num_batches_tracked')
+
+# Top-level prefixes of the heads in MMSegmentation checkpoints (next to `backbone.`).
+SEGMENTATION_PREFIXES = ('decode_head.', 'auxiliary_head.', 'neck.')
 
 # The input used to trace the model for its parameter shapes (which do not depend on it).
 _TRACE_IMAGE_SIZE = 64
@@ -197,13 +201,17 @@ def _strip_module_prefix(key: str) -> str:
     return key
 
 
-def extract_state_dict(checkpoint: Any) -> tuple[dict[str, Any], list[str]]:
+def extract_state_dict(
+    checkpoint: Any, keep_heads: bool = False
+) -> tuple[dict[str, Any], list[str]]:
     """Finds the model's state dict inside a loaded checkpoint object.
 
     Accepted layouts: {'model': sd} (classification releases, possibly with optimizer state and
     such next to it), {'state_dict': sd} (detection/segmentation releases: the `backbone.*` keys are
     kept with the prefix removed, all others are returned as skipped), and a bare state dict. A
-    DataParallel `module.` prefix is removed. Returns (state_dict, skipped_keys).
+    DataParallel `module.` prefix is removed. With keep_heads, a segmentation state dict (keys
+    under decode_head. / auxiliary_head. / neck.) is returned whole, prefixes kept, for the
+    segmentation model. Returns (state_dict, skipped_keys).
     """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(
@@ -229,6 +237,8 @@ def extract_state_dict(checkpoint: Any) -> tuple[dict[str, Any], list[str]]:
         if new_key in stripped:
             raise CheckpointError(f'state dict has {new_key!r} twice (with and without "module.")')
         stripped[new_key] = value
+    if keep_heads and is_segmentation_state_dict(stripped):
+        return stripped, []
     if any(k.startswith('backbone.') for k in stripped):
         backbone = {
             k[len('backbone.') :]: v for k, v in stripped.items() if k.startswith('backbone.')
@@ -244,32 +254,42 @@ def extract_state_dict(checkpoint: Any) -> tuple[dict[str, Any], list[str]]:
 
 @dataclasses.dataclass(frozen=True)
 class _Leaf:
-    """One Flax parameter and the PyTorch tensor it comes from."""
+    """One Flax variable and the PyTorch tensor it comes from."""
 
-    path: tuple[str, ...]  # path under 'params'
+    path: tuple[str, ...]  # path under the collection
     flax_shape: tuple[int, ...]
     torch_shape: tuple[int, ...]
     kind: str  # 'linear', 'conv' or 'copy'
+    collection: str = 'params'  # or 'batch_stats' (BatchNorm running statistics)
 
 
 _DPB_SEQUENTIAL = re.compile(r'^(pos\d+)_(norm|linear)$')
-_INDEXED = re.compile(r'^(.+)_(\d+)$')
+_INDEXED = re.compile(r'^(.+?)((?:_\d+)+)$')
+# BatchNorm running statistics: Flax batch_stats name -> PyTorch buffer name.
+_BATCH_STATS_NAMES = {'mean': 'running_mean', 'var': 'running_var'}
 
 
 def _torch_module_name(flax_name: str) -> str:
-    """Flax module name -> PyTorch module path segment ('layers_0' -> 'layers.0')."""
+    """Flax module name -> PyTorch module path segment ('layers_0' -> 'layers.0',
+    'psp_modules_0_1' -> 'psp_modules.0.1')."""
     match = _DPB_SEQUENTIAL.match(flax_name)
     if match:  # DPB's nn.Sequential(LayerNorm, ReLU, Linear): indices 0 and 2
         return f'{match.group(1)}.{0 if match.group(2) == "norm" else 2}'
     match = _INDEXED.match(flax_name)
     if match:
-        return f'{match.group(1)}.{match.group(2)}'
+        return match.group(1) + match.group(2).replace('_', '.')
     return flax_name
 
 
-def _leaf_from_flax(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[str, _Leaf]:
+def _leaf_from_flax(
+    path: tuple[str, ...], shape: tuple[int, ...], collection: str = 'params'
+) -> tuple[str, _Leaf]:
     *modules, leaf = path
     prefix = '.'.join(_torch_module_name(m) for m in modules)
+    if collection == 'batch_stats' and leaf in _BATCH_STATS_NAMES:
+        return f'{prefix}.{_BATCH_STATS_NAMES[leaf]}', _Leaf(path, shape, shape, 'copy', collection)
+    if collection != 'params':
+        raise NotImplementedError(f'no PyTorch counterpart for {collection} {"/".join(path)}')
     if leaf == 'kernel' and len(shape) == 2:  # Dense (in, out) <- Linear weight (out, in)
         return f'{prefix}.weight', _Leaf(path, shape, (shape[1], shape[0]), 'linear')
     if leaf == 'kernel' and len(shape) == 4:  # Conv (kh, kw, in, out) <- (out, in, kh, kw)
@@ -318,14 +338,15 @@ def _expected_torch_shapes(name: str, key, overrides: Mapping[str, Any]) -> dict
     model = create_model(name, num_classes=num_classes, features_only=features_only, **overrides)
     images = jax.ShapeDtypeStruct((1, _TRACE_IMAGE_SIZE, _TRACE_IMAGE_SIZE, 3), jnp.float32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
-    if set(shapes) != {'params'}:
+    if not set(shapes) <= {'params', 'batch_stats'}:
         raise NotImplementedError(f'unexpected variable collections {sorted(shapes)}')
     table = {}
-    for path, leaf in flatten_dict(shapes['params']).items():
-        torch_key, entry = _leaf_from_flax(tuple(path), tuple(leaf.shape))
-        if torch_key in table:
-            raise NotImplementedError(f'two Flax parameters map to {torch_key}')
-        table[torch_key] = entry
+    for collection in sorted(shapes, key=lambda c: c != 'params'):
+        for path, leaf in flatten_dict(shapes[collection]).items():
+            torch_key, entry = _leaf_from_flax(tuple(path), tuple(leaf.shape), collection)
+            if torch_key in table:
+                raise NotImplementedError(f'two Flax variables map to {torch_key}')
+            table[torch_key] = entry
     return table
 
 
@@ -343,6 +364,17 @@ def is_derived_buffer(key: str) -> bool:
     return key.endswith(DERIVED_BUFFER_SUFFIXES)
 
 
+def is_segmentation_name(name: str) -> bool:
+    from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
+
+    return name in SEGMENTATION_VARIANTS
+
+
+def is_segmentation_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """True for a whole MMSegmentation model (head keys next to `backbone.`)."""
+    return any(_strip_module_prefix(k).startswith(SEGMENTATION_PREFIXES) for k in state_dict)
+
+
 def convert_torch_state_dict(
     state_dict: Mapping[str, Any],
     name: str,
@@ -351,13 +383,16 @@ def convert_torch_state_dict(
     features_only: bool | None = None,
     **overrides,
 ) -> dict[str, Any]:
-    """PyTorch state dict -> Flax variables {'params': nested dict of float32 numpy arrays}.
+    """PyTorch state dict -> Flax variables {'params': nested dict of float32 numpy arrays}, plus
+    'batch_stats' (BatchNorm running statistics) for segmentation models.
 
     Values may be torch tensors or numpy arrays; `module.` prefixes are removed. Unless given,
     `features_only` is True when the state dict has no `head.*` keys and `num_classes` is read from
-    `head.weight`. `overrides` go to `create_model` (e.g. reduced depths in tests). The derived
-    buffers `attn.biases` / `attn.relative_position_index` are ignored; any other unused key, any
-    missing key and any shape mismatch raise one `StateDictMismatchError` that lists them all.
+    `head.weight` (`decode_head.conv_seg.weight` for segmentation models, whose head widths come
+    from `segmentation_overrides` unless given). `overrides` go to `create_model` (e.g. reduced
+    depths in tests). The derived buffers `attn.biases` / `attn.relative_position_index` and
+    BatchNorm's `num_batches_tracked` are ignored; any other unused key, any missing key and any
+    shape mismatch raise one `StateDictMismatchError` that lists them all.
     """
     variables, _ = convert_with_report(
         state_dict, name, num_classes=num_classes, features_only=features_only, **overrides
@@ -372,10 +407,16 @@ class ConversionReport:
     features_only: bool
     num_params: int
     skipped_buffers: list[str]  # derived buffers that were ignored
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # create_model's
 
 
 def _describe_model(name: str, num_classes: int, features_only: bool, overrides) -> str:
-    what = 'backbone (features_only)' if features_only else f'classifier with {num_classes} classes'
+    if is_segmentation_name(name):
+        what = f'segmentation model with {num_classes} classes'
+    elif features_only:
+        what = 'backbone (features_only)'
+    else:
+        what = f'classifier with {num_classes} classes'
     extra = f', overrides {dict(overrides)}' if overrides else ''
     return f'{name} {what}{extra}'
 
@@ -385,6 +426,14 @@ def _prepare(state_dict, name, num_classes, features_only, overrides):
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f'expected a state dict (a mapping), got {type(state_dict).__name__}')
     state_dict = {_strip_module_prefix(k): v for k, v in state_dict.items()}
+    if is_segmentation_name(name):
+        if features_only:
+            raise ValueError(f'{name} is a segmentation model; features_only does not apply')
+        features_only = False
+        overrides = {**segmentation_overrides(state_dict, name), **overrides}
+        if num_classes is None:
+            conv_seg = _shape_of(state_dict, 'decode_head.conv_seg.weight')
+            num_classes = conv_seg[0] if conv_seg else 150
     if features_only is None:
         features_only = not any(k.startswith('head.') for k in state_dict)
     if num_classes is None:
@@ -430,8 +479,9 @@ def _prepare(state_dict, name, num_classes, features_only, overrides):
         name,
         None if features_only else num_classes,
         features_only,
-        int(sum(math.prod(e.torch_shape) for e in expected.values())),
+        int(sum(math.prod(e.torch_shape) for e in expected.values() if e.collection == 'params')),
         skipped,
+        dict(overrides),
     )
     return state_dict, expected, report
 
@@ -460,31 +510,42 @@ def convert_with_report(
     from flax.traverse_util import unflatten_dict
 
     state_dict, expected, report = _prepare(state_dict, name, num_classes, features_only, overrides)
-    flat = {}
+    flat: dict[str, dict] = {}
     for k, e in expected.items():
         value = _to_numpy(state_dict[k])
         if e.kind == 'linear':
             value = value.T
         elif e.kind == 'conv':
             value = value.transpose(2, 3, 1, 0)
-        flat[e.path] = np.ascontiguousarray(value)
-    return {'params': unflatten_dict(flat)}, report
+        flat.setdefault(e.collection, {})[e.path] = np.ascontiguousarray(value)
+    return {collection: unflatten_dict(tree) for collection, tree in flat.items()}, report
 
 
 def flax_to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Inverse mapping: Flax variables -> PyTorch-named numpy arrays (without derived buffers)."""
+    """Inverse mapping: Flax variables -> PyTorch-named numpy arrays (without derived buffers).
+
+    With 'batch_stats' (segmentation models) the result is an MMSegmentation state dict: every
+    BatchNorm also gets running_mean / running_var and a num_batches_tracked of 0 (int64), which
+    PyTorch's BatchNorm2d keeps in its state dict but does not use with a fixed momentum.
+    """
     from flax.traverse_util import flatten_dict
 
-    params = variables.get('params', variables)
+    collections = {'params': variables.get('params', variables)}
+    if 'batch_stats' in variables:
+        collections['batch_stats'] = variables['batch_stats']
     out = {}
-    for path, value in flatten_dict(params).items():
-        value = np.asarray(value, dtype=np.float32)
-        torch_key, leaf = _leaf_from_flax(tuple(path), tuple(value.shape))
-        if leaf.kind == 'linear':
-            value = value.T
-        elif leaf.kind == 'conv':
-            value = value.transpose(3, 2, 0, 1)
-        out[torch_key] = np.ascontiguousarray(value)
+    for collection, tree in collections.items():
+        for path, value in flatten_dict(tree).items():
+            value = np.asarray(value, dtype=np.float32)
+            torch_key, leaf = _leaf_from_flax(tuple(path), tuple(value.shape), collection)
+            if leaf.kind == 'linear':
+                value = value.T
+            elif leaf.kind == 'conv':
+                value = value.transpose(3, 2, 0, 1)
+            out[torch_key] = np.ascontiguousarray(value)
+            if torch_key.endswith('.running_mean'):
+                counter = torch_key[: -len('running_mean')] + 'num_batches_tracked'
+                out[counter] = np.zeros((), np.int64)
     return out
 
 
@@ -536,13 +597,17 @@ def describe_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def infer_model_name(state_dict: Mapping[str, Any]) -> str:
     """The registered variant whose architecture matches the state dict.
 
-    Uses embed_dim (patch_embed.norm.weight), the number of blocks per stage, the heads of each
+    A segmentation state dict (decode_head.* keys) gives 'upernet_<backbone>' (psp_modules in the
+    decode head) or 'fpn_<backbone>' (neck.* keys) for the backbone under backbone.*. Uses
+    embed_dim (patch_embed.norm.weight), the number of blocks per stage, the heads of each
     stage (the DPB's last Linear) and the presence of ACL keys (ex_conv: CrossFormer++ only, which
     tells crossformer_base from crossformer_pp_base, crossformer_large from crossformer_pp_large).
     Raises `ModelNameError` listing what was found when no variant or several match.
     """
     from crossformer_jax.crossformer import VARIANTS
 
+    if is_segmentation_state_dict(state_dict):
+        return _infer_segmentation_name(state_dict)
     facts = describe_state_dict(state_dict)
     found = (
         f'embed_dim={facts["embed_dim"]}, depths={facts["depths"]}, '
@@ -582,11 +647,77 @@ def infer_model_name(state_dict: Mapping[str, Any]) -> str:
     )
 
 
-def check_model_name(name: str) -> str:
-    from crossformer_jax.crossformer import VARIANTS
+def _infer_segmentation_name(state_dict: Mapping[str, Any]) -> str:
+    from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
 
-    if name not in VARIANTS:
-        raise ModelNameError(f'unknown model {name!r}; available: {", ".join(sorted(VARIANTS))}')
+    keys = [_strip_module_prefix(k) for k in state_dict]
+    if any(k.startswith('decode_head.psp_modules.') for k in keys):
+        head = 'upernet'
+    elif any(k.startswith('neck.') for k in keys) and any(
+        k.startswith('decode_head.scale_heads.') for k in keys
+    ):
+        head = 'fpn'
+    else:
+        raise ModelNameError(
+            'cannot tell the segmentation head from the state dict: expected '
+            "'decode_head.psp_modules.*' (UPerNet) or 'neck.*' with "
+            "'decode_head.scale_heads.*' (Semantic FPN)"
+        )
+    backbone = {
+        k[len('backbone.') :]: v
+        for k, v in ((_strip_module_prefix(k), v) for k, v in state_dict.items())
+        if k.startswith('backbone.')
+    }
+    if not backbone:
+        raise ModelNameError('the segmentation state dict has no backbone.* keys')
+    name = f'{head}_{infer_model_name(backbone)}'
+    if name not in SEGMENTATION_VARIANTS:
+        raise ModelNameError(
+            f'the state dict looks like {name}, which is not a registered segmentation model '
+            f'({", ".join(sorted(SEGMENTATION_VARIANTS))}); pass --model explicitly'
+        )
+    return name
+
+
+def segmentation_overrides(state_dict: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Head widths of a segmentation state dict that differ from the registered model's
+    (head_channels, aux_channels, neck_channels), read from the conv shapes; aux_channels None
+    when a UPerNet state dict has no auxiliary_head.* keys."""
+    from crossformer_jax.segmentation import segmentation_config
+
+    state_dict = {_strip_module_prefix(k): v for k, v in state_dict.items()}
+    default = segmentation_config(name)
+    if default['head'] == 'upernet':
+        sources = {
+            'head_channels': 'decode_head.bottleneck.conv.weight',
+            'aux_channels': 'auxiliary_head.convs.0.conv.weight',
+        }
+    else:
+        sources = {
+            'head_channels': 'decode_head.scale_heads.0.0.conv.weight',
+            'neck_channels': 'neck.lateral_convs.0.conv.weight',
+        }
+    overrides = {}
+    for field, key in sources.items():
+        shape = _shape_of(state_dict, key)
+        if shape:
+            width = shape[0]
+        elif field == 'aux_channels' and not any(
+            k.startswith('auxiliary_head.') for k in state_dict
+        ):
+            width = None
+        else:
+            continue  # reported as a missing key by the conversion
+        if width != default[field]:
+            overrides[field] = width
+    return overrides
+
+
+def check_model_name(name: str) -> str:
+    from crossformer_jax.crossformer import list_models
+
+    if name not in list_models():
+        raise ModelNameError(f'unknown model {name!r}; available: {", ".join(list_models())}')
     return name
 
 
@@ -621,9 +752,15 @@ def compare_with_torch(
 ) -> list[Comparison]:
     """Runs the PyTorch reference (holding `state_dict`, loaded strictly) and the Flax model
     (holding `variables`) on the same seeded random images; returns one Comparison per output
-    (the logits, or the four backbone maps compared in NCHW)."""
+    (the logits, or the four backbone maps compared in NCHW; for segmentation models the logits
+    at the input size and, with an auxiliary head, its logits too)."""
     import jax
     import torch
+
+    if is_segmentation_name(name):
+        return _compare_segmentation_with_torch(
+            state_dict, variables, name, num_classes, image_size, batch_size, seed, overrides
+        )
 
     from crossformer_jax.crossformer import create_model
     from crossformer_jax.torch_reference import create_torch_model
@@ -635,15 +772,7 @@ def compare_with_torch(
     torch_model.eval()
     # The derived buffers are the reference's own (they depend on the group size only); everything
     # else must come from the checkpoint, strictly.
-    own = torch_model.state_dict()
-    loaded = {}
-    for k, v in state_dict.items():
-        k = _strip_module_prefix(k)
-        if is_derived_buffer(k):
-            continue
-        loaded[k] = v if isinstance(v, torch.Tensor) else torch.from_numpy(_to_numpy(v))
-    loaded.update({k: v for k, v in own.items() if is_derived_buffer(k)})
-    torch_model.load_state_dict(loaded, strict=True)
+    _load_torch_reference(torch_model, state_dict)
 
     height, width = image_size
     rng = np.random.default_rng(seed)
@@ -664,6 +793,69 @@ def compare_with_torch(
         pairs = [('logits', reference.numpy(), np.asarray(outputs))]
     results = []
     for label, ref, out in pairs:
+        if ref.shape != out.shape:
+            raise RuntimeError(f'{label}: reference shape {ref.shape} != Flax shape {out.shape}')
+        results.append(
+            Comparison(
+                label, ref.shape, float(np.max(np.abs(ref - out))), float(np.max(np.abs(ref)))
+            )
+        )
+    return results
+
+
+def _load_torch_reference(torch_model, state_dict: Mapping[str, Any]) -> None:
+    """Loads `state_dict` strictly, the derived buffers (and BatchNorm step counters) excepted:
+    those are the reference's own."""
+    import torch
+
+    own = torch_model.state_dict()
+    loaded = {}
+    for k, v in state_dict.items():
+        k = _strip_module_prefix(k)
+        if not is_derived_buffer(k):
+            loaded[k] = v if isinstance(v, torch.Tensor) else torch.from_numpy(_to_numpy(v))
+    loaded.update({k: v for k, v in own.items() if is_derived_buffer(k)})
+    torch_model.load_state_dict(loaded, strict=True)
+
+
+def _compare_segmentation_with_torch(
+    state_dict, variables, name, num_classes, image_size, batch_size, seed, overrides
+) -> list[Comparison]:
+    import jax
+    import torch
+
+    from crossformer_jax.crossformer import create_model
+    from crossformer_jax.segmentation import FCNHead, resize_bilinear, segmentation_backbone
+    from crossformer_jax.torch_segmentation import create_torch_segmentation_model
+
+    torch_model = create_torch_segmentation_model(name, num_classes, **overrides)
+    _load_torch_reference(torch_model, state_dict)
+    height, width = image_size
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch_size, 3, height, width)).astype(np.float32)
+    with torch.no_grad():
+        reference = {'logits': torch_model(torch.from_numpy(images)).numpy()}
+        if hasattr(torch_model, 'auxiliary_head'):
+            reference['auxiliary logits'] = torch_model.auxiliary(torch.from_numpy(images)).numpy()
+
+    model = create_model(name, num_classes, **overrides)
+    images_nhwc = images.transpose(0, 2, 3, 1)
+    outputs = {'logits': jax.jit(model.apply)(variables, images_nhwc)}
+    if 'auxiliary logits' in reference:
+        backbone = segmentation_backbone(model)
+
+        @jax.jit
+        def auxiliary(variables, images):
+            features = backbone.apply({'params': variables['params']['backbone']}, images)
+            head = FCNHead(num_classes, model.aux_channels, model.dropout_rate)
+            head_variables = {k: v['auxiliary_head'] for k, v in variables.items()}
+            logits = head.apply(head_variables, features[2], False)
+            return resize_bilinear(logits, images.shape[1:3])
+
+        outputs['auxiliary logits'] = auxiliary(variables, images_nhwc)
+    results = []
+    for label, ref in reference.items():
+        out = np.asarray(outputs[label]).transpose(0, 3, 1, 2)
         if ref.shape != out.shape:
             raise RuntimeError(f'{label}: reference shape {ref.shape} != Flax shape {out.shape}')
         results.append(
@@ -786,7 +978,9 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
 
     _check_output_path(args.output, args.overwrite)  # fail early, before the slow steps
     checkpoint = read_torch_checkpoint(args.checkpoint)
-    state_dict, skipped_outer = extract_state_dict(checkpoint)
+    # A segmentation checkpoint converts whole unless --model names a backbone variant.
+    keep_heads = args.model is None or is_segmentation_name(args.model)
+    state_dict, skipped_outer = extract_state_dict(checkpoint, keep_heads=keep_heads)
     del checkpoint
     if args.model is None:
         name = infer_model_name(state_dict)
@@ -809,11 +1003,15 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
         raise
 
     say(f'checkpoint: {args.checkpoint}')
-    kind = (
-        'backbone, 4 feature maps'
-        if report.features_only
-        else f'classifier, {report.num_classes} classes'
-    )
+    if is_segmentation_name(name):
+        kind = f'segmentation, {report.num_classes} classes'
+        if report.overrides:
+            kind += f', head widths {report.overrides}'
+    elif report.features_only:
+        kind = 'backbone, 4 feature maps'
+    else:
+        kind = f'classifier, {report.num_classes} classes'
+
     say(f'model: {name} ({kind})')
     say(f'parameters: {report.num_params:,} in {len(_leaves(variables))} arrays')
     skipped = skipped_outer + report.skipped_buffers
@@ -822,8 +1020,8 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
             f'skipped keys: {len(skipped)}'
             + (f' ({len(skipped_outer)} outside the backbone)' if skipped_outer else '')
             + (
-                f' ({len(report.skipped_buffers)} derived buffers attn.biases / '
-                'attn.relative_position_index)'
+                f' ({len(report.skipped_buffers)} buffers that are not weights: attn.biases / '
+                'attn.relative_position_index / num_batches_tracked)'
                 if report.skipped_buffers
                 else ''
             )
@@ -847,6 +1045,7 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
             features_only=report.features_only,
             image_size=(h, w),
             seed=args.seed,
+            **report.overrides,
         )
         for c in comparisons:
             ok = c.max_abs_diff <= args.tolerance * c.max_abs_reference
@@ -874,6 +1073,7 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
         num_classes=report.num_classes,
         features_only=report.features_only,
         overwrite=args.overwrite,
+        model_overrides=report.overrides,
         extra_metadata={
             'source_file': os.path.abspath(args.checkpoint),
             'skipped_keys': len(skipped),

@@ -617,8 +617,10 @@ class CrossFormer(nn.Module):
 
 
 def list_models() -> list[str]:
-    """Names of the registered variants."""
-    return sorted(VARIANTS)
+    """Names of the registered variants: classifiers, then segmentation models."""
+    from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
+
+    return sorted(VARIANTS) + sorted(SEGMENTATION_VARIANTS)
 
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(CrossFormer)} - {'parent', 'name'}
@@ -681,5 +683,12 @@ def create_model(
     num_classes=0: no head, the model returns the pooled, normed features (N, 8C).
     features_only=True: the backbone; out_indices=(...) picks stages (negative indices count from
     the last), e.g. create_model(name, features_only=True, out_indices=(-2, -1)).
-    """
+    Segmentation models (crossformer_jax.segmentation, e.g. 'upernet_crossformer_small') are
+    built by the same call; pass their num_classes (150 for ADE20K)."""
+    from crossformer_jax import segmentation
+
+    if name in segmentation.SEGMENTATION_VARIANTS:
+        if features_only:
+            raise ValueError(f'{name} is a segmentation model; features_only does not apply')
+        return segmentation.create_segmentation_model(name, num_classes, **overrides)
     return CrossFormer(**model_config(name, num_classes, features_only, **overrides))

@@ -45,6 +45,10 @@ _STORABLE_OVERRIDES = (
     'mlp_ratio',
     'patch_kernel_sizes',
     'merge_kernel_sizes',
+    # Segmentation heads (crossformer_jax.segmentation).
+    'head_channels',
+    'aux_channels',
+    'neck_channels',
 )
 
 

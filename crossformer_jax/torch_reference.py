@@ -458,9 +458,10 @@ def create_torch_model(
 def randomize_parameters(model: nn.Module, seed: int) -> nn.Module:
     """Redraws every parameter away from its init, deterministically for ``seed``; in place.
 
-    Linear and conv weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), LayerNorm scales ~ 1 + 0.1 N
-    and biases ~ 0.1 N, so that activations stay well scaled through deep models while every
-    parameter, down to the DPB and norm biases, visibly affects the output. Buffers are untouched.
+    Linear and conv weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), LayerNorm and BatchNorm
+    scales ~ 1 + 0.1 N and biases ~ 0.1 N, so that activations stay well scaled through deep models
+    while every parameter, down to the DPB and norm biases, visibly affects the output. Buffers
+    are untouched.
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -473,8 +474,9 @@ def randomize_parameters(model: nn.Module, seed: int) -> nn.Module:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             fan_in = math.prod(module.weight.shape[1:])
             draw(module.weight, 0.0, fan_in**-0.5)
-            draw(module.bias, 0.0, 0.1)
-        elif isinstance(module, nn.LayerNorm):
+            if module.bias is not None:
+                draw(module.bias, 0.0, 0.1)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
             draw(module.weight, 1.0, 0.1)
             draw(module.bias, 0.0, 0.1)
         else:
