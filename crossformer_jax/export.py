@@ -12,7 +12,10 @@ Layouts written:
   a 224 x 224 input, so that the original code loads the file with strict=True;
 * backbone (a features_only model, or a classifier with --backbone): `{'state_dict':
   {'backbone.<key>': ...}}` as the detection / segmentation checkpoints (no norm, no head, no
-  derived buffers).
+  derived buffers);
+* segmentation model (crossformer_jax.segmentation): `{'state_dict': ...}` in MMSegmentation's
+  names (`backbone.`, `decode_head.`, `auxiliary_head.` or `neck.`, BatchNorm running statistics
+  and num_batches_tracked included); with --backbone only its `backbone.` part.
 
 Parameter names and layouts follow docs/parameter_names.md (`convert.flax_to_torch_state_dict`);
 converting the written file back gives bitwise the same Flax parameters. The file is written to a
@@ -66,7 +69,15 @@ def v1_derived_buffers(model) -> dict[str, np.ndarray]:
 
 def torch_checkpoint(model, variables: Mapping[str, Any], *, backbone: bool) -> dict[str, Any]:
     """The checkpoint dict (numpy arrays) of a Flax CrossFormer in the original layout."""
+    from crossformer_jax.segmentation import SegmentationModel
+
     state_dict = convert.flax_to_torch_state_dict(variables)
+    if isinstance(model, SegmentationModel):
+        if backbone:
+            return {
+                'state_dict': {k: v for k, v in state_dict.items() if k.startswith(BACKBONE_PREFIX)}
+            }
+        return {'state_dict': state_dict}  # MMSegmentation: backbone., decode_head., ...
     if backbone or model.features_only:
         return {
             'state_dict': {

@@ -89,10 +89,21 @@ class Preprocessing:
         }
 
 
+def default_preprocessing(model_name: str) -> Preprocessing:
+    """What the published weights of `model_name` expect: ImageNet's evaluation transform for
+    classifiers and backbones; for segmentation models (ADE20K) the whole image at 512, bilinear."""
+    from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
+
+    if model_name in SEGMENTATION_VARIANTS:
+        return Preprocessing(input_size=(512, 512), crop_pct=1.0, interpolation='bilinear')
+    return Preprocessing()
+
+
 def preprocessing_from_metadata(metadata: Mapping[str, Any], source: str = 'metadata'):
     """The Preprocessing recorded in `metadata`; fields it lacks (older directories) take the
-    ImageNet defaults. PretrainedError names the field when a recorded value is unusable."""
-    default = Preprocessing()
+    model's defaults (`default_preprocessing`: ImageNet's for classifiers). PretrainedError
+    names the field when a recorded value is unusable."""
+    default = default_preprocessing(metadata.get('model_name', ''))
     try:
         size = metadata.get('input_size')
         if size is None:
@@ -271,7 +282,7 @@ def save_pretrained(
         'model_overrides': {k: _json_value(v) for k, v in overrides.items()},
         'converter_version': CONVERTER_VERSION,
         'num_params': int(sum(np.size(x) for x in jax.tree_util.tree_leaves(variables['params']))),
-        **(preprocessing or Preprocessing()).to_metadata(),
+        **(preprocessing or default_preprocessing(model_name)).to_metadata(),
     }
     if label_names is not None:
         metadata['label_names'] = [str(n) for n in label_names]

@@ -18,6 +18,7 @@ from typing import Any
 
 from crossformer_jax import pretrained
 from crossformer_jax.pretrained import Preprocessing, PretrainedError
+from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
 
 CHECKPOINT_ITEM = 'default'  # orbax CheckpointManager's item directory inside a step
 
@@ -26,8 +27,8 @@ CHECKPOINT_ITEM = 'default'  # orbax CheckpointManager's item directory inside a
 class LoadedWeights:
     """A Flax module with its variables and what the weights say about their inputs and outputs.
 
-    task: 'classification' (logits (N, num_classes), or pooled features when num_classes is 0)
-    or 'backbone' (features_only: four stage maps).
+    task: 'classification' (logits (N, num_classes), or pooled features when num_classes is 0),
+    'backbone' (features_only: four stage maps) or 'segmentation' (logits (N, H, W, classes)).
     """
 
     model: Any
@@ -64,6 +65,12 @@ def load_weights(path: str | os.PathLike, *, dtype: Any = None) -> LoadedWeights
         )
     metadata = pretrained.read_metadata(path)
     model, variables = pretrained.load_pretrained(path, dtype=dtype)
+    if metadata['features_only']:
+        task = 'backbone'
+    elif metadata['model_name'] in SEGMENTATION_VARIANTS:
+        task = 'segmentation'
+    else:
+        task = 'classification'
     return LoadedWeights(
         model=model,
         variables=variables,
@@ -74,7 +81,7 @@ def load_weights(path: str | os.PathLike, *, dtype: Any = None) -> LoadedWeights
         if metadata['features_only']
         else pretrained.label_names_from_metadata(metadata),
         source=f'pretrained directory {path}',
-        task='backbone' if metadata['features_only'] else 'classification',
+        task=task,
     )
 
 
