@@ -174,3 +174,38 @@ def test_cli_error_leaves_existing_file_untouched(tmp_path, capsys):
 
     assert export.main(['--weights', str(tmp_path), '--output', str(tmp_path)]) == 2
     assert 'is a directory' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name', ['upernet_crossformer_small', 'fpn_crossformer_pp_small'])
+def test_segmentation_model_round_trip_in_the_mmsegmentation_layout(name, tmp_path):
+    from crossformer_jax.torch_segmentation import (
+        create_torch_segmentation_model,
+        randomize_batch_norm_statistics,
+    )
+
+    overrides = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), head_channels=32)
+    reference = create_torch_segmentation_model(name, num_classes=5, **overrides)
+    randomize_batch_norm_statistics(randomize_parameters(reference, 3), 4)
+    state_dict = reference.state_dict()
+    variables = convert.convert_torch_state_dict(state_dict, name, num_classes=5, **overrides)
+    model = create_model(name, num_classes=5, **overrides)
+    output = export.save_torch_checkpoint(
+        export.torch_checkpoint(model, variables, backbone=False),
+        str(tmp_path / 'segmentation.pth'),
+        overwrite=False,
+    )
+    checkpoint = torch.load(output, weights_only=True)
+    assert list(checkpoint) == ['state_dict']
+    # The reference's v1 backbone also registers the derived buffers, which MMSegmentation
+    # checkpoints do not hold: everything else, BatchNorm statistics included, bit for bit.
+    attention_buffers = ('.attn.biases', '.attn.relative_position_index')
+    learned = {k: v for k, v in state_dict.items() if not k.endswith(attention_buffers)}
+    assert any(k.endswith('.num_batches_tracked') for k in learned)
+    assert_bitwise_equal(checkpoint['state_dict'], learned)
+    missing, unexpected = create_torch_segmentation_model(
+        name, num_classes=5, **overrides
+    ).load_state_dict(checkpoint['state_dict'], strict=False)
+    assert not unexpected and all(k.endswith(attention_buffers) for k in missing)
+
+    backbone = export.torch_checkpoint(model, variables, backbone=True)['state_dict']
+    assert sorted(backbone) == sorted(k for k in learned if k.startswith('backbone.'))

@@ -210,3 +210,43 @@ def test_evaluate_names_config_fields_that_differ_from_the_weights():
     ]
     stored = P.Preprocessing((32, 32), 1.0, 'bicubic', (0.5,) * 3, (0.5,) * 3).to_metadata()
     assert training.preprocessing_differences(config.data, stored) == []
+
+
+def test_segmentation_model_writes_a_colour_coded_mask_per_image(tmp_path, capsys):
+    name = 'upernet_crossformer_small'
+    overrides = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), head_channels=32)
+    model = create_model(name, num_classes=4, **overrides)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
+    directory = str(tmp_path / 'segmenter')
+    P.save_pretrained(
+        directory,
+        dict(variables),
+        model_name=name,
+        num_classes=4,
+        features_only=False,
+        model_overrides=overrides,
+        preprocessing=P.Preprocessing((64, 64), 1.0, 'bilinear'),
+    )
+    assert P.read_metadata(directory)['interpolation'] == 'bilinear'
+    photo = tmp_path / 'street.jpg'
+    Image.fromarray(np.random.RandomState(2).randint(0, 255, (32, 64, 3), np.uint8)).save(photo)
+    masks = tmp_path / 'masks'
+    code = predict.main(['--weights', directory, '--json', '--mask-dir', str(masks), str(photo)])
+    assert code == 0
+    (result,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert result['mask'] == str(masks / 'street.png')
+    mask = Image.open(result['mask'])
+    assert mask.mode == 'P' and mask.size == (64, 32)  # the image's own size
+    assert mask.getpalette()[:12] == predict.class_colours(4).ravel().tolist()
+
+    # Pixel values are the model's classes on the prepared input: the whole image (its long side
+    # already the input size), zero-padded below to 64x64.
+    preprocessing = P.Preprocessing((64, 64), 1.0, 'bilinear')
+    prepared, info = predict.segmentation_prepare(str(photo), preprocessing)
+    assert info == (32, 64, 32, 64) and not prepared[32:].any()
+    logits = model.apply(variables, prepared[None], train=False)
+    expected = np.asarray(np.argmax(logits[0, :32], axis=-1))
+    np.testing.assert_array_equal(np.asarray(mask), expected)
+    fractions = {c['index']: c['fraction'] for c in result['classes']}
+    assert sum(fractions.values()) == pytest.approx(1.0)
+    assert fractions == pytest.approx({k: np.mean(expected == k) for k in np.unique(expected)})
