@@ -22,7 +22,9 @@ def get_config(model_name: str) -> ml_collections.ConfigDict:
     # an override (any CrossFormer field: embed_dim, depths, group_size, dropout_rate...).
     config.model = ml_collections.ConfigDict()
     config.model.name = model_name
-    config.model.drop_path_rate = VARIANTS[model_name]['drop_path_rate']  # SPEC's rate
+    config.model.drop_path_rate = VARIANTS[model_name][
+        'drop_path_rate'
+    ]  # the variant's published rate
     config.model.dtype = 'bfloat16'  # compute dtype; parameters and optimizer state stay float32
     config.model.remat = False  # rematerialise every block (less memory, ~1/3 more compute)
 

@@ -227,7 +227,7 @@ def _round_up(value: int, multiple: int) -> int:
 def group_layout(
     height: int, width: int, *, group_size: int, interval: int, long_distance: bool, version: str
 ) -> GroupLayout:
-    """The SDA/LDA grouping that SPEC prescribes for one block on a height x width token grid."""
+    """The SDA/LDA grouping of one block on a height x width token grid (docs/architecture.md)."""
     if min(height, width) <= group_size:
         # Small maps: one SDA group size; v1 groups by the short side, ++ attends to the whole map.
         size = min(height, width) if version == 'v1' else max(height, width)
@@ -528,9 +528,12 @@ class CrossFormerStage(nn.Module):
 class CrossFormer(nn.Module):
     """CrossFormer (version 'v1') / CrossFormer++ (version 'pp').
 
-    __call__(images (N, H, W, 3), train) -> logits (N, num_classes) float32, or with
-    features_only the four stage maps [(N, H/4, W/4, C), (N, H/8, W/8, 2C), (N, H/16, W/16, 4C),
-    (N, H/32, W/32, 8C)] with C = embed_dim. Parameters are float32; `dtype` is the compute dtype.
+    __call__(images (N, H, W, 3), train) -> logits (N, num_classes) float32; with num_classes=0
+    the pooled, normed features (N, 8C) float32 instead (no head). With features_only, the stage
+    maps selected by out_indices (all four by default) of [(N, H/4, W/4, C), (N, H/8, W/8, 2C),
+    (N, H/16, W/16, 4C), (N, H/32, W/32, 8C)], C = embed_dim. return_features=True gives both:
+    (logits or pooled features, the four stage maps). Parameters are float32; `dtype` is the
+    compute dtype.
     """
 
     embed_dim: int
@@ -541,6 +544,7 @@ class CrossFormer(nn.Module):
     version: str = 'v1'
     num_classes: int = 1000
     features_only: bool = False
+    out_indices: Sequence[int] = (0, 1, 2, 3)  # stages returned with features_only
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
     dropout_rate: float = 0.0
@@ -567,7 +571,9 @@ class CrossFormer(nn.Module):
             )
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False):
+    def __call__(self, images: jax.Array, train: bool = False, return_features: bool = False):
+        if return_features and self.features_only:
+            raise ValueError('return_features needs a classifier (features_only=False)')
         self.check_images(images)
         x = CrossScaleEmbedding(
             self.embed_dim,
@@ -601,10 +607,13 @@ class CrossFormer(nn.Module):
             features.append(out)
             x = merged
         if self.features_only:
-            return features
+            return [features[i] for i in self.out_indices]
         x = layer_norm('norm', self.dtype)(features[-1])
         x = jnp.mean(x, axis=(1, 2))
-        return dense(self.num_classes, 'head', self.dtype)(x).astype(jnp.float32)
+        if self.num_classes > 0:
+            x = dense(self.num_classes, 'head', self.dtype)(x)
+        x = x.astype(jnp.float32)
+        return (x, features) if return_features else x
 
 
 def list_models() -> list[str]:
@@ -642,14 +651,38 @@ def model_config(
             raise ValueError(f'{field} must have 4 entries (one per stage), got {kwargs[field]}')
     if isinstance(kwargs.get('dtype'), str):
         kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+    if kwargs['num_classes'] < 0:
+        raise ValueError(f'num_classes must be >= 0 (0: no head), got {kwargs["num_classes"]}')
+    if 'out_indices' in kwargs:
+        kwargs['out_indices'] = stage_indices(kwargs['out_indices'], features_only)
     return kwargs
+
+
+def stage_indices(out_indices: Sequence[int], features_only: bool) -> tuple[int, ...]:
+    """out_indices as non-negative stage numbers (-1 is the last stage); ValueError when an index
+    is out of range, repeated, or given without features_only."""
+    if not features_only:
+        raise ValueError('out_indices selects feature maps and needs features_only=True')
+    indices = []
+    for index in out_indices:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise ValueError(f'out_indices must be integers, got {index!r} in {out_indices}')
+        if not -4 <= index < 4:
+            raise ValueError(f'out_indices entry {index} is out of range for 4 stages (-4..3)')
+        indices.append(int(index) % 4)
+    if not indices or len(set(indices)) != len(indices):
+        raise ValueError(f'out_indices must name distinct stages, got {tuple(out_indices)}')
+    return tuple(indices)
 
 
 def create_model(
     name: str, num_classes: int = 1000, features_only: bool = False, **overrides
 ) -> CrossFormer:
-    """A registered variant as a Flax module; features_only=True gives the 4-map backbone.
+    """A registered variant as a Flax module, timm-style.
 
+    num_classes=0: no head, the model returns the pooled, normed features (N, 8C).
+    features_only=True: the backbone; out_indices=(...) picks stages (negative indices count from
+    the last), e.g. create_model(name, features_only=True, out_indices=(-2, -1)).
     Segmentation models (crossformer_jax.segmentation, e.g. 'upernet_crossformer_small') are
     built by the same call; pass their num_classes (150 for ADE20K)."""
     from crossformer_jax import segmentation

@@ -134,6 +134,7 @@ class DatasetInfo:
     num_classes: int
     num_train_examples: int
     num_eval_examples: int
+    class_names: tuple[str, ...] | None = None  # folder names / TFDS label names, by class id
 
 
 # ----------------------------------------------------------------------------
@@ -561,7 +562,7 @@ def get_dataset_info(data_config) -> DatasetInfo:
                 return 0
             return len(_list_folder(root, split, classes)[0])
 
-        return DatasetInfo(len(classes), count(train_split), count(eval_split))
+        return DatasetInfo(len(classes), count(train_split), count(eval_split), tuple(classes))
     if _get(cfg, 'dataset') == 'ade20k':
         from crossformer_jax.segmentation_ops import ade20k_info
 
@@ -574,9 +575,9 @@ def get_dataset_info(data_config) -> DatasetInfo:
         except (KeyError, ValueError):
             return 0
 
-    return DatasetInfo(
-        int(info.features['label'].num_classes), count(train_split), count(eval_split)
-    )
+    label = info.features['label']
+    names = tuple(label.names) if label.names else None
+    return DatasetInfo(int(label.num_classes), count(train_split), count(eval_split), names)
 
 
 # ----------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Layout of a pretrained directory:
 
     DIR/metadata.json   model name, num_classes, features_only, create_model overrides,
-                        converter version and whatever extra metadata the writer added
+                        converter version, the preprocessing the weights expect (timm's
+                        pretrained-config fields input_size, crop_pct, interpolation, mean,
+                        std), label_names, and whatever extra metadata the writer added
     DIR/variables/      orbax checkpoint of the Flax variables {'params': ...}
 
 `save_pretrained` is atomic: everything is written into a hidden temporary sibling directory
@@ -16,11 +18,12 @@ pretrained directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +56,109 @@ class PretrainedError(ValueError):
     """A pretrained directory that cannot be written or read."""
 
 
+# -------------------------------------------------------------------------------------------------
+# Preprocessing and class names stored with the weights.
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest')
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for the weights (evaluation transform).
+
+    Resize the short side to floor(size / crop_pct) with `interpolation`, centre-crop
+    input_size = (H, W), scale to [0, 1], subtract mean and divide by std (per RGB channel).
+    """
+
+    input_size: tuple[int, int] = (224, 224)
+    crop_pct: float = 0.875
+    interpolation: str = 'bicubic'
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The timm pretrained-config fields: input_size is (3, H, W)."""
+        return {
+            'input_size': [3, *self.input_size],
+            'crop_pct': self.crop_pct,
+            'interpolation': self.interpolation,
+            'mean': list(self.mean),
+            'std': list(self.std),
+        }
+
+
+def default_preprocessing(model_name: str) -> Preprocessing:
+    """What the published weights of `model_name` expect: ImageNet's evaluation transform for
+    classifiers and backbones; for segmentation models (ADE20K) the whole image at 512, bilinear."""
+    from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
+
+    if model_name in SEGMENTATION_VARIANTS:
+        return Preprocessing(input_size=(512, 512), crop_pct=1.0, interpolation='bilinear')
+    return Preprocessing()
+
+
+def preprocessing_from_metadata(metadata: Mapping[str, Any], source: str = 'metadata'):
+    """The Preprocessing recorded in `metadata`; fields it lacks (older directories) take the
+    model's defaults (`default_preprocessing`: ImageNet's for classifiers). PretrainedError
+    names the field when a recorded value is unusable."""
+    default = default_preprocessing(metadata.get('model_name', ''))
+    try:
+        size = metadata.get('input_size')
+        if size is None:
+            input_size = default.input_size
+        else:
+            if len(size) != 3 or int(size[0]) != 3 or min(int(size[1]), int(size[2])) <= 0:
+                raise ValueError(f'expected [3, H, W], got {size}')
+            input_size = (int(size[1]), int(size[2]))
+        crop_pct = float(metadata.get('crop_pct', default.crop_pct))
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
+        interpolation = metadata.get('interpolation', default.interpolation)
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f'interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}'
+            )
+        mean = tuple(float(v) for v in metadata.get('mean', default.mean))
+        std = tuple(float(v) for v in metadata.get('std', default.std))
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f'mean and std need 3 entries (std > 0), got {mean} and {std}')
+    except (TypeError, ValueError) as e:
+        raise PretrainedError(f'{source}: unusable preprocessing fields: {e}') from e
+    return Preprocessing(input_size, crop_pct, interpolation, mean, std)
+
+
+def imagenet_label_names() -> list[str]:
+    """The 1000 ImageNet-1K classes in class-index order, as WordNet ids ('n01440764', ...).
+
+    Read from the label list that tensorflow-datasets ships for imagenet2012.
+    """
+    import tensorflow_datasets as tfds
+
+    path = tfds.core.tfds_path('datasets/imagenet2012/labels.txt')
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(names) != 1000:
+        raise PretrainedError(f'{path} lists {len(names)} ImageNet classes, expected 1000')
+    return names
+
+
+def label_names_from_metadata(metadata: Mapping[str, Any]) -> list[str] | None:
+    """The class names recorded in `metadata`; for an older 1000-class directory without them,
+    the ImageNet-1K names; None when there are none (use class indices)."""
+    names = metadata.get('label_names')
+    num_classes = metadata.get('num_classes')
+    if names is not None:
+        if num_classes is not None and len(names) != num_classes:
+            raise PretrainedError(
+                f'metadata lists {len(names)} label_names for a {num_classes}-class head'
+            )
+        return [str(n) for n in names]
+    if num_classes == 1000:
+        return imagenet_label_names()
+    return None
+
+
 def _read_metadata(directory: str) -> dict[str, Any] | None:
     path = os.path.join(directory, METADATA_FILE)
     try:
@@ -77,6 +183,38 @@ def check_replaceable(directory: str | os.PathLike) -> None:
         )
 
 
+WORKDIR_FORMAT_NAME = 'crossformer_jax.workdir'
+
+
+def workdir_metadata(
+    *,
+    model_name: str,
+    model_overrides: Mapping[str, Any],
+    num_classes: int,
+    preprocessing: Preprocessing,
+    label_names: Sequence[str] | None,
+) -> dict[str, Any]:
+    """The metadata.json a training run writes into its workdir: the same fields as a
+    pretrained directory's (architecture overrides only: dtype, remat and regularisation rates
+    are training choices)."""
+    if label_names is not None and len(label_names) != num_classes:
+        raise PretrainedError(f'{len(label_names)} label_names for {num_classes} classes')
+    metadata = {
+        'format': WORKDIR_FORMAT_NAME,
+        'format_version': FORMAT_VERSION,
+        'model_name': model_name,
+        'num_classes': int(num_classes),
+        'features_only': False,
+        'model_overrides': {
+            k: _json_value(v) for k, v in model_overrides.items() if k in _STORABLE_OVERRIDES
+        },
+        **preprocessing.to_metadata(),
+    }
+    if label_names is not None:
+        metadata['label_names'] = [str(n) for n in label_names]
+    return metadata
+
+
 def _json_value(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_json_value(v) for v in value]
@@ -95,11 +233,16 @@ def save_pretrained(
     overwrite: bool = False,
     extra_metadata: Mapping[str, Any] | None = None,
     model_overrides: Mapping[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
+    label_names: Sequence[str] | None = None,
 ) -> str:
     """Writes `variables` ({'params': ...}) and metadata to `directory`, atomically.
 
     model_overrides: architecture overrides of `create_model` (e.g. depths for a reduced model),
-    stored so that `load_pretrained` rebuilds the same module. Returns the absolute directory.
+    stored so that `load_pretrained` rebuilds the same module. preprocessing: the evaluation
+    transform the weights expect (default: ImageNet's, 224 px, crop 0.875, bicubic). label_names:
+    one name per class (default for a 1000-class head: the ImageNet-1K classes). Returns the
+    absolute directory.
     """
     import jax
     import orbax.checkpoint as ocp
@@ -123,18 +266,26 @@ def save_pretrained(
     if not os.path.isdir(parent):
         raise PretrainedError(f'cannot write {directory}: parent directory {parent} does not exist')
 
+    num_classes = None if features_only else int(num_classes if num_classes is not None else 1000)
+    if label_names is None and num_classes == 1000:
+        label_names = imagenet_label_names()
+    if label_names is not None and len(label_names) != num_classes:
+        raise PretrainedError(
+            f'{len(label_names)} label_names given for a head of {num_classes} classes'
+        )
     metadata = {
         'format': FORMAT_NAME,
         'format_version': FORMAT_VERSION,
         'model_name': model_name,
-        'num_classes': None
-        if features_only
-        else int(num_classes if num_classes is not None else 1000),
+        'num_classes': num_classes,
         'features_only': bool(features_only),
         'model_overrides': {k: _json_value(v) for k, v in overrides.items()},
         'converter_version': CONVERTER_VERSION,
         'num_params': int(sum(np.size(x) for x in jax.tree_util.tree_leaves(variables['params']))),
+        **(preprocessing or default_preprocessing(model_name)).to_metadata(),
     }
+    if label_names is not None:
+        metadata['label_names'] = [str(n) for n in label_names]
     for key, value in (extra_metadata or {}).items():
         if key in metadata:
             raise PretrainedError(f'extra metadata may not replace {key!r}')
@@ -227,7 +378,7 @@ def load_pretrained(directory: str | os.PathLike, *, dtype: Any = None):
     if dtype is not None:
         overrides['dtype'] = dtype
     features_only = bool(metadata['features_only'])
-    num_classes = metadata.get('num_classes') or 1000
+    num_classes = 1000 if metadata.get('num_classes') is None else metadata['num_classes']
     try:
         model = create_model(
             metadata['model_name'],

@@ -484,6 +484,40 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def save_workdir_metadata(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    num_classes: int,
+    class_names: tuple[str, ...] | None,
+) -> None:
+    """WORKDIR/metadata.json: the model, the evaluation preprocessing (timm's pretrained-config
+    fields) and the class names, so that predict.py and export_torch_weights.py can use the
+    workdir's checkpoints without the config file."""
+    from crossformer_jax import pretrained
+
+    if jax.process_index() != 0:
+        return
+    data = config.data
+    preprocessing = pretrained.Preprocessing(
+        input_size=(data.image_size, data.image_size),
+        crop_pct=float(data.eval_crop_fraction),
+        interpolation='bicubic',  # the input pipeline's evaluation resize
+        mean=tuple(data.mean),
+        std=tuple(data.std),
+    )
+    metadata = pretrained.workdir_metadata(
+        model_name=config.model.name,
+        model_overrides=model_overrides(config),
+        num_classes=num_classes,
+        preprocessing=preprocessing,
+        label_names=class_names,
+    )
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(os.path.join(workdir, pretrained.METADATA_FILE), 'w') as f:
+        f.write(json.dumps(metadata, indent=2, sort_keys=True) + '\n')
+
+
 def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
     """Raises NonFiniteLossError at the first pending step with a NaN/inf loss or parameters.
 
@@ -599,6 +633,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
     logging.info('Model has %s parameters.', f'{num_params:,}')
     save_config(config, workdir)
+    save_workdir_metadata(config, workdir, num_classes, info.class_names)
 
     p_train_step = jax.jit(
         functools.partial(
@@ -759,6 +794,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 # Mode 'evaluate'.
 
 
+def preprocessing_differences(data: ml_collections.ConfigDict, metadata: dict) -> list[str]:
+    """One line per config.data field that differs from the preprocessing stored with weights
+    (the ImageNet defaults for older directories without it)."""
+    from crossformer_jax import pretrained
+
+    stored = pretrained.preprocessing_from_metadata(metadata)
+    pairs = (
+        ('image_size', data.image_size, stored.input_size[0]),
+        ('eval_crop_fraction', data.eval_crop_fraction, stored.crop_pct),
+        ('mean', tuple(data.mean), stored.mean),
+        ('std', tuple(data.std), stored.std),
+    )
+    return [
+        f'config.data.{field}={ours} differs from the {theirs} stored with the weights'
+        for field, ours, theirs in pairs
+        if not np.allclose(ours, theirs)
+    ]
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, float]:
     """The task's validation metrics (top-1 / top-5 / loss; mIoU / aAcc / mAcc).
 
@@ -809,6 +863,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
         variables_sharding = jax.tree.map(lambda _: sharding_lib.replicated(mesh), variables)
         variables = jax.device_put(variables, variables_sharding)
         source = f'converted checkpoint {config.init_from}'
+        for problem in preprocessing_differences(
+            config.data, pretrained.read_metadata(config.init_from)
+        ):
+            logging.warning('%s (the weights in %s)', problem, config.init_from)
     else:
         raise ConfigError(
             f'nothing to evaluate: no checkpoint in workdir {workdir!r} and no config.init_from'

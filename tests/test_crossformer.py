@@ -17,7 +17,7 @@ from crossformer_jax.crossformer import (
     ungroup_tokens,
 )
 
-SPEC_PARAMS = {
+PUBLISHED_PARAM_COUNTS = {
     'crossformer_tiny': 27_776_794,
     'crossformer_small': 30_657_394,
     'crossformer_base': 51_971_554,
@@ -27,7 +27,7 @@ SPEC_PARAMS = {
     'crossformer_pp_large': 92_001_904,
     'crossformer_pp_huge': 95_962_944,
 }
-SPEC_GMACS = {
+PUBLISHED_GMACS = {
     'crossformer_tiny': 2.86,
     'crossformer_small': 4.91,
     'crossformer_base': 9.17,
@@ -47,18 +47,20 @@ def jitted(model):
 
 def test_registry_lists_the_eight_variants():
     # Classifiers first; the segmentation models (tests/test_segmentation_models.py) follow.
-    assert crossformer_jax.list_models()[: len(SPEC_PARAMS)] == sorted(SPEC_PARAMS)
+    assert crossformer_jax.list_models()[: len(PUBLISHED_PARAM_COUNTS)] == sorted(
+        PUBLISHED_PARAM_COUNTS
+    )
 
 
-@pytest.mark.parametrize('name', sorted(SPEC_PARAMS))
-def test_parameter_count_matches_spec(name):
-    assert count_params(name) == SPEC_PARAMS[name]
+@pytest.mark.parametrize('name', sorted(PUBLISHED_PARAM_COUNTS))
+def test_parameter_count_matches_published(name):
+    assert count_params(name) == PUBLISHED_PARAM_COUNTS[name]
 
 
-@pytest.mark.parametrize('name', sorted(SPEC_GMACS))
-def test_macs_within_three_percent_of_spec(name):
+@pytest.mark.parametrize('name', sorted(PUBLISHED_GMACS))
+def test_macs_within_three_percent_of_published(name):
     gmacs = count_macs(name, 224) / 1e9
-    assert abs(gmacs - SPEC_GMACS[name]) / SPEC_GMACS[name] < 0.03, gmacs
+    assert abs(gmacs - PUBLISHED_GMACS[name]) / PUBLISHED_GMACS[name] < 0.03, gmacs
 
 
 def test_backbone_drops_head_and_final_norm():
@@ -86,7 +88,7 @@ def test_backbone_drops_head_and_final_norm():
         ('pp', (12, 7), False, GroupLayout((12, 12), 1, (12, 12))),
     ],
 )
-def test_group_layout_follows_spec(version, size, long_distance, expected):
+def test_group_layout_follows_the_grouping_rules(version, size, long_distance, expected):
     group_size = 4 if version == 'pp' and size == (56, 56) else 7
     interval = {56: 8 if version == 'v1' else 4, 24: 2}.get(size[0], 1)
     layout = group_layout(
