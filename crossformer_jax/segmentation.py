@@ -24,7 +24,6 @@ images are (N, H, W, 3) with H and W multiples of 32; logits come at the input r
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -450,15 +449,10 @@ def segmentation_backbone(model: SegmentationModel, name: str | None = None) -> 
 # -------------------------------------------------------------------------------------------------
 # Registry.
 
-_MODEL_FIELDS = {f.name for f in dataclasses.fields(SegmentationModel)} - {'parent', 'name'}
 _OVERRIDABLE = {
     'upernet': set(_BACKBONE_FIELDS) | {'head_channels', 'aux_channels', 'dropout_rate'},
     'fpn': set(_BACKBONE_FIELDS) | {'head_channels', 'neck_channels', 'dropout_rate'},
 }
-
-
-def list_segmentation_models() -> list[str]:
-    return sorted(SEGMENTATION_VARIANTS)
 
 
 def segmentation_config(name: str, num_classes: int = 150, **overrides) -> dict[str, Any]:
@@ -466,7 +460,7 @@ def segmentation_config(name: str, num_classes: int = 150, **overrides) -> dict[
     if name not in SEGMENTATION_VARIANTS:
         raise ValueError(
             f'unknown segmentation model {name!r}; available: '
-            f'{", ".join(list_segmentation_models())}'
+            f'{", ".join(sorted(SEGMENTATION_VARIANTS))}'
         )
     variant = SEGMENTATION_VARIANTS[name]
     head = variant['head']
