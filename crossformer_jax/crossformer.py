@@ -227,7 +227,7 @@ def _round_up(value: int, multiple: int) -> int:
 def group_layout(
     height: int, width: int, *, group_size: int, interval: int, long_distance: bool, version: str
 ) -> GroupLayout:
-    """The SDA/LDA grouping that SPEC prescribes for one block on a height x width token grid."""
+    """The SDA/LDA grouping of one block on a height x width token grid."""
     if min(height, width) <= group_size:
         # Small maps: one SDA group size; v1 groups by the short side, ++ attends to the whole map.
         size = min(height, width) if version == 'v1' else max(height, width)

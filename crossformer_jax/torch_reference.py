@@ -1,4 +1,4 @@
-"""Independent PyTorch implementation of CrossFormer and CrossFormer++ (see SPEC.md).
+"""Independent PyTorch implementation of CrossFormer and CrossFormer++.
 
 Used as the numerical reference for the Flax model and as the PyTorch side of the CPU benchmark.
 Module and parameter names reproduce the state dicts of the published checkpoints, so a
@@ -57,7 +57,7 @@ class GroupLayout:
 def group_layout(
     height: int, width: int, group_size: int, interval: int, long_distance: bool, version: str
 ) -> GroupLayout:
-    """The grouping a block uses on an ``height x width`` grid (SPEC: grouping, padding, masks)."""
+    """The grouping a block uses on an ``height x width`` grid (grouping, padding and masks)."""
     if min(height, width) <= group_size:
         # Small map: SDA with one group size; v1 tiles with min(H, W), ++ takes the whole map.
         size = min(height, width) if version == 'v1' else max(height, width)
@@ -421,7 +421,7 @@ class CrossFormer(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    """Training-from-scratch init of SPEC; convolutions keep PyTorch's default."""
+    """The training-from-scratch initialisation; convolutions keep PyTorch's default."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
         nn.init.zeros_(module.bias)

@@ -9,13 +9,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip('torch')
-
-from crossformer_jax import convert as C  # noqa: E402
-from crossformer_jax import pretrained as P  # noqa: E402
-from crossformer_jax.crossformer import VARIANTS, create_model  # noqa: E402
-from crossformer_jax.torch_reference import create_torch_model, randomize_parameters  # noqa: E402
+from crossformer_jax import convert as C
+from crossformer_jax import pretrained as P
+from crossformer_jax.crossformer import VARIANTS, create_model
+from crossformer_jax.torch_reference import create_torch_model, randomize_parameters
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'convert_torch_weights.py')
