@@ -122,7 +122,7 @@ def _command(env, workdir, *overrides, mode='train'):
     ]
 
 
-def _run(env, workdir, *overrides, devices=1, mode='train', timeout=300):
+def _run(env, workdir, *overrides, devices=1, mode='train', timeout=900):
     sub_env = dict(env['env'])
     if devices > 1:
         sub_env['XLA_FLAGS'] += f' --xla_force_host_platform_device_count={devices}'
@@ -301,7 +301,7 @@ def _run_signalled(env, workdir, signal_name, at_step):
         env=env['env'],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
 
 
