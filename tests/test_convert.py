@@ -9,13 +9,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip('torch')
-
-from crossformer_jax import convert as C  # noqa: E402
-from crossformer_jax import pretrained as P  # noqa: E402
-from crossformer_jax.crossformer import VARIANTS, create_model  # noqa: E402
-from crossformer_jax.torch_reference import create_torch_model, randomize_parameters  # noqa: E402
+from crossformer_jax import convert as C
+from crossformer_jax import pretrained as P
+from crossformer_jax.crossformer import VARIANTS, create_model
+from crossformer_jax.torch_reference import create_torch_model, randomize_parameters
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'convert_torch_weights.py')
@@ -553,3 +552,35 @@ def test_cli_in_process_model_errors_and_failed_verification(
     captured = capsys.readouterr()
     assert 'FAILED' in captured.out and 'verification failed' in captured.err
     assert not os.path.exists(out)
+
+
+def test_cli_verify_fails_for_real_at_a_tiny_tolerance_and_overwrite_replaces(
+    tmp_path, tiny_checkpoint, capsys
+):
+    """--verify at a non-square --image-size: a real comparison that fails at tolerance 1e-12
+    (float32 cannot agree that closely) and writes nothing, passes at the default; --overwrite
+    replaces an existing conversion."""
+    out = tmp_path / 'tiny'
+    common = ['--checkpoint', str(tiny_checkpoint), '--output', str(out), '--verify']
+    assert C.main([*common, '--image-size', '64x96', '--tolerance', '1e-12']) == 1
+    captured = capsys.readouterr()
+    assert 'verifying against the PyTorch reference at 64x96' in captured.out
+    line = next(s for s in captured.out.splitlines() if s.strip().startswith('logits (1, 1000)'))
+    relative = float(line.split('relative ')[1].split()[0])
+    assert 1e-12 < relative < 5e-6 and 'FAILED (tolerance 1e-12)' in line
+    assert 'verification failed' in captured.err and not os.path.exists(out)
+
+    assert C.main([*common, '--image-size', '64x96']) == 0
+    assert 'verification passed' in capsys.readouterr().out
+    assert P.read_metadata(out)['source_file'] == str(tiny_checkpoint)
+
+    # The same weights from another file: refused without --overwrite, replaced with it.
+    other = tmp_path / 'copy.pth'
+    other.write_bytes(tiny_checkpoint.read_bytes())
+    replace = ['--checkpoint', str(other), '--output', str(out)]
+    assert C.main(replace) == 2
+    assert 'already exists; pass --overwrite' in capsys.readouterr().err
+    assert P.read_metadata(out)['source_file'] == str(tiny_checkpoint)
+    assert C.main([*replace, '--overwrite']) == 0
+    assert P.read_metadata(out)['source_file'] == str(other)
+    assert sorted(os.listdir(tmp_path)) == ['copy.pth', 'tiny']  # no temporary left behind

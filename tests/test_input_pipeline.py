@@ -2,14 +2,10 @@
 imagenet2012 TFDS dataset, all written to tmp_path."""
 
 import functools
-import importlib.resources
-import importlib.resources.abc
-import importlib.util
 import io
 import logging
 import operator
 import os
-import sys
 import tarfile
 
 import ml_collections
@@ -259,10 +255,6 @@ def _tree(root):
 def _prepare_fake_imagenet(root, file_format):
     import tensorflow_datasets as tfds
 
-    # tfds' download_and_prepare needs the `importlib_resources` backport, which
-    # only provides what Python >= 3.11 has in importlib.resources.
-    if importlib.util.find_spec('importlib_resources') is None:
-        sys.modules['importlib_resources'] = importlib.resources
     manual = root / 'manual'
     os.makedirs(manual)
     rng = np.random.RandomState(1)

@@ -258,3 +258,76 @@ def test_randaugment_determinism_and_identity():
     }
     assert len(outs) > 2
     np.testing.assert_array_equal(ops.randaugment(img, SEED, 'rand-m9-p0').numpy(), img)
+
+
+# ----------------------------------------------------------------------------
+# Every RandAugment op against its definition written with PIL, magnitude mapping included.
+
+
+def _solarize_add_lut(addition, threshold=128):
+    return [min(255, v + addition) if v < threshold else v for v in range(256)] * 3
+
+
+def _pil_affine(pil, coefficients):
+    return pil.transform(
+        pil.size, Image.AFFINE, coefficients, resample=Image.BILINEAR, fillcolor=(128, 128, 128)
+    )
+
+
+def pil_randaugment(name, pil, magnitude, sign):
+    """The op `name` at `magnitude` (0..10) written with PIL; `sign` (+-1) for signed ops."""
+    level = magnitude / 10
+    width, height = pil.size
+    enhancers = {
+        'Color': ImageEnhance.Color,
+        'Contrast': ImageEnhance.Contrast,
+        'Brightness': ImageEnhance.Brightness,
+        'Sharpness': ImageEnhance.Sharpness,
+    }
+    if name in enhancers:
+        return enhancers[name](pil).enhance(0.1 + 1.8 * level)
+    if name.endswith('Increasing') and name[: -len('Increasing')] in enhancers:
+        return enhancers[name[: -len('Increasing')]](pil).enhance(1 + sign * 0.9 * level)
+    return {
+        'AutoContrast': lambda: ImageOps.autocontrast(pil),
+        'Equalize': lambda: ImageOps.equalize(pil),
+        'Invert': lambda: ImageOps.invert(pil),
+        'Rotate': lambda: pil.rotate(
+            sign * 30 * level, resample=Image.BILINEAR, fillcolor=(128, 128, 128)
+        ),
+        'Posterize': lambda: ImageOps.posterize(pil, int(4 * level)),
+        'PosterizeIncreasing': lambda: ImageOps.posterize(pil, 4 - int(4 * level)),
+        'Solarize': lambda: ImageOps.solarize(pil, int(256 * level)),
+        'SolarizeIncreasing': lambda: ImageOps.solarize(pil, 256 - int(256 * level)),
+        'SolarizeAdd': lambda: pil.point(_solarize_add_lut(int(110 * level))),
+        'ShearX': lambda: _pil_affine(pil, (1, sign * 0.3 * level, 0, 0, 1, 0)),
+        'ShearY': lambda: _pil_affine(pil, (1, 0, 0, sign * 0.3 * level, 1, 0)),
+        'TranslateXRel': lambda: _pil_affine(pil, (1, 0, sign * 0.45 * level * width, 0, 1, 0)),
+        'TranslateYRel': lambda: _pil_affine(pil, (1, 0, 0, 0, 1, sign * 0.45 * level * height)),
+    }[name]()
+
+
+GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+
+
+def _agreement(ours, reference, name):
+    """Pixel ops: equal up to rounding (1); geometric ops (bilinear sampling at other positions
+    of the pixel grid, fill mixed in at the borders): 90% of the values within 2."""
+    diff = np.abs(ours.astype(int) - reference.astype(int))
+    if name in GEOMETRIC_OPS:
+        return np.mean(diff <= 2) >= 0.9
+    return diff.max() <= 1
+
+
+@pytest.mark.parametrize('name', sorted(set(ops.INCREASING_OPS + ops.DEFAULT_OPS)))
+@pytest.mark.parametrize('magnitude', [4.0, 9.0])
+def test_randaugment_op_matches_its_pil_definition(name, magnitude):
+    # Channels of half range at three offsets (the last up to 255): AutoContrast, Equalize and
+    # the highest Solarize threshold (230) all change them.
+    img = (_rand_image(24, 32, seed=5) // 2 + np.array([30, 100, 128])).astype(np.uint8)
+    pil = Image.fromarray(img)
+    ours = ops.randaugment_op(name, img, magnitude, SEED).numpy()
+    candidates = {sign: np.asarray(pil_randaugment(name, pil, magnitude, sign)) for sign in (1, -1)}
+    assert any(_agreement(ours, ref, name) for ref in candidates.values()), name
+    # The op changes the image at this magnitude, so an op that returned its input would fail.
+    assert all(not _agreement(img, ref, name) for ref in candidates.values()), name

@@ -4,11 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-torch = pytest.importorskip('torch')
-
-from crossformer_jax.crossformer import VARIANTS  # noqa: E402
-from crossformer_jax.torch_reference import (  # noqa: E402
+from crossformer_jax.crossformer import VARIANTS
+from crossformer_jax.torch_reference import (
     create_torch_model,
     randomize_parameters,
     relative_offsets,

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import ml_collections
@@ -122,7 +122,7 @@ def _command(env, workdir, *overrides, mode='train'):
     ]
 
 
-def _run(env, workdir, *overrides, devices=1, mode='train', timeout=300):
+def _run(env, workdir, *overrides, devices=1, mode='train', timeout=900):
     sub_env = dict(env['env'])
     if devices > 1:
         sub_env['XLA_FLAGS'] += f' --xla_force_host_platform_device_count={devices}'
@@ -134,18 +134,6 @@ def _run(env, workdir, *overrides, devices=1, mode='train', timeout=300):
         text=True,
         timeout=timeout,
     )
-
-
-def _start(env, workdir, log_path):
-    log = open(log_path, 'w')
-    return subprocess.Popen(
-        _command(env, workdir),
-        cwd=REPO,
-        env=env['env'],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ), log
 
 
 def _metrics(workdir) -> list[dict]:
@@ -249,30 +237,77 @@ def test_training_lowers_the_loss_and_writes_the_workdir(reference):
         assert m['train/data_wait_seconds_per_step'] >= 0.0
 
 
-def test_eight_devices_match_one_device(env, reference):
-    workdir = env['root'] / 'eight_devices'
+@pytest.mark.parametrize('fsdp', [True, False], ids=['fsdp', 'replicated'])
+def test_eight_devices_match_one_device(env, reference, fsdp):
+    workdir = env['root'] / f'eight_devices_{"fsdp" if fsdp else "replicated"}'
     # Same schedule and train step; fewer saves and evaluations (they cost more on 8 devices).
-    # Parameters and optimizer state are split FSDP-style too (the tiny model needs a low
+    # With FSDP, parameters and optimizer state are split too (the tiny model needs a low
     # threshold), which must not change the numbers either.
     result = _run(
         env,
         workdir,
         '--config.checkpoint_every_steps=1000',
         '--config.eval_every_steps=1000',
-        '--config.fsdp=True',
+        f'--config.fsdp={fsdp}',
         '--config.fsdp_min_size=1024',
         devices=8,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'on 8 cpu device(s)' in result.stderr
-    assert 'FSDP: ' in result.stderr and ' are split over the 8 devices' in result.stderr
+    split = re.search(
+        r'FSDP: (\d+) of (\d+) parameter arrays .* split over the (\d+) devices', result.stderr
+    )
+    if fsdp:
+        assert split, result.stderr[-3000:]
+        num_split, num_arrays, num_devices = map(int, split.groups())
+        assert 0 < num_split < num_arrays and num_devices == 8
+    else:
+        assert split is None
     one, eight = _train_losses(reference['workdir']), _train_losses(workdir)
     assert sorted(eight) == sorted(one)
     np.testing.assert_allclose(
         [eight[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=2e-4, atol=2e-4
     )
     _assert_same_params(
-        _params(workdir, NUM_STEPS), _params(reference['workdir'], NUM_STEPS), rtol=1e-2, atol=2e-4
+        _params(workdir, NUM_STEPS), _params(reference['workdir'], NUM_STEPS), rtol=1e-3, atol=1e-5
+    )
+
+
+# train.py, sending itself a signal right after it has logged a given step: the signal arrives
+# at a step the test chose, however fast or slow the machine, never after the run has ended.
+SIGNALLING_LAUNCHER = """
+import os, runpy, signal, sys
+
+from crossformer_jax import training
+
+signal_name, at_step, train_py = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+write = training.MetricWriter.write
+
+
+def write_then_signal(self, step, scalars):
+    write(self, step, scalars)
+    if step == at_step and 'train/loss' in scalars:
+        os.kill(os.getpid(), getattr(signal, signal_name))
+
+
+training.MetricWriter.write = write_then_signal
+sys.argv = [train_py, *sys.argv[4:]]
+runpy.run_path(train_py, run_name='__main__')
+"""
+
+
+def _run_signalled(env, workdir, signal_name, at_step):
+    """A train.py run that signals itself after logging step `at_step`: CompletedProcess."""
+    launcher = env['root'] / 'signalling_launcher.py'
+    launcher.write_text(SIGNALLING_LAUNCHER)
+    train_py, *arguments = _command(env, workdir)[1:]
+    return subprocess.run(
+        [sys.executable, str(launcher), signal_name, str(at_step), train_py, *arguments],
+        cwd=REPO,
+        env=env['env'],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -280,34 +315,20 @@ def test_sigterm_then_kill_then_resume_is_exact(env, reference):
     """SIGTERM -> checkpoint + exit 0; resume; kill -9 mid-run; resume: same as uninterrupted."""
     workdir = env['root'] / 'interrupted'
 
-    # 1. SIGTERM a few steps in: saves at the current step and exits cleanly.
-    process, log = _start(env, workdir, env['root'] / 'sigterm.log')
-    deadline = time.time() + 240
-    while max(_train_losses(workdir), default=0) < 6:
-        assert process.poll() is None and time.time() < deadline, 'run ended before SIGTERM'
-        time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0
-    log.close()
-    output = open(env['root'] / 'sigterm.log').read()
-    assert 'Preempted: saved a checkpoint at step' in output
-    preempted_at = _checkpoint_steps(workdir)[-1]
-    assert 6 <= preempted_at < NUM_STEPS
-    assert f'saved a checkpoint at step {preempted_at} ' in output
+    # 1. SIGTERM after step 6: saves at step 6 and exits cleanly.
+    result = _run_signalled(env, workdir, 'SIGTERM', at_step=6)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'Preempted: saved a checkpoint at step 6 ' in result.stderr
+    preempted_at = 6
+    assert _checkpoint_steps(workdir) == [4, 6]
 
-    # 2. Resume, and kill -9 once a later checkpoint is complete (the run is still going).
-    process, log = _start(env, workdir, env['root'] / 'kill.log')
-    deadline = time.time() + 240
-    while not [s for s in _checkpoint_steps(workdir) if preempted_at < s < NUM_STEPS]:
-        assert process.poll() is None, 'run ended before it could be killed'
-        assert time.time() < deadline
-        time.sleep(0.005)
-    process.kill()
-    process.wait()
-    log.close()
-    output = open(env['root'] / 'kill.log').read()
-    assert 'Resumed from' in output and f'at step {preempted_at}.' in output
+    # 2. Resume, and kill -9 after step 22 (checkpoints every 4 steps: 16 is complete by then).
+    result = _run_signalled(env, workdir, 'SIGKILL', at_step=22)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert 'Resumed from' in result.stderr and f'at step {preempted_at}.' in result.stderr
+    assert max(_train_losses(workdir)) == 22
     killed_at = max(s for s in _checkpoint_steps(workdir) if s < NUM_STEPS)
+    assert killed_at >= 16
 
     # 3. Resume to the end.
     result = _run(env, workdir)
@@ -321,22 +342,41 @@ def test_sigterm_then_kill_then_resume_is_exact(env, reference):
     ]
 
 
-def test_non_finite_loss_stops_and_keeps_the_checkpoints(env, reference):
-    """Resume the reference run at step 24 with inputs made infinite (normalisation std 0): the
-    loss of step 25 is NaN, so the run stops with exit code 1 and saves nothing."""
-    workdir = env['root'] / 'diverging'
+def _resume_from(env, reference, name, step):
+    """A copy of the reference workdir that holds no checkpoint after `step`."""
+    workdir = env['root'] / name
     shutil.copytree(reference['workdir'], workdir)
-    for step in (NUM_STEPS - 4, NUM_STEPS):
-        shutil.rmtree(workdir / 'checkpoints' / str(step))
+    for later in _checkpoint_steps(workdir):
+        if later > step:
+            shutil.rmtree(workdir / 'checkpoints' / str(later))
+    return workdir
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoints(env, reference):
+    """Resume the reference run at step 24 with inputs made infinite (normalisation std 0) and
+    logging every 100 steps: the loss of step 25 is NaN, found at the save of step 28, so the
+    run stops with exit code 1, naming step 25, and saves nothing."""
+    workdir = _resume_from(env, reference, 'diverging', NUM_STEPS - 8)
     best = _checkpoint_steps(workdir, 'checkpoints_best')
-    result = _run(env, workdir, '--config.data.std=(0.0,0.0,0.0)')
+    result = _run(env, workdir, '--config.data.std=(0.0,0.0,0.0)', '--config.log_every_steps=100')
     assert result.returncode == 1, result.stderr[-3000:]
     assert f'non-finite loss nan at step {NUM_STEPS - 7}' in result.stderr
+    assert 'step 25/' not in result.stderr  # nothing was logged: the save found it
     assert _checkpoint_steps(workdir) == [NUM_STEPS - 8]
     assert _checkpoint_steps(workdir, 'checkpoints_best') == best
     _assert_same_params(
         _params(workdir, NUM_STEPS - 8), _params(reference['workdir'], NUM_STEPS - 8)
     )
+
+
+def test_non_finite_parameters_stop_the_run(env, reference):
+    """A learning rate of 1e30 after step 24: the loss of step 25 is finite (computed before the
+    update), the parameters after it overflow; the run stops naming that step and saves nothing."""
+    workdir = _resume_from(env, reference, 'overflowing', NUM_STEPS - 8)
+    result = _run(env, workdir, '--config.base_lr=1e30')
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f'non-finite parameters after step {NUM_STEPS - 7} (loss ' in result.stderr
+    assert _checkpoint_steps(workdir) == [NUM_STEPS - 8]
 
 
 def test_evaluate_workdir_and_converted_checkpoint(env, reference):
