@@ -7,7 +7,7 @@ PATH is a pretrained directory (convert_torch_weights.py, save_pretrained) or a 
 (resize the short side to size / crop_pct, centre crop, mean/std; see pretrained.Preprocessing),
 images are run in fixed-size batches, sharded over the devices, and the top-k classes are printed
 with their probabilities, named by the labels stored with the weights (folder names of an image
-folder, ImageNet-1K WordNet ids) or by class index when there are none.
+folder, ImageNet-1K class names) or by class index when there are none.
 
 Folders are searched recursively for image files (sorted). A missing or undecodable image gives
 one line naming it on stderr; the others are still predicted, and the exit status is then 1.

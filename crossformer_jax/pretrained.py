@@ -130,16 +130,16 @@ def preprocessing_from_metadata(metadata: Mapping[str, Any], source: str = 'meta
 
 
 def imagenet_label_names() -> list[str]:
-    """The 1000 ImageNet-1K classes in class-index order, as WordNet ids ('n01440764', ...).
+    """The 1000 ImageNet-1K class names in class-index order ('tench, Tinca tinca', ...).
 
-    Read from the label list that tensorflow-datasets ships for imagenet2012.
+    tensorflow-datasets ships them (in the same order as its imagenet2012 label ids, the
+    WordNet ids n01440764, ...) with its SI-Score dataset.
     """
-    import tensorflow_datasets as tfds
+    from tensorflow_datasets.datasets.siscore.labels import IMAGENET_LABELS_LIST
 
-    path = tfds.core.tfds_path('datasets/imagenet2012/labels.txt')
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [str(name) for name in IMAGENET_LABELS_LIST]
     if len(names) != 1000:
-        raise PretrainedError(f'{path} lists {len(names)} ImageNet classes, expected 1000')
+        raise PretrainedError(f'tensorflow-datasets lists {len(names)} ImageNet classes, not 1000')
     return names
 
 

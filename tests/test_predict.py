@@ -138,7 +138,7 @@ def test_pretrained_metadata_records_preprocessing_and_imagenet_labels(imagenet_
     assert metadata['interpolation'] == 'bicubic'
     assert metadata['mean'] == list(P.IMAGENET_MEAN) and metadata['std'] == list(P.IMAGENET_STD)
     assert len(metadata['label_names']) == 1000
-    assert metadata['label_names'][:2] == ['n01440764', 'n01443537']  # tench, goldfish
+    assert metadata['label_names'][:2] == ['tench, Tinca tinca', 'goldfish, Carassius auratus']
 
 
 def test_older_pretrained_directory_loads_with_imagenet_defaults(imagenet_dir, tmp_path, capsys):
