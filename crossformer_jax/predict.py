@@ -81,7 +81,6 @@ def list_images(inputs: Sequence[str]) -> list[str | ImageError]:
 def preprocess_image(path: str, preprocessing: Preprocessing) -> np.ndarray:
     """The image file at `path` as the model input (H, W, 3) float32; the same TF operations as
     the evaluation input pipeline. Raises ValueError when the file cannot be read or decoded."""
-
     from crossformer_jax import preprocess_ops as ops
 
     height, width = preprocessing.input_size
