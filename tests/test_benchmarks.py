@@ -86,3 +86,15 @@ def test_cpu_benchmark_tiny_interleaved():
     for mode in ('inference', 'train'):
         pattern = rf'^crossformer_tiny\s+{mode}\s+2\s+{span}\s+{span}\s+{span}x\s+{NUMBER}$'
         assert re.search(pattern, out, re.MULTILINE), (pattern, out)
+
+
+def test_accelerator_benchmark_imports_no_tensorflow():
+    code = (
+        'import sys\n'
+        'import crossformer_jax.complexity, crossformer_jax.crossformer\n'
+        'import crossformer_jax.torch_reference\n'
+        'sys.path.insert(0, "benchmarks")\n'
+        'import accelerator_benchmark\n'
+        'print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))\n'
+    )
+    assert run_script(['-c', code]).strip() == '[]'
