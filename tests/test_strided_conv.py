@@ -10,7 +10,11 @@ from crossformer_jax.crossformer import strided_conv
 
 def plain_conv(x, kernel, stride, padding):
     return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), ((padding, padding),) * 2, ('NHWC', 'HWIO', 'NHWC')
+        x,
+        kernel,
+        (stride, stride),
+        ((padding, padding),) * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
     )
 
 
