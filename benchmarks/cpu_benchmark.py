@@ -1,193 +1,254 @@
-"""CPU throughput of the Flax CrossFormer against the PyTorch reference, in one process.
+"""CPU speed of the Flax CrossFormer against the PyTorch reference: one process, rounds alternate.
 
-For each framework and mode it reports images/s (batch size / median step time) and, for Flax,
-the compile time (first call minus the median step). Inference is a jit-compiled forward in Flax
-and an ``inference_mode`` forward in PyTorch; a train step is forward, cross-entropy, backward and
-an AdamW update (``optax.adamw`` jit-compiled with donated buffers; ``torch.optim.AdamW``), with
-stochastic depth on as in training.
+Both frameworks get the same weights (the PyTorch model's random initialisation, converted with
+`crossformer_jax.convert_torch_state_dict`), the same random batch, and the same CPUs. A round
+times one Flax step and one PyTorch step (the order flips every round), so load from other
+processes hits both; the report gives, per framework, the median images/s over the rounds with
+min and max, and the Flax/PyTorch ratio as the median, min and max of the per-round ratios.
 
-Threads: the process is pinned to ``--threads`` CPUs (``sched_setaffinity``) before JAX or torch
-is imported. XLA's CPU client sizes its thread pools from the CPUs the process may run on, so this
-is what limits XLA; torch additionally gets ``torch.set_num_threads(threads)``.
+Modes: `inference` (jit-compiled forward / `torch.inference_mode` forward, default batch 32) and
+`train` (forward with stochastic depth on, mean cross-entropy, backward, AdamW update: one
+jit-compiled `optax.adamw` step with donated buffers / `torch.optim.AdamW.step`; default batch
+16), float32.
 
-    python benchmarks/cpu_benchmark.py --model crossformer_small --batch-size 16 --threads 8
+Threads: before JAX or torch is imported the process is pinned (`sched_setaffinity`) to the first
+`--threads` usable CPUs. XLA's CPU client sizes its thread pools from the CPUs the process may run
+on, so the pinning is what bounds XLA; torch gets `torch.set_num_threads(threads)` and one
+inter-op thread.
+
+    python benchmarks/cpu_benchmark.py --model crossformer_tiny crossformer_small --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import time
+from collections.abc import Callable
+
+MODES = ('inference', 'train')
+DEFAULT_BATCH = {'inference': 32, 'train': 16}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--model', default='crossformer_tiny', help='a name from VARIANTS')
-    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--model', nargs='+', default=['crossformer_tiny'], help='variant name(s)')
+    parser.add_argument('--mode', choices=(*MODES, 'both'), default='both')
+    parser.add_argument('--inference-batch', type=int, default=DEFAULT_BATCH['inference'])
+    parser.add_argument('--train-batch', type=int, default=DEFAULT_BATCH['train'])
     parser.add_argument('--image-size', type=int, default=224, help='square input side')
-    parser.add_argument('--mode', choices=('inference', 'train', 'both'), default='both')
-    parser.add_argument('--iters', type=int, default=10, help='timed steps per measurement')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed steps after the first')
+    parser.add_argument('--rounds', type=int, default=7, help='timed rounds (>= 5 for a median)')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed rounds after the first')
     parser.add_argument(
-        '--threads', type=int, default=None, help='CPUs for both frameworks (default: all usable)'
+        '--threads', type=int, default=2, help='CPUs (and compute threads) for both frameworks'
     )
     parser.add_argument('--json', default=None, help='also write the results to this file')
-    return parser.parse_args()
+    parser.add_argument(
+        '--overrides',
+        default=None,
+        help='JSON dict of model overrides (e.g. a tiny config for tests), given to both models',
+    )
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f'--rounds must be >= 1, found {args.rounds}')
+    return args
 
 
-def pin_to_cpus(threads: int | None) -> list[int]:
+def pin_to_cpus(threads: int) -> list[int]:
     """Restricts this process to the first `threads` usable CPUs; returns the CPUs kept."""
     usable = sorted(os.sched_getaffinity(0))
-    if threads is None:
-        return usable
     if not 1 <= threads <= len(usable):
         raise SystemExit(f'--threads must be in [1, {len(usable)}], found {threads}')
     os.sched_setaffinity(0, usable[:threads])
     return usable[:threads]
 
 
-def time_steps(step, iters: int, warmup: int) -> dict[str, float]:
-    """Runs `step()` (which must block until done) 1 + warmup + iters times; seconds."""
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of `values`."""
+    return {'median': statistics.median(values), 'min': min(values), 'max': max(values)}
+
+
+def interleave(
+    steps: dict[str, Callable[[], None]], rounds: int, warmup: int
+) -> dict[str, dict[str, object]]:
+    """Times each blocking step once per round, the order reversed every other round.
+
+    Returns per name: 'first_s' (the first call: tracing and compilation included) and 'times_s'
+    (one entry per timed round).
+    """
+    names = list(steps)
+    results = {name: {'times_s': []} for name in names}
+    for name in names:
         start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {'first_s': first, 'median_s': statistics.median(times)}
-
-
-def benchmark_flax(args: argparse.Namespace, modes: list[str]) -> dict[str, dict[str, float]]:
-    import jax
-    import optax
-
-    from crossformer_jax import create_model
-
-    model = create_model(args.model)
-    key_params, key_images, key_labels, key_dropout = jax.random.split(jax.random.PRNGKey(0), 4)
-    shape = (args.batch_size, args.image_size, args.image_size, 3)
-    images = jax.random.normal(key_images, shape)
-    labels = jax.random.randint(key_labels, (args.batch_size,), 0, model.num_classes)
-    params = jax.jit(model.init)(key_params, images[:1])['params']
-    results = {}
-
-    if 'inference' in modes:
-        forward = jax.jit(lambda params, images: model.apply({'params': params}, images))
-        results['inference'] = time_steps(
-            lambda: forward(params, images).block_until_ready(), args.iters, args.warmup
-        )
-
-    if 'train' in modes:
-        optimizer = optax.adamw(learning_rate=1e-3, weight_decay=0.05)
-
-        def loss_fn(params, images, labels, key):
-            logits = model.apply({'params': params}, images, train=True, rngs={'dropout': key})
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-        def train_step(params, opt_state, images, labels, key):
-            loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, key)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        train_step = jax.jit(train_step, donate_argnums=(0, 1))
-        state = {'params': params, 'opt_state': optimizer.init(params), 'key': key_dropout}
-
-        def step():
-            state['key'], key = jax.random.split(state['key'])
-            state['params'], state['opt_state'], loss = train_step(
-                state['params'], state['opt_state'], images, labels, key
-            )
-            loss.block_until_ready()
-
-        results['train'] = time_steps(step, args.iters, args.warmup)
-
-    for result in results.values():
-        result['compile_s'] = max(result['first_s'] - result['median_s'], 0.0)
+        steps[name]()
+        results[name]['first_s'] = time.perf_counter() - start
+    for r in range(warmup + rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            steps[name]()
+            if r >= warmup:
+                results[name]['times_s'].append(time.perf_counter() - start)
     return results
 
 
-def benchmark_torch(
-    args: argparse.Namespace, modes: list[str], threads: int
-) -> dict[str, dict[str, float]]:
+def summarize(results: dict[str, dict], batch: int, a: str, b: str) -> dict[str, object]:
+    """Images/s spread per name and the per-round a/b speed ratios (> 1: a is faster)."""
+    summary = {}
+    for name, result in results.items():
+        summary[name] = {
+            'images_per_s': spread([batch / t for t in result['times_s']]),
+            'first_s': result['first_s'],
+            'compile_s': max(result['first_s'] - statistics.median(result['times_s']), 0.0),
+        }
+    ratios = [tb / ta for ta, tb in zip(results[a]['times_s'], results[b]['times_s'])]
+    summary['ratio'] = spread(ratios)
+    return summary
+
+
+def flax_train_step(model, optimizer):
+    """A jit-compiled AdamW step (params, opt_state, images, labels, key) -> (params, state, loss),
+    with parameters and optimiser state donated."""
+    import jax
+    import optax
+
+    def loss_fn(params, images, labels, key):
+        logits = model.apply({'params': params}, images, train=True, rngs={'dropout': key})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def train_step(params, opt_state, images, labels, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def flax_steps(model, params, images, labels, mode: str) -> Callable[[], None]:
+    """A blocking zero-argument step of `mode` for a Flax model (state kept in a closure)."""
+    import jax
+    import optax
+
+    if mode == 'inference':
+        forward = jax.jit(lambda params, images: model.apply({'params': params}, images))
+        return lambda: forward(params, images).block_until_ready()
+    optimizer = optax.adamw(learning_rate=1e-3, weight_decay=0.05)
+    train_step = flax_train_step(model, optimizer)
+    params = jax.tree.map(jax.numpy.array, params)  # own buffers: the step donates them
+    state = {'params': params, 'opt_state': optimizer.init(params), 'key': jax.random.key(1)}
+
+    def step():
+        state['key'], key = jax.random.split(state['key'])
+        state['params'], state['opt_state'], loss = train_step(
+            state['params'], state['opt_state'], images, labels, key
+        )
+        loss.block_until_ready()
+
+    return step
+
+
+def torch_steps(model, images, labels, mode: str) -> Callable[[], None]:
+    """A blocking zero-argument step of `mode` for a PyTorch model."""
     import torch
     import torch.nn.functional as F
 
-    from crossformer_jax.torch_reference import create_torch_model
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = create_torch_model(args.model)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    labels = torch.randint(0, model.head.out_features, (args.batch_size,))
-    results = {}
-
-    if 'inference' in modes:
+    if mode == 'inference':
         model.eval()
 
         def forward():
             with torch.inference_mode():
                 model(images)
 
-        results['inference'] = time_steps(forward, args.iters, args.warmup)
+        return forward
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 
-    if 'train' in modes:
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(images), labels).backward()
-            optimizer.step()
-
-        results['train'] = time_steps(step, args.iters, args.warmup)
-    return results
+    return step
 
 
-def main() -> None:
-    args = parse_args()
+def benchmark(name: str, mode: str, batch: int, args, overrides: dict) -> dict[str, object]:
+    """Flax vs. PyTorch for one variant and mode, interleaved; see `summarize`."""
+    import jax
+    import numpy as np
+    import torch
+
+    from crossformer_jax import convert_torch_state_dict, create_model
+    from crossformer_jax.torch_reference import create_torch_model
+
+    torch.manual_seed(0)
+    torch_model = create_torch_model(name, **overrides)
+    params = jax.tree.map(
+        jax.numpy.asarray,
+        convert_torch_state_dict(torch_model.state_dict(), name, **overrides)['params'],
+    )
+    model = create_model(name, **overrides)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch, args.image_size, args.image_size, 3), np.float32)
+    labels = rng.integers(0, model.num_classes, (batch,))
+    steps = {
+        'flax': flax_steps(
+            model, params, jax.numpy.asarray(images), jax.numpy.asarray(labels), mode
+        ),
+        'pytorch': torch_steps(
+            torch_model,
+            torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+            torch.from_numpy(labels),
+            mode,
+        ),
+    }
+    results = interleave(steps, args.rounds, args.warmup)
+    return {'raw': results, **summarize(results, batch, 'flax', 'pytorch')}
+
+
+def fmt(s: dict[str, float]) -> str:
+    return f'{s["median"]:.2f} [{s["min"]:.2f}-{s["max"]:.2f}]'
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     cpus = pin_to_cpus(args.threads)  # before JAX and torch create their thread pools
-    modes = ['inference', 'train'] if args.mode == 'both' else [args.mode]
+    overrides = json.loads(args.overrides) if args.overrides else {}
+    modes = MODES if args.mode == 'both' else (args.mode,)
 
     import jax
     import torch
 
-    results = {
-        'flax': benchmark_flax(args, modes),
-        'pytorch': benchmark_torch(args, modes, threads=len(cpus)),
-    }
-
+    torch.set_num_threads(len(cpus))
+    torch.set_num_interop_threads(1)
     print(
-        f'{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, '
-        f'{len(cpus)} threads (CPUs {cpus}), jax {jax.__version__}, torch {torch.__version__}'
+        f'{args.image_size}x{args.image_size} float32, {len(cpus)} threads (CPUs {cpus}), '
+        f'{args.rounds} rounds alternating Flax and PyTorch, jax {jax.__version__}, '
+        f'torch {torch.__version__}, {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}'
     )
-    print(f'{"framework":<10}{"mode":<11}{"images/s":>10}{"step ms":>10}{"compile s":>11}')
-    for framework, by_mode in results.items():
-        for mode, result in by_mode.items():
-            result['images_per_s'] = args.batch_size / result['median_s']
-            compile_s = f'{result["compile_s"]:.1f}' if 'compile_s' in result else '-'
+    header = (
+        f'{"model":<20}{"mode":<11}{"batch":>6}  {"Flax img/s [min-max]":<24}'
+        f'{"PyTorch img/s [min-max]":<24}{"ratio [min-max]":<20}{"compile s":>10}'
+    )
+    print(header, flush=True)
+    rows = []
+    for name in args.model:
+        for mode in modes:
+            batch = args.inference_batch if mode == 'inference' else args.train_batch
+            result = benchmark(name, mode, batch, args, overrides)
+            gc.collect()
+            rows.append({'model': name, 'mode': mode, 'batch': batch, **result})
             print(
-                f'{framework:<10}{mode:<11}{result["images_per_s"]:>10.1f}'
-                f'{1000 * result["median_s"]:>10.1f}{compile_s:>11}'
+                f'{name:<20}{mode:<11}{batch:>6}  {fmt(result["flax"]["images_per_s"]):<24}'
+                f'{fmt(result["pytorch"]["images_per_s"]):<24}{fmt(result["ratio"]) + "x":<20}'
+                f'{result["flax"]["compile_s"]:>10.1f}',
+                flush=True,
             )
-    ratios = {
-        mode: results['flax'][mode]['images_per_s'] / results['pytorch'][mode]['images_per_s']
-        for mode in modes
-    }
-    print('Flax/PyTorch speed: ' + ', '.join(f'{m} {r:.2f}x' for m, r in ratios.items()))
-
+    print('ratio = Flax images/s / PyTorch images/s per round (> 1: Flax faster)')
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(
-                {'args': vars(args), 'cpus': cpus, 'results': results, 'ratios': ratios},
-                f,
-                indent=2,
-            )
+            json.dump({'args': vars(args), 'cpus': cpus, 'rows': rows}, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -195,6 +195,77 @@ class PatchConv(nn.Module):
         )
 
 
+def _conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        ((padding, padding), (padding, padding)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def strided_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Convolution of x (N, H, W, Cin) with kernel (k, k, Cin, out), k a multiple of the stride;
+    the input gradient is computed by output phases (see `_strided_conv_bwd`)."""
+    return _conv_nhwc(x, kernel, stride, padding)
+
+
+def _strided_conv_fwd(x, kernel, stride, padding):
+    return _conv_nhwc(x, kernel, stride, padding), (x, kernel)
+
+
+def _strided_conv_bwd(stride, padding, residuals, grad):
+    # Input gradient: with tap kh = stride * a + p, output row o writes to padded input row
+    # stride * (o + a) + p. So one matmul grad @ kernel^T gives every tap's contribution, and the
+    # k/stride shifted copies (one per a) summed and interleaved by phase p give the padded input
+    # gradient. XLA:CPU would otherwise run a dilated convolution, several times slower.
+    x, kernel = residuals
+    n, h, w, cin = x.shape
+    _n, ho, wo, cout = grad.shape
+    k = kernel.shape[0]
+    a = k // stride
+    taps = grad.reshape(-1, cout) @ kernel.transpose(3, 0, 1, 2).reshape(cout, k * k * cin)
+    taps = taps.reshape(n, ho, wo, a, stride, a, stride, cin)
+    padded = sum(
+        jnp.pad(
+            taps[:, :, :, ah, :, aw], ((0, 0), (ah, a - 1 - ah), (aw, a - 1 - aw)) + ((0, 0),) * 3
+        )
+        for ah in range(a)
+        for aw in range(a)
+    )  # (N, Ho + a - 1, Wo + a - 1, stride, stride, Cin)
+    padded = padded.transpose(0, 1, 3, 2, 4, 5)
+    padded = padded.reshape(n, (ho + a - 1) * stride, (wo + a - 1) * stride, cin)
+    grad_x = padded[:, padding : padding + h, padding : padding + w]
+    _, kernel_vjp = jax.vjp(lambda kernel: _conv_nhwc(x, kernel, stride, padding), kernel)
+    return grad_x, kernel_vjp(grad)[0]
+
+
+strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+class StridedConv(nn.Module):
+    """A convolution with kernel k a multiple of its stride s > 1 and padding (k - s) / 2
+    (parameters as nn.Conv: 'kernel' (k, k, Cin, out), 'bias'), with `strided_conv`'s gradient."""
+
+    features: int
+    kernel: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (N, H, W, Cin), H and W multiples of the stride -> (N, H/s, W/s, features)."""
+        k, c = self.kernel, x.shape[-1]
+        kernel = self.param('kernel', conv_kernel_init(), (k, k, c, self.features), jnp.float32)
+        bias = self.param('bias', conv_bias_init(k * k * c), (self.features,), jnp.float32)
+        y = strided_conv(
+            x.astype(self.dtype), kernel.astype(self.dtype), self.stride, (k - self.stride) // 2
+        )
+        return y + bias.astype(self.dtype)
+
+
 def cross_scale_channels(total: int, num_kernels: int) -> list[int]:
     """Channels of each CEL kernel: halves for all but the last kernel, e.g. 64 -> 32,16,8,8."""
     return [total // 2 ** (i + 1) for i in range(num_kernels - 1)] + [
@@ -451,15 +522,7 @@ class CrossScaleEmbedding(nn.Module):
             [
                 PatchConv(ch, k, self.dtype, name=f'{self.conv_name}_{i}')(x)
                 if k == self.stride
-                else conv(
-                    ch,
-                    k,
-                    self.stride,
-                    (k - self.stride) // 2,
-                    x.shape[-1],
-                    f'{self.conv_name}_{i}',
-                    self.dtype,
-                )(x)
+                else StridedConv(ch, k, self.stride, self.dtype, name=f'{self.conv_name}_{i}')(x)
                 for i, (k, ch) in enumerate(zip(self.kernel_sizes, channels))
             ],
             axis=-1,

@@ -1,0 +1,39 @@
+"""`strided_conv`'s hand-written input gradient equals autodiff of the plain convolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crossformer_jax.crossformer import strided_conv
+
+
+def plain_conv(x, kernel, stride, padding):
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        ((padding, padding),) * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+
+
+@pytest.mark.parametrize(
+    ('kernel_size', 'stride', 'height', 'width'), [(4, 2, 8, 12), (8, 4, 16, 8), (2, 2, 6, 4)]
+)
+def test_strided_conv_gradients_match_autodiff(kernel_size, stride, height, width):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, height, width, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 3, 5)), jnp.float32)
+    padding = (kernel_size - stride) // 2
+
+    def loss(conv_fn):
+        return lambda x, kernel: jnp.sum(jnp.sin(conv_fn(x, kernel, stride, padding)))
+
+    np.testing.assert_allclose(
+        strided_conv(x, kernel, stride, padding), plain_conv(x, kernel, stride, padding)
+    )
+    ours = jax.grad(loss(strided_conv), (0, 1))(x, kernel)
+    reference = jax.grad(loss(plain_conv), (0, 1))(x, kernel)
+    for got, want in zip(ours, reference):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
