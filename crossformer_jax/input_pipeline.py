@@ -577,6 +577,10 @@ def get_dataset_info(data_config) -> DatasetInfo:
 
     label = info.features['label']
     names = tuple(label.names) if label.names else None
+    if _get(cfg, 'dataset') == 'imagenet2012':  # readable names in the WordNet-id order
+        from crossformer_jax.pretrained import imagenet_label_names
+
+        names = tuple(imagenet_label_names())
     return DatasetInfo(int(label.num_classes), count(train_split), count(eval_split), names)
 
 
