@@ -37,7 +37,7 @@ def get_config():
     config.data.num_parallel_calls = 2
 
     config.batch_size = 16
-    config.num_train_steps = 1500
+    config.num_train_steps = 1200
     config.base_lr = 3e-3
     config.warmup_steps = 50
     config.warmup_ratio = 1e-3
@@ -47,7 +47,7 @@ def get_config():
     config.poly_power = 0.9
 
     config.log_every_steps = 50
-    config.eval_every_steps = 500
-    config.checkpoint_every_steps = 500
+    config.eval_every_steps = 400
+    config.checkpoint_every_steps = 400
     config.keep_checkpoints = 1
     return config
