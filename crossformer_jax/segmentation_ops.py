@@ -357,7 +357,7 @@ def create_eval_examples(
     )
     ds = ds.map(eval_preprocess(cfg, scales), num_parallel_calls=parallel, deterministic=True)
     ds = ds.prefetch(int(input_pipeline._get(cfg, 'prefetch', 2)))
-    return _ExampleIterator(ds.with_options(input_pipeline._options()))
+    return _ExampleIterator(ds.with_options(input_pipeline._options(cfg)))
 
 
 class _ExampleIterator(input_pipeline._BaseIterator):

@@ -497,14 +497,7 @@ def save_workdir_metadata(
 
     if jax.process_index() != 0:
         return
-    data = config.data
-    preprocessing = pretrained.Preprocessing(
-        input_size=(data.image_size, data.image_size),
-        crop_pct=float(data.eval_crop_fraction),
-        interpolation='bicubic',  # the input pipeline's evaluation resize
-        mean=tuple(data.mean),
-        std=tuple(data.std),
-    )
+    preprocessing = tasks.task_class(config).preprocessing(config)
     metadata = pretrained.workdir_metadata(
         model_name=config.model.name,
         model_overrides=model_overrides(config),
@@ -794,22 +787,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 # Mode 'evaluate'.
 
 
-def preprocessing_differences(data: ml_collections.ConfigDict, metadata: dict) -> list[str]:
-    """One line per config.data field that differs from the preprocessing stored with weights
-    (the ImageNet defaults for older directories without it)."""
+def preprocessing_differences(config: ml_collections.ConfigDict, metadata: dict) -> list[str]:
+    """One line per preprocessing field where config (as its task reads it) differs from the
+    preprocessing stored with weights (the ImageNet defaults for older directories)."""
     from crossformer_jax import pretrained
 
     stored = pretrained.preprocessing_from_metadata(metadata)
-    pairs = (
-        ('image_size', data.image_size, stored.input_size[0]),
-        ('eval_crop_fraction', data.eval_crop_fraction, stored.crop_pct),
-        ('mean', tuple(data.mean), stored.mean),
-        ('std', tuple(data.std), stored.std),
-    )
+    ours = tasks.task_class(config).preprocessing(config)
     return [
-        f'config.data.{field}={ours} differs from the {theirs} stored with the weights'
-        for field, ours, theirs in pairs
-        if not np.allclose(ours, theirs)
+        f'{field}={getattr(ours, field)} from config.data differs from the '
+        f'{getattr(stored, field)} stored with the weights'
+        for field in ('input_size', 'crop_pct', 'mean', 'std')
+        if not np.allclose(getattr(ours, field), getattr(stored, field))
     ]
 
 
@@ -864,7 +853,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
         variables = jax.device_put(variables, variables_sharding)
         source = f'converted checkpoint {config.init_from}'
         for problem in preprocessing_differences(
-            config.data, pretrained.read_metadata(config.init_from)
+            config, pretrained.read_metadata(config.init_from)
         ):
             logging.warning('%s (the weights in %s)', problem, config.init_from)
     else:

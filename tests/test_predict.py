@@ -201,15 +201,10 @@ def test_a_backbone_has_nothing_to_predict(tmp_path, capsys):
 
 def test_evaluate_names_config_fields_that_differ_from_the_weights():
     config = digits_demo.get_config()  # 32 px, crop 1.0, mean/std 0.5
-    problems = training.preprocessing_differences(config.data, {})  # older: ImageNet defaults
-    assert [p.split('=')[0] for p in problems] == [
-        'config.data.image_size',
-        'config.data.eval_crop_fraction',
-        'config.data.mean',
-        'config.data.std',
-    ]
+    problems = training.preprocessing_differences(config, {})  # older: ImageNet defaults
+    assert [p.split('=')[0] for p in problems] == ['input_size', 'crop_pct', 'mean', 'std']
     stored = P.Preprocessing((32, 32), 1.0, 'bicubic', (0.5,) * 3, (0.5,) * 3).to_metadata()
-    assert training.preprocessing_differences(config.data, stored) == []
+    assert training.preprocessing_differences(config, stored) == []
 
 
 def test_segmentation_model_writes_a_colour_coded_mask_per_image(tmp_path, capsys):

@@ -86,6 +86,7 @@ def test_training_examples_keep_image_and_labels_aligned(ade_dir):
         config,
         local_batch_size=4,
         seed=3,
+        decode=input_pipeline.decode_whole,
         preprocess=segmentation_ops.train_preprocess(config, 3, 0),
         return_ids=True,
     )
@@ -113,6 +114,7 @@ def test_same_stream_after_restart(ade_dir):
             local_batch_size=2,
             seed=0,
             start_step=start_step,
+            decode=input_pipeline.decode_whole,
             preprocess=segmentation_ops.train_preprocess(config, 0, 0),
         )
         return [next(iterator) for _ in range(count)]

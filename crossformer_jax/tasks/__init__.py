@@ -14,6 +14,8 @@ preemption, resume, logging and the data sources are shared. A task supplies the
 * `loss(model, params, model_state, batch, rng)` -> (scalar loss, new model state);
 * `make_evaluator(model, mesh, variables_sharding, config)`: a callable that runs one pass over the
   validation split and returns sums that add across batches and hosts (numpy dict);
+* `preprocessing(config)`: how a trained model's inputs are prepared at inference (stored with the
+  weights for predict.py);
 * `final_metrics(sums)` -> floats, `best_metric`: the metric (higher is better) that picks the best
   checkpoint, and `describe(metrics)`: the metrics as one log-line fragment.
 
@@ -101,6 +103,11 @@ class Task(abc.ABC):
         self, model: nn.Module, mesh, variables_sharding: Any, config: ml_collections.ConfigDict
     ) -> Callable[[dict[str, Any]], dict[str, np.ndarray]]:
         """variables -> sums over the whole validation split, all hosts included."""
+
+    @classmethod
+    @abc.abstractmethod
+    def preprocessing(cls, config: ml_collections.ConfigDict):
+        """The inference preprocessing of config (a pretrained.Preprocessing)."""
 
     @abc.abstractmethod
     def final_metrics(self, sums: dict[str, np.ndarray]) -> dict[str, float]:

@@ -201,6 +201,20 @@ class ClassificationTask(Task):
 
         return evaluate
 
+    @classmethod
+    def preprocessing(cls, config):
+        """Resize to image_size / eval_crop_fraction, centre crop, mean/std (on 0..1 pixels)."""
+        from crossformer_jax import pretrained
+
+        data = config.data
+        return pretrained.Preprocessing(
+            input_size=(data.image_size, data.image_size),
+            crop_pct=float(data.eval_crop_fraction),
+            interpolation='bicubic',  # the input pipeline's evaluation resize
+            mean=tuple(data.mean),
+            std=tuple(data.std),
+        )
+
     def final_metrics(self, sums):
         count = float(sums['count'])
         return {

@@ -236,6 +236,21 @@ class SegmentationTask(Task):
 
         return evaluate
 
+    @classmethod
+    def preprocessing(cls, config):
+        """The whole image fitted into image_size (bilinear), mean/std of config (0..255) on the
+        0..1 scale that pretrained.Preprocessing uses."""
+        from crossformer_jax import pretrained
+
+        data = config.data
+        return pretrained.Preprocessing(
+            input_size=(data.image_size, data.image_size),
+            crop_pct=1.0,
+            interpolation='bilinear',
+            mean=tuple(m / 255.0 for m in data.mean),
+            std=tuple(s / 255.0 for s in data.std),
+        )
+
     def final_metrics(self, sums):
         return segmentation_metrics(sums['confusion']) | {'count': int(sums['count'])}
 
