@@ -290,8 +290,8 @@ def test_colliding_saves_complete_and_evaluate_everything(reference):
     assert 'Final validation top-1' in reference['log']
 
 
-# Marked slow: on 2 shared CPU cores it still fails intermittently (a process ends before the kill
-# phase sees a checkpoint after the resumed step); it stays out of the default suite until fixed.
+# Marked slow until it has passed whole in CI: its last full run got through SIGTERM, kill -9 and
+# the exact-parameter check, then failed in this file's own loss comparison (fixed since, not rerun).
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_sigterm_then_kill_then_resume_is_exact(env, reference):
@@ -340,7 +340,9 @@ def test_sigterm_then_kill_then_resume_is_exact(env, reference):
     resumed_at = int(run.log(0).split('Resumed from')[1].split('at step ')[1].split('.')[0])
     assert killed_after <= resumed_at < NUM_STEPS
     _assert_same_params(_params(workdir, NUM_STEPS), _params(reference['workdir'], NUM_STEPS))
-    reference_losses = {m['step']: m['train/loss'] for m in _metrics(reference['workdir'])}
+    reference_losses = {
+        m['step']: m['train/loss'] for m in _metrics(reference['workdir']) if 'train/loss' in m
+    }
     losses = {m['step']: m['train/loss'] for m in _metrics(workdir) if 'train/loss' in m}
     assert [losses[s] for s in range(1, NUM_STEPS + 1)] == [
         reference_losses[s] for s in range(1, NUM_STEPS + 1)
