@@ -291,7 +291,7 @@ def test_colliding_saves_complete_and_evaluate_everything(reference):
 
 
 # Marked slow until it has passed whole in CI: its last full run got through SIGTERM, kill -9 and
-# the exact-parameter check, then failed in this file's own loss comparison (fixed since, not rerun).
+# the exact-parameter check, then failed in its own loss comparison (fixed since, not rerun).
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_sigterm_then_kill_then_resume_is_exact(env, reference):
