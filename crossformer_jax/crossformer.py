@@ -689,6 +689,19 @@ def list_models() -> list[str]:
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(CrossFormer)} - {'parent', 'name'}
 
 
+def normalize_backbone_fields(kwargs: dict) -> None:
+    """Checks the backbone fields of constructor kwargs in place: version, four per-stage tuples,
+    a dtype given by name. Raises ValueError naming the field."""
+    if kwargs['version'] not in ('v1', 'pp'):
+        raise ValueError(f"version must be 'v1' or 'pp', got {kwargs['version']!r}")
+    for field in ('depths', 'num_heads', 'group_size', 'interval'):
+        kwargs[field] = tuple(kwargs[field])
+        if len(kwargs[field]) != 4:
+            raise ValueError(f'{field} must have 4 entries (one per stage), got {kwargs[field]}')
+    if isinstance(kwargs.get('dtype'), str):
+        kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+
+
 def model_config(
     name: str, num_classes: int = 1000, features_only: bool = False, **overrides
 ) -> dict[str, Any]:
@@ -706,14 +719,7 @@ def model_config(
         'features_only': features_only,
         **overrides,
     }
-    if kwargs['version'] not in ('v1', 'pp'):
-        raise ValueError(f"version must be 'v1' or 'pp', got {kwargs['version']!r}")
-    for field in ('depths', 'num_heads', 'group_size', 'interval'):
-        kwargs[field] = tuple(kwargs[field])
-        if len(kwargs[field]) != 4:
-            raise ValueError(f'{field} must have 4 entries (one per stage), got {kwargs[field]}')
-    if isinstance(kwargs.get('dtype'), str):
-        kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+    normalize_backbone_fields(kwargs)
     if kwargs['num_classes'] < 0:
         raise ValueError(f'num_classes must be >= 0 (0: no head), got {kwargs["num_classes"]}')
     if 'out_indices' in kwargs:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossformer_jax.crossformer import VARIANTS, CrossFormer
+from crossformer_jax.crossformer import VARIANTS, CrossFormer, normalize_backbone_fields
 
 BATCH_NORM_MOMENTUM = 0.9  # running = 0.9 * running + 0.1 * batch (PyTorch's momentum 0.1)
 BATCH_NORM_EPS = 1e-5
@@ -484,14 +484,7 @@ def segmentation_config(name: str, num_classes: int = 150, **overrides) -> dict[
         kwargs['aux_channels'] = None
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
-    if kwargs['version'] not in ('v1', 'pp'):
-        raise ValueError(f"version must be 'v1' or 'pp', got {kwargs['version']!r}")
-    for field in ('depths', 'num_heads', 'group_size', 'interval'):
-        kwargs[field] = tuple(kwargs[field])
-        if len(kwargs[field]) != 4:
-            raise ValueError(f'{field} must have 4 entries (one per stage), got {kwargs[field]}')
-    if isinstance(kwargs.get('dtype'), str):
-        kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+    normalize_backbone_fields(kwargs)
     return kwargs
 
 
