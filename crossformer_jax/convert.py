@@ -911,7 +911,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer."""
     try:
         value = int(text)
     except ValueError:
@@ -946,7 +947,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         '--num-classes',
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help='classes of the head (default: read from head.weight); an explicit '
         'value must match the checkpoint',

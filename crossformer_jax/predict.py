@@ -37,6 +37,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from crossformer_jax import batch_ops
+from crossformer_jax.convert import positive_int
 from crossformer_jax.pretrained import Preprocessing, PretrainedError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
@@ -352,16 +353,6 @@ class Predictor:
 # Command line.
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}') from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
-    return value
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='predict.py',
@@ -374,9 +365,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         '(its best checkpoint is used)',
     )
     parser.add_argument('images', nargs='+', help='image files or folders (searched recursively)')
-    parser.add_argument('--top-k', type=_positive_int, default=5, help='classes per image (5)')
+    parser.add_argument('--top-k', type=positive_int, default=5, help='classes per image (5)')
     parser.add_argument(
-        '--batch-size', type=_positive_int, default=32, help='images per device batch (32)'
+        '--batch-size', type=positive_int, default=32, help='images per device batch (32)'
     )
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
     parser.add_argument(
