@@ -20,7 +20,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from crossformer_jax.crossformer import VARIANTS, create_model, cross_scale_channels, group_layout
+from crossformer_jax.crossformer import (
+    ARCHITECTURE_FIELDS,
+    VARIANTS,
+    create_model,
+    cross_scale_channels,
+    group_layout,
+)
 
 
 def count_params(
@@ -101,22 +107,11 @@ def count_segmentation_macs(
 
     model = create_segmentation_model(name, num_classes, **overrides)
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    backbone_fields = (
-        'embed_dim',
-        'depths',
-        'num_heads',
-        'group_size',
-        'interval',
-        'version',
-        'mlp_ratio',
-        'patch_kernel_sizes',
-        'merge_kernel_sizes',
-    )
     macs = count_macs(
         'crossformer_small',  # any variant: every architecture field is given
         (height, width),
         features_only=True,
-        **{k: getattr(model, k) for k in backbone_fields},
+        **{k: getattr(model, k) for k in ARCHITECTURE_FIELDS},
     )
     sizes = [(height // 2 ** (s + 2), width // 2 ** (s + 2)) for s in range(4)]
     channels = [model.embed_dim * 2**s for s in range(4)]

@@ -688,6 +688,20 @@ def list_models() -> list[str]:
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(CrossFormer)} - {'parent', 'name'}
 
+# The constructor fields that define the backbone's architecture (and so its parameter shapes);
+# the other fields (drop_path_rate, dtype, remat, ...) are training or runtime choices.
+ARCHITECTURE_FIELDS = (
+    'embed_dim',
+    'depths',
+    'num_heads',
+    'group_size',
+    'interval',
+    'version',
+    'mlp_ratio',
+    'patch_kernel_sizes',
+    'merge_kernel_sizes',
+)
+
 
 def normalize_backbone_fields(kwargs: dict) -> None:
     """Checks the backbone fields of constructor kwargs in place: version, four per-stage tuples,

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from crossformer_jax.crossformer import ARCHITECTURE_FIELDS, create_model
+
 METADATA_FILE = 'metadata.json'
 VARIABLES_DIR = 'variables'
 FORMAT_NAME = 'crossformer_jax.pretrained'
@@ -36,15 +38,7 @@ FORMAT_VERSION = 1
 # JSON-friendly create_model overrides that describe the architecture (dtype / remat are runtime
 # choices and are not stored).
 _STORABLE_OVERRIDES = (
-    'embed_dim',
-    'depths',
-    'num_heads',
-    'group_size',
-    'interval',
-    'version',
-    'mlp_ratio',
-    'patch_kernel_sizes',
-    'merge_kernel_sizes',
+    *ARCHITECTURE_FIELDS,
     # Segmentation heads (crossformer_jax.segmentation).
     'head_channels',
     'aux_channels',
@@ -366,8 +360,6 @@ def load_pretrained(directory: str | os.PathLike, *, dtype: Any = None):
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
-
-    from crossformer_jax.crossformer import create_model
 
     directory = os.path.abspath(os.fspath(directory))
     metadata = read_metadata(directory)

@@ -33,7 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossformer_jax.crossformer import VARIANTS, CrossFormer, normalize_backbone_fields
+from crossformer_jax.crossformer import (
+    ARCHITECTURE_FIELDS,
+    VARIANTS,
+    CrossFormer,
+    normalize_backbone_fields,
+)
 
 BATCH_NORM_MOMENTUM = 0.9  # running = 0.9 * running + 0.1 * batch (PyTorch's momentum 0.1)
 BATCH_NORM_EPS = 1e-5
@@ -62,20 +67,7 @@ HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
     'fpn': dict(head_channels=128, neck_channels=256, dropout_rate=0.1),
 }
 
-_BACKBONE_FIELDS = (
-    'embed_dim',
-    'depths',
-    'num_heads',
-    'group_size',
-    'interval',
-    'version',
-    'mlp_ratio',
-    'drop_path_rate',
-    'patch_kernel_sizes',
-    'merge_kernel_sizes',
-    'remat',
-    'dtype',
-)
+_BACKBONE_FIELDS = (*ARCHITECTURE_FIELDS, 'drop_path_rate', 'remat', 'dtype')
 
 
 # -------------------------------------------------------------------------------------------------
