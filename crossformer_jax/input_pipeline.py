@@ -213,6 +213,24 @@ def _shard_key(seed: int, process_index: int, domain: int) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(key, domain)
 
 
+def _shuffled_indices(
+    n: int, seed: int, process_index: int, start_epoch: int, start_position: int
+) -> tf.data.Dataset:
+    """Endless {'index', 'epoch', 'position'} elements: each epoch a permutation of range(n) that
+    depends only on (seed, process_index, epoch), starting at `start_position` of `start_epoch`."""
+    perm_key = _shard_key(seed, process_index, _PERMUTATION_DOMAIN)
+
+    def epoch(e):
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.random.experimental.stateless_fold_in(perm_key, e)
+        )
+        return tf.data.Dataset.from_tensor_slices(
+            {'index': perm, 'epoch': tf.fill([n], e), 'position': tf.range(n, dtype=tf.int64)}
+        )
+
+    return tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch).skip(start_position)
+
+
 @functools.lru_cache(maxsize=16)
 def _list_folder(
     root: str, split: str, class_names: tuple[str, ...] | None
@@ -288,22 +306,9 @@ class _FolderSource:
     def train_stream(
         self, seed: int, process_index: int, start_epoch: int, start_position: int, cfg
     ) -> tf.data.Dataset:
-        n = self.num_examples
         paths = tf.constant(list(self.paths), tf.string)
         labels = tf.constant(self.labels)
-        perm_key = _shard_key(seed, process_index, _PERMUTATION_DOMAIN)
-
-        def epoch(e):
-            perm = tf.random.experimental.stateless_shuffle(
-                tf.range(n, dtype=tf.int64),
-                seed=tf.random.experimental.stateless_fold_in(perm_key, e),
-            )
-            return tf.data.Dataset.from_tensor_slices(
-                {'index': perm, 'epoch': tf.fill([n], e), 'position': tf.range(n, dtype=tf.int64)}
-            )
-
-        ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch)
-        ds = ds.skip(start_position)
+        ds = _shuffled_indices(self.num_examples, seed, process_index, start_epoch, start_position)
 
         def lookup(el):
             out = self._elements(el['index'], paths, labels)
@@ -500,20 +505,8 @@ class _ArrayRecordSource(_TfdsSource):
     def train_stream(
         self, seed: int, process_index: int, start_epoch: int, start_position: int, cfg
     ) -> tf.data.Dataset:
-        n = self.num_examples
-        perm_key = _shard_key(seed, process_index, _PERMUTATION_DOMAIN)
-
-        def epoch(e):
-            perm = tf.random.experimental.stateless_shuffle(
-                tf.range(n, dtype=tf.int64),
-                seed=tf.random.experimental.stateless_fold_in(perm_key, e),
-            )
-            return tf.data.Dataset.from_tensor_slices(
-                {'index': perm, 'epoch': tf.fill([n], e), 'position': tf.range(n, dtype=tf.int64)}
-            )
-
-        ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch)
-        ds = self._with_records(ds.skip(start_position), cfg)
+        ds = _shuffled_indices(self.num_examples, seed, process_index, start_epoch, start_position)
+        ds = self._with_records(ds, cfg)
         return ds.map(self._parsed, num_parallel_calls=_parallel(cfg), deterministic=True)
 
     def eval_stream(self, cfg) -> tf.data.Dataset:
