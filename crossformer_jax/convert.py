@@ -750,6 +750,20 @@ class Comparison:
     max_abs_diff: float
     max_abs_reference: float
 
+    @classmethod
+    def of(cls, label: str, reference: np.ndarray, output: np.ndarray) -> Comparison:
+        """The comparison of two arrays of the same shape (RuntimeError naming both otherwise)."""
+        if reference.shape != output.shape:
+            raise RuntimeError(
+                f'{label}: reference shape {reference.shape} != Flax shape {output.shape}'
+            )
+        return cls(
+            label,
+            reference.shape,
+            float(np.max(np.abs(reference - output))),
+            float(np.max(np.abs(reference))),
+        )
+
     @property
     def relative(self) -> float:
         """max|diff| / max|reference|."""
@@ -809,16 +823,7 @@ def compare_with_torch(
             raise RuntimeError(f'reference gave {len(reference)} maps, Flax {len(outputs)}')
     else:
         pairs = [('logits', reference.numpy(), np.asarray(outputs))]
-    results = []
-    for label, ref, out in pairs:
-        if ref.shape != out.shape:
-            raise RuntimeError(f'{label}: reference shape {ref.shape} != Flax shape {out.shape}')
-        results.append(
-            Comparison(
-                label, ref.shape, float(np.max(np.abs(ref - out))), float(np.max(np.abs(ref)))
-            )
-        )
-    return results
+    return [Comparison.of(label, ref, out) for label, ref, out in pairs]
 
 
 def _load_torch_reference(torch_model, state_dict: Mapping[str, Any]) -> None:
@@ -871,17 +876,10 @@ def _compare_segmentation_with_torch(
             return resize_bilinear(logits, images.shape[1:3])
 
         outputs['auxiliary logits'] = auxiliary(variables, images_nhwc)
-    results = []
-    for label, ref in reference.items():
-        out = np.asarray(outputs[label]).transpose(0, 3, 1, 2)
-        if ref.shape != out.shape:
-            raise RuntimeError(f'{label}: reference shape {ref.shape} != Flax shape {out.shape}')
-        results.append(
-            Comparison(
-                label, ref.shape, float(np.max(np.abs(ref - out))), float(np.max(np.abs(ref)))
-            )
-        )
-    return results
+    return [
+        Comparison.of(label, ref, np.asarray(outputs[label]).transpose(0, 3, 1, 2))
+        for label, ref in reference.items()
+    ]
 
 
 # -------------------------------------------------------------------------------------------------
