@@ -7,7 +7,6 @@ subprocesses that share a persistent compilation cache, so each program is compi
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -19,30 +18,22 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import (
+    CLASSES,
+    REPO,
+    _assert_same_params,
+    _checkpoint_steps,
+    _metrics,
+    _params,
+    _write_image_folder,
+)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 32
-CLASSES = 3
 
 from crossformer_jax import training  # noqa: E402
 
 # -------------------------------------------------------------------------------------------------
 # Fixtures: data, config, and one uninterrupted reference run.
-
-
-def _write_image_folder(root: str, per_class: dict[str, int]) -> None:
-    """Class c: a bright square in quadrant c over noise, in a class-specific tint."""
-    rng = np.random.RandomState(0)
-    for split, count in per_class.items():
-        for c in range(CLASSES):
-            os.makedirs(os.path.join(root, split, f'class_{c}'))
-            for i in range(count):
-                image = rng.randint(0, 80, size=(32, 32, 3)).astype(np.uint8)
-                y, x = divmod(c, 2)
-                image[4 + 14 * y : 14 + 14 * y, 4 + 14 * x : 14 + 14 * x] = 220
-                image[..., c] = np.maximum(image[..., c], 120)
-                Image.fromarray(image).save(os.path.join(root, split, f'class_{c}', f'{i}.png'))
 
 
 CONFIG_TEMPLATE = """
@@ -136,44 +127,8 @@ def _run(env, workdir, *overrides, devices=1, mode='train', timeout=900):
     )
 
 
-def _metrics(workdir) -> list[dict]:
-    path = os.path.join(workdir, 'metrics.jsonl')
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _train_losses(workdir) -> dict[int, float]:
     return {m['step']: m['train/loss'] for m in _metrics(workdir) if 'train/loss' in m}
-
-
-def _checkpoint_steps(workdir, sub='checkpoints') -> list[int]:
-    path = os.path.join(workdir, sub)
-    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
-
-
-def _params(workdir, step):
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(str(workdir), 'checkpoints', str(step), 'default')
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
-        saved = dict(checkpointer.metadata(path).item_metadata)  # possibly from 8 devices
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), saved
-        )
-        return checkpointer.restore(path, target)['params']
-
-
-def _assert_same_params(a, b, **tolerance):
-    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
-    assert len(flat_a) == len(flat_b)
-    for (path, x), y in zip(flat_a, flat_b):
-        if tolerance:
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=str(path), **tolerance)
-        else:
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
 
 
 def _load_config_file(path):

@@ -1,0 +1,68 @@
+"""Helpers shared by the training tests: a synthetic image folder, and readers of a workdir's
+metrics, checkpoint steps and saved parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = 3
+
+
+def _write_image_folder(root: str, per_class: dict[str, int]) -> None:
+    """Class c: a bright square in quadrant c over noise, in a class-specific tint."""
+    rng = np.random.RandomState(0)
+    for split, count in per_class.items():
+        for c in range(CLASSES):
+            os.makedirs(os.path.join(root, split, f'class_{c}'))
+            for i in range(count):
+                image = rng.randint(0, 80, size=(32, 32, 3)).astype(np.uint8)
+                y, x = divmod(c, 2)
+                image[4 + 14 * y : 14 + 14 * y, 4 + 14 * x : 14 + 14 * x] = 220
+                image[..., c] = np.maximum(image[..., c], 120)
+                Image.fromarray(image).save(os.path.join(root, split, f'class_{c}', f'{i}.png'))
+
+
+def _metrics(workdir) -> list[dict]:
+    """The lines of WORKDIR/metrics.jsonl ([] before the first is written)."""
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _checkpoint_steps(workdir, sub='checkpoints') -> list[int]:
+    """Steps of the finished checkpoints in WORKDIR/sub, ascending."""
+    path = os.path.join(workdir, sub)
+    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
+def _params(workdir, step):
+    """The parameters of WORKDIR's checkpoint at step, on one device."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(str(workdir), 'checkpoints', str(step), 'default')
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = dict(checkpointer.metadata(path).item_metadata)  # possibly from 8 devices
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), saved
+        )
+        return checkpointer.restore(path, target)['params']
+
+
+def _assert_same_params(a, b, **tolerance):
+    """Equal trees of arrays: bit for bit, or within np.testing.assert_allclose's tolerance."""
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b):
+        if tolerance:
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=str(path), **tolerance)
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
