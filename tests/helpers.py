@@ -43,8 +43,8 @@ def _checkpoint_steps(workdir, sub='checkpoints') -> list[int]:
     return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
 
 
-def _params(workdir, step):
-    """The parameters of WORKDIR's checkpoint at step, on one device."""
+def _saved_state(workdir, step) -> dict:
+    """The whole training state of WORKDIR's checkpoint at step, on one device."""
     import orbax.checkpoint as ocp
 
     path = os.path.join(str(workdir), 'checkpoints', str(step), 'default')
@@ -54,7 +54,12 @@ def _params(workdir, step):
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), saved
         )
-        return checkpointer.restore(path, target)['params']
+        return checkpointer.restore(path, target)
+
+
+def _params(workdir, step):
+    """The parameters of WORKDIR's checkpoint at step, on one device."""
+    return _saved_state(workdir, step)['params']
 
 
 def _assert_same_params(a, b, **tolerance):

@@ -4,7 +4,6 @@ trained, resumed and evaluated through train.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,11 +14,11 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import REPO, _metrics, _saved_state
 from PIL import Image
 
 from crossformer_jax import input_pipeline, segmentation_ops
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PALETTE = np.array(
     [[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10], [10, 250, 250]], np.uint8
 )
@@ -275,24 +274,6 @@ def _train_py(run_env, workdir, *args, mode='train'):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def _metrics(workdir):
-    with open(os.path.join(str(workdir), 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
-
-def _saved_state(workdir, step):
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(str(workdir), 'checkpoints', str(step), 'default')
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
-        saved = dict(checkpointer.metadata(path).item_metadata)
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), saved
-        )
-        return checkpointer.restore(path, target)
 
 
 @pytest.fixture(scope='module')
