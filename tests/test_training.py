@@ -237,7 +237,12 @@ def test_training_lowers_the_loss_and_writes_the_workdir(reference):
         assert m['train/data_wait_seconds_per_step'] >= 0.0
 
 
-@pytest.mark.parametrize('fsdp', [True, False], ids=['fsdp', 'replicated'])
+# The replicated run is slow-only: the FSDP run keeps its small arrays replicated (checked below)
+# and shards the batch the same way, so it covers the data-parallel step; the all-replicated
+# layout of fsdp=False is checked in tests/test_sharding.py.
+@pytest.mark.parametrize(
+    'fsdp', [True, pytest.param(False, marks=pytest.mark.slow)], ids=['fsdp', 'replicated']
+)
 def test_eight_devices_match_one_device(env, reference, fsdp):
     workdir = env['root'] / f'eight_devices_{"fsdp" if fsdp else "replicated"}'
     # Same schedule and train step; fewer saves and evaluations (they cost more on 8 devices).
