@@ -436,6 +436,7 @@ def test_evaluate_workdir_and_converted_checkpoint(env, reference):
 
 def test_gradient_accumulation_matches_one_big_batch():
     import optax
+    from random_weights import random_variables
 
     from crossformer_jax import crossformer, sharding
     from crossformer_jax.tasks.classification import ClassificationTask
@@ -450,7 +451,7 @@ def test_gradient_accumulation_matches_one_big_batch():
         interval=(2, 1, 1, 1),
         drop_path_rate=0.0,
     )
-    params = training.init_params(model, jax.random.key(0), 32)
+    params = random_variables(model, (32, 32))['params']  # compiling init_params is slow
     tx = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify round-off)
     state = training.TrainState.create(params, tx)
     rng = np.random.RandomState(0)
