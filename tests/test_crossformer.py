@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
+from published_figures import PUBLISHED_GMACS, PUBLISHED_PARAM_COUNTS
 
 import crossformer_jax
 from crossformer_jax.complexity import count_macs, count_params
@@ -19,26 +20,6 @@ from crossformer_jax.crossformer import (
     ungroup_tokens,
 )
 
-PUBLISHED_PARAM_COUNTS = {
-    'crossformer_tiny': 27_776_794,
-    'crossformer_small': 30_657_394,
-    'crossformer_base': 51_971_554,
-    'crossformer_large': 91_971_184,
-    'crossformer_pp_small': 23_325_340,
-    'crossformer_pp_base': 51_994_594,
-    'crossformer_pp_large': 92_001_904,
-    'crossformer_pp_huge': 95_962_944,
-}
-PUBLISHED_GMACS = {
-    'crossformer_tiny': 2.86,
-    'crossformer_small': 4.91,
-    'crossformer_base': 9.17,
-    'crossformer_large': 16.12,
-    'crossformer_pp_small': 4.39,
-    'crossformer_pp_base': 9.50,
-    'crossformer_pp_large': 16.57,
-    'crossformer_pp_huge': 21.59,
-}
 TINY = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
 
 

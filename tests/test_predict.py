@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from random_weights import random_variables
 
 from configs import digits_demo
 from crossformer_jax import predict, training
@@ -117,7 +118,7 @@ def test_predict_text_output_and_an_older_workdir(digits_run, tmp_path, capsys):
 def imagenet_dir(tmp_path_factory):
     """A tiny 1000-class model saved as a pretrained directory (ImageNet defaults)."""
     model = create_model('crossformer_tiny', num_classes=1000, **TINY)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+    variables = random_variables(model, (32, 32))
     directory = str(tmp_path_factory.mktemp('pretrained') / 'weights')
     P.save_pretrained(
         directory,
@@ -185,7 +186,7 @@ def test_unusable_preprocessing_fields_are_named():
 
 def test_a_backbone_has_nothing_to_predict(tmp_path, capsys):
     model = create_model('crossformer_tiny', features_only=True, **TINY)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+    variables = random_variables(model, (32, 32))
     directory = str(tmp_path / 'backbone')
     P.save_pretrained(
         directory,
@@ -211,7 +212,7 @@ def test_segmentation_model_writes_a_colour_coded_mask_per_image(tmp_path, capsy
     name = 'upernet_crossformer_small'
     overrides = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), head_channels=32)
     model = create_model(name, num_classes=4, **overrides)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
+    variables = random_variables(model)
     directory = str(tmp_path / 'segmenter')
     P.save_pretrained(
         directory,
@@ -239,7 +240,7 @@ def test_segmentation_model_writes_a_colour_coded_mask_per_image(tmp_path, capsy
     preprocessing = P.Preprocessing((64, 64), 1.0, 'bilinear')
     prepared, info = predict.segmentation_prepare(str(photo), preprocessing)
     assert info == (32, 64, 32, 64) and not prepared[32:].any()
-    logits = model.apply(variables, prepared[None], train=False)
+    logits = jax.jit(model.apply, static_argnames='train')(variables, prepared[None], train=False)
     expected = np.asarray(np.argmax(logits[0, :32], axis=-1))
     np.testing.assert_array_equal(np.asarray(mask), expected)
     fractions = {c['index']: c['fraction'] for c in result['classes']}

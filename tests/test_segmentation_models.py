@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from random_weights import random_variables
 
 import crossformer_jax
 from crossformer_jax import segmentation as S
@@ -105,27 +106,6 @@ def test_parameter_names_follow_the_mmsegmentation_layout():
         + ['conv_seg']
     )
     assert 'neck' not in fpn['batch_stats']
-
-
-def random_variables(model, seed=0):
-    """Variables of the model's shapes drawn with numpy (compiling model.init is slow on CPU):
-    kernels ~ N(0, 1/fan_in), biases and BatchNorm means ~ 0.1 N, scales ~ 1 + 0.1 N, BatchNorm
-    variances ~ U(0.5, 2)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name == 'kernel':
-            values = rng.standard_normal(leaf.shape) / math.sqrt(math.prod(leaf.shape[:-1]))
-        elif name == 'scale':
-            values = 1 + 0.1 * rng.standard_normal(leaf.shape)
-        elif name == 'var':
-            values = rng.uniform(0.5, 2.0, leaf.shape)
-        else:
-            values = 0.1 * rng.standard_normal(leaf.shape)
-        return jnp.asarray(values, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract_variables(model))
 
 
 def jitted(model):

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from published_figures import PUBLISHED_PARAM_COUNTS
 
 from crossformer_jax.crossformer import VARIANTS
 from crossformer_jax.torch_reference import (
@@ -14,16 +15,6 @@ from crossformer_jax.torch_reference import (
     relative_position_index,
 )
 
-PUBLISHED_PARAM_COUNTS = {
-    'crossformer_tiny': 27_776_794,
-    'crossformer_small': 30_657_394,
-    'crossformer_base': 51_971_554,
-    'crossformer_large': 91_971_184,
-    'crossformer_pp_small': 23_325_340,
-    'crossformer_pp_base': 51_994_594,
-    'crossformer_pp_large': 92_001_904,
-    'crossformer_pp_huge': 95_962_944,
-}
 TINY = dict(embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8))
 MODELS = ['crossformer_small', 'crossformer_pp_small']
 

@@ -192,7 +192,12 @@ def test_training_lowers_the_loss_and_writes_the_workdir(reference):
         assert m['train/data_wait_seconds_per_step'] >= 0.0
 
 
-@pytest.mark.parametrize('fsdp', [True, False], ids=['fsdp', 'replicated'])
+# The replicated run is slow-only: the FSDP run keeps its small arrays replicated (checked below)
+# and shards the batch the same way, so it covers the data-parallel step; the all-replicated
+# layout of fsdp=False is checked in tests/test_sharding.py.
+@pytest.mark.parametrize(
+    'fsdp', [True, pytest.param(False, marks=pytest.mark.slow)], ids=['fsdp', 'replicated']
+)
 def test_eight_devices_match_one_device(env, reference, fsdp):
     workdir = env['root'] / f'eight_devices_{"fsdp" if fsdp else "replicated"}'
     # Same schedule and train step; fewer saves and evaluations (they cost more on 8 devices).
@@ -386,6 +391,7 @@ def test_evaluate_workdir_and_converted_checkpoint(env, reference):
 
 def test_gradient_accumulation_matches_one_big_batch():
     import optax
+    from random_weights import random_variables
 
     from crossformer_jax import crossformer, sharding
     from crossformer_jax.tasks.classification import ClassificationTask
@@ -400,7 +406,7 @@ def test_gradient_accumulation_matches_one_big_batch():
         interval=(2, 1, 1, 1),
         drop_path_rate=0.0,
     )
-    params = training.init_params(model, jax.random.key(0), 32)
+    params = random_variables(model, (32, 32))['params']  # compiling init_params is slow
     tx = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify round-off)
     state = training.TrainState.create(params, tx)
     rng = np.random.RandomState(0)

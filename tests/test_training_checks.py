@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from random_weights import random_variables
 
 from configs import digits_demo
 from crossformer_jax import pretrained, training
@@ -31,9 +32,8 @@ def _config(**changes):
 
 
 def _init(model, image_size, seed):
-    """training.init_params, compiled (eager Flax initialisation is slow on CPU)."""
-    init = jax.jit(lambda key: training.init_params(model, key, image_size))
-    return init(jax.random.key(seed))
+    """Random parameters of the model's shapes (training.init_params takes long to compile)."""
+    return random_variables(model, (image_size, image_size), seed)['params']
 
 
 @pytest.fixture(scope='module')
