@@ -25,6 +25,7 @@ Batches are dicts, so a task defines its own targets (class ids, label maps, box
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -39,6 +40,22 @@ TASKS = ('classification', 'segmentation')
 def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Everything in config.model except the name: keyword overrides for create_model."""
     return {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+
+
+def check_split_directories(data: ml_collections.ConfigDict, mode: str, kinds=('',)) -> None:
+    """Raises ValueError naming the first missing DATA_DIR/<kind>/<split> directory of the splits
+    that `mode` reads (the evaluation split; the training split too in 'train')."""
+    from crossformer_jax.training import _isdir
+
+    splits = [data.eval_split] + ([data.train_split] if mode == 'train' else [])
+    for split in splits:
+        for kind in kinds:
+            path = os.path.join(data.data_dir, kind, split)
+            if not _isdir(path):
+                raise ValueError(
+                    f'data directory {path!r} does not exist (config.data.data_dir='
+                    f'{data.data_dir!r}, split {split!r})'
+                )
 
 
 class Task(abc.ABC):

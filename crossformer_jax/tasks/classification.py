@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from crossformer_jax import batch_ops, crossformer, mixup
 from crossformer_jax import sharding as sharding_lib
-from crossformer_jax.tasks import Task, model_overrides
+from crossformer_jax.tasks import Task, check_split_directories, model_overrides
 
 
 def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -96,14 +95,7 @@ class ClassificationTask(Task):
         if data.dataset == 'image_folder':
             if not data.data_dir:
                 raise ValueError("config.data.data_dir must be set for dataset 'image_folder'")
-            splits = [data.eval_split] + ([data.train_split] if mode == 'train' else [])
-            for split in splits:
-                path = os.path.join(data.data_dir, split)
-                if not _isdir(path):
-                    raise ValueError(
-                        f'data directory {path!r} does not exist (config.data.data_dir'
-                        f'={data.data_dir!r}, split {split!r})'
-                    )
+            check_split_directories(data, mode)
         elif data.dataset == 'imagenet2012':
             if data.data_dir and not _isdir(data.data_dir):
                 raise ValueError(f'config.data.data_dir={data.data_dir!r} does not exist')

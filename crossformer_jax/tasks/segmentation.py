@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from crossformer_jax import segmentation_ops
 from crossformer_jax import sharding as sharding_lib
-from crossformer_jax.tasks import Task, model_overrides
+from crossformer_jax.tasks import Task, check_split_directories, model_overrides
 
 IGNORE_INDEX = segmentation_ops.IGNORE_INDEX
 
@@ -117,7 +116,6 @@ class SegmentationTask(Task):
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict, *, mode: str) -> None:
         from crossformer_jax import segmentation
-        from crossformer_jax.training import _isdir
 
         name = config.model.name
         try:
@@ -141,15 +139,7 @@ class SegmentationTask(Task):
                 f"config.data.dataset must be 'ade20k' (DATA_DIR/images|annotations/<split>/) "
                 f'for segmentation, got {data.dataset!r}'
             )
-        splits = [data.eval_split] + ([data.train_split] if mode == 'train' else [])
-        for split in splits:
-            for kind in ('images', 'annotations'):
-                path = os.path.join(data.data_dir, kind, split)
-                if not _isdir(path):
-                    raise ValueError(
-                        f'data directory {path!r} does not exist (config.data.data_dir='
-                        f'{data.data_dir!r}, split {split!r})'
-                    )
+        check_split_directories(data, mode, kinds=('images', 'annotations'))
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> SegmentationTask:
