@@ -28,6 +28,8 @@ import json
 import os
 import time
 
+from cpu_benchmark import flax_train_step
+
 # JAX grows its GPU memory pool as needed instead of taking 75% up front, so that PyTorch, run
 # in the same process, has room.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
@@ -167,22 +169,9 @@ def bench_flax(name: str, mode: str, remat: bool, params, args, overrides: dict)
     else:
         params = jax.tree.map(jnp.copy, params)  # the step donates its state; keep the caller's
         optimizer = optax.adamw(learning_rate=1e-3, weight_decay=0.05)
-
-        def loss_fn(params, images, labels, key):
-            logits = model.apply({'params': params}, images, train=True, rngs={'dropout': key})
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-        def train_step(params, opt_state, images, labels, key):
-            loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, key)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
         opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
-        compiled = (
-            jax.jit(train_step, donate_argnums=(0, 1))
-            .lower(params, opt_state, images, labels, key)
-            .compile()
-        )
+        train_step = flax_train_step(model, optimizer)
+        compiled = train_step.lower(params, opt_state, images, labels, key).compile()
         compile_s = time.perf_counter() - start
         state = {'params': params, 'opt_state': opt_state, 'key': key, 'loss': None}
 
