@@ -144,12 +144,7 @@ def _load_config_file(path):
 
 def _load_config(env, **changes):
     config = _load_config_file(env['config_path'])
-    for key, value in changes.items():
-        target = config
-        *parents, leaf = key.split('.')
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
+    config.update_from_flattened_dict(changes)
     return config
 
 

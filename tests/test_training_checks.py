@@ -22,12 +22,7 @@ def _config(**changes):
     config.batch_size = 4
     config.throughput.warmup_steps = 1
     config.throughput.num_steps = 2
-    for key, value in changes.items():
-        target = config
-        *parents, leaf = key.split('.')
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
+    config.update_from_flattened_dict(changes)
     return config
 
 
