@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# pytest-xdist workers for make test: test files are dealt to them whole (--dist loadfile), so a
+# file's module fixtures (one reference training run, one compilation cache) are built once.
+TEST_WORKERS ?= 2
 DEMO_DIR ?= workdirs/digits_demo
 SEG_DEMO_DIR ?= workdirs/segmentation_demo
 
@@ -26,7 +29,7 @@ format: install
 	$(PY) -m ruff check --fix .
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: install
 	$(PY) -m pytest -m slow

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from helpers import (
     REPO,
+    TRAIN_SUBPROCESS_XLA_FLAGS,
     _assert_same_params,
     _checkpoint_steps,
     _metrics,
@@ -127,10 +128,7 @@ def env(tmp_path_factory):
             'JAX_COMPILATION_CACHE_DIR': str(root / 'jax_cache'),
             'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
             'TF_CPP_MIN_LOG_LEVEL': '2',
-            # One thread per op: bitwise repeatable runs (see test_training). No LLVM
-            # optimization: the tiny programs compile in about half the time.
-            'XLA_FLAGS': '--xla_force_host_platform_device_count=2 '
-            '--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0',
+            'XLA_FLAGS': f'--xla_force_host_platform_device_count=2 {TRAIN_SUBPROCESS_XLA_FLAGS}',
         }
     )
     return {'root': root, 'config_path': config_path, 'launcher': str(launcher), 'env': sub_env}

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import REPO, _metrics, _saved_state
+from helpers import REPO, TRAIN_SUBPROCESS_XLA_FLAGS, _metrics, _saved_state
 from PIL import Image
 
 from crossformer_jax import input_pipeline, segmentation_ops
@@ -252,7 +252,7 @@ def run_env(tmp_path_factory):
         JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
         TF_CPP_MIN_LOG_LEVEL='2',
-        XLA_FLAGS='--xla_cpu_multi_thread_eigen=false',  # bitwise repeatable runs
+        XLA_FLAGS=TRAIN_SUBPROCESS_XLA_FLAGS,
     )
     return {'root': root, 'config': str(config_path), 'env': env}
 

@@ -21,6 +21,7 @@ import pytest
 from helpers import (
     CLASSES,
     REPO,
+    TRAIN_SUBPROCESS_XLA_FLAGS,
     _assert_same_params,
     _checkpoint_steps,
     _metrics,
@@ -92,10 +93,7 @@ def env(tmp_path_factory):
             'TF_CPP_MIN_LOG_LEVEL': '2',
         }
     )
-    # Multi-threaded Eigen contractions on CPU may sum partial results in a different order
-    # from run to run (seen as rare one-ulp differences); one thread per op makes runs bitwise
-    # repeatable, so resumed runs can be compared exactly.
-    sub_env['XLA_FLAGS'] = '--xla_cpu_multi_thread_eigen=false'
+    sub_env['XLA_FLAGS'] = TRAIN_SUBPROCESS_XLA_FLAGS
     return {'root': root, 'data_dir': data_dir, 'config_path': config_path, 'env': sub_env}
 
 
