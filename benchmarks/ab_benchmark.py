@@ -72,8 +72,13 @@ def make_step(model, params, images, labels, mode: str):
     import jax
     import optax
 
+    from crossformer_jax.compile_options import inference_compiler_options
+
     if mode == 'inference':
-        forward = jax.jit(lambda params, images: model.apply({'params': params}, images))
+        forward = jax.jit(
+            lambda params, images: model.apply({'params': params}, images),
+            compiler_options=inference_compiler_options(),
+        )
         return (lambda: forward(params, images).block_until_ready()), (
             lambda: {'logits': forward(params, images)}
         )

@@ -139,6 +139,7 @@ def bench_flax(name: str, mode: str, remat: bool, params, args, overrides: dict)
     import optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+    from crossformer_jax.compile_options import inference_compiler_options
     from crossformer_jax.crossformer import create_model
 
     devices = jax.local_devices()
@@ -156,7 +157,10 @@ def bench_flax(name: str, mode: str, remat: bool, params, args, overrides: dict)
 
     start = time.perf_counter()
     if mode == 'inference':
-        fn = jax.jit(lambda params, images: model.apply({'params': params}, images))
+        fn = jax.jit(
+            lambda params, images: model.apply({'params': params}, images),
+            compiler_options=inference_compiler_options(),
+        )
         compiled = fn.lower(params, images).compile()
         compile_s = time.perf_counter() - start
         step = lambda: compiled(params, images)  # noqa: E731 (a one-line closure)

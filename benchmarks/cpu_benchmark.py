@@ -131,8 +131,13 @@ def flax_steps(model, params, images, labels, mode: str) -> Callable[[], None]:
     import jax
     import optax
 
+    from crossformer_jax.compile_options import inference_compiler_options
+
     if mode == 'inference':
-        forward = jax.jit(lambda params, images: model.apply({'params': params}, images))
+        forward = jax.jit(
+            lambda params, images: model.apply({'params': params}, images),
+            compiler_options=inference_compiler_options(),
+        )
         return lambda: forward(params, images).block_until_ready()
     optimizer = optax.adamw(learning_rate=1e-3, weight_decay=0.05)
     train_step = flax_train_step(model, optimizer)

@@ -285,6 +285,7 @@ class Predictor:
         import jax
 
         from crossformer_jax import sharding
+        from crossformer_jax.compile_options import inference_compiler_options
 
         if weights.task not in TASKS:
             raise PretrainedError(
@@ -305,6 +306,7 @@ class Predictor:
             functools.partial(self.task.outputs, weights.model, top_k=min(top_k, num_classes)),
             in_shardings=(sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)),
             out_shardings=sharding.replicated(self.mesh),
+            compiler_options=inference_compiler_options(),
         )
 
     def _batches(self, inputs: Sequence[str | ImageError]):

@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding
 
 from crossformer_jax import checkpointing, tasks
 from crossformer_jax import sharding as sharding_lib
+from crossformer_jax.compile_options import inference_compiler_options
 
 
 class ConfigError(ValueError):
@@ -895,6 +896,7 @@ def measure_throughput(config: ml_collections.ConfigDict) -> float:
     forward = jax.jit(
         lambda v, x: model.apply(v, x, train=False),
         in_shardings=(repl, sharding_lib.batch_sharding(mesh)),
+        compiler_options=inference_compiler_options(),
     )
     for _ in range(config.throughput.warmup_steps):
         jax.block_until_ready(forward(variables, images))

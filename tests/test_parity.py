@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import crossformer_jax.crossformer as flax_crossformer
+from crossformer_jax.compile_options import CPU_INFERENCE_OPTIONS, inference_compiler_options
 from crossformer_jax.convert import convert_torch_state_dict
 from crossformer_jax.crossformer import VARIANTS, create_model, group_layout
 from crossformer_jax.torch_reference import create_torch_model, randomize_parameters
@@ -41,14 +42,16 @@ def build_pair(name, *, features_only=False, seed=0, **overrides):
     return torch_model, flax_model, variables
 
 
-def run_both(torch_model, flax_model, variables, height, width, seed):
+def run_both(torch_model, flax_model, variables, height, width, seed, compiler_options=None):
     """Outputs on the same distinct random images, both as lists of NCHW (or (N, K)) arrays."""
     images = np.random.default_rng(seed).standard_normal((BATCH, 3, height, width))
     images = images.astype(np.float32)
     with torch.no_grad():
         reference = torch_model(torch.from_numpy(images))
     # A fresh function per call: no trace is shared with another test (planted bugs included).
-    outputs = jax.jit(lambda v, x: flax_model.apply(v, x))(variables, images.transpose(0, 2, 3, 1))
+    outputs = jax.jit(lambda v, x: flax_model.apply(v, x), compiler_options=compiler_options)(
+        variables, images.transpose(0, 2, 3, 1)
+    )
     if isinstance(reference, torch.Tensor):
         return [reference.numpy()], [np.asarray(outputs)]
     return (
@@ -94,6 +97,32 @@ def test_classifier_logits_at_224(name, record_property):
     references, outputs = run_both(torch_model, flax_model, variables, 224, 224, seed=2)
     ratios = check_close(f'{name} logits 224', references, outputs)
     record_property('parity_ratio', max(ratios))
+
+
+def _fusions_with_dot_and_erf(hlo_text: str) -> int:
+    """Fused computations of an optimized HLO module that hold both a matmul and an erf."""
+    computations = hlo_text.split('\n}\n')
+    return sum(' dot(' in c and ' erf(' in c for c in computations)
+
+
+def test_inference_compiler_options_keep_parity():
+    """The forward-only programs (evaluation, predict, throughput) compile with
+    inference_compiler_options: on CPU the matmuls leave YNNPACK unfused (no fused computation
+    holds a matmul and the GELU's erf any more), and the logits keep the parity bound."""
+    options = inference_compiler_options()
+    assert options == CPU_INFERENCE_OPTIONS  # this CPU's XLA knows the option
+    assert inference_compiler_options('gpu') == {} and inference_compiler_options('tpu') == {}
+    torch_model, flax_model, variables = build_pair('crossformer_tiny', seed=1)
+    references, outputs = run_both(
+        torch_model, flax_model, variables, 224, 224, seed=2, compiler_options=options
+    )
+    check_close('crossformer_tiny logits 224, inference options', references, outputs)
+    images = jax.ShapeDtypeStruct((BATCH, 224, 224, 3), np.float32)
+    forward = lambda v, x: flax_model.apply(v, x)  # noqa: E731
+    default = jax.jit(forward).lower(variables, images).compile().as_text()
+    unfused = jax.jit(forward, compiler_options=options).lower(variables, images).compile()
+    assert _fusions_with_dot_and_erf(default) > 0
+    assert _fusions_with_dot_and_erf(unfused.as_text()) == 0
 
 
 # -------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 
 from crossformer_jax import batch_ops, crossformer, mixup
 from crossformer_jax import sharding as sharding_lib
+from crossformer_jax.compile_options import inference_compiler_options
 from crossformer_jax.tasks import Task, check_split_directories, model_overrides
 
 
@@ -173,6 +174,7 @@ class ClassificationTask(Task):
             functools.partial(eval_step, model=model, data_config=self.data),
             in_shardings=(variables_sharding, sharding_lib.batch_sharding(mesh)),
             out_shardings=sharding_lib.replicated(mesh),
+            compiler_options=inference_compiler_options(),
         )
 
         def evaluate(variables):

@@ -24,6 +24,7 @@ import numpy as np
 
 from crossformer_jax import segmentation_ops
 from crossformer_jax import sharding as sharding_lib
+from crossformer_jax.compile_options import inference_compiler_options
 from crossformer_jax.tasks import Task, check_split_directories, model_overrides
 
 IGNORE_INDEX = segmentation_ops.IGNORE_INDEX
@@ -189,7 +190,8 @@ class SegmentationTask(Task):
         step = jax.jit(
             functools.partial(
                 predict_confusion, model=model, num_classes=self.num_classes, flip=self.eval_flip
-            )
+            ),
+            compiler_options=inference_compiler_options(),
         )
 
         def evaluate(variables):
