@@ -405,6 +405,28 @@ def _split_qkv_bwd(_, grads):
 split_qkv.defvjp(_split_qkv_fwd, _split_qkv_bwd)
 
 
+@jax.custom_vjp
+def softmax(x: jax.Array) -> jax.Array:
+    """Softmax over the last axis of x (..., K), as jax.nn.softmax."""
+    return _softmax_fwd(x)[0]
+
+
+def _softmax_fwd(x):
+    unnormalized = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+    y = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return y, y
+
+
+def _softmax_bwd(y, grad):
+    # y * (g - sum(g * y)) from the saved output. Autodiff's gradient goes back through the
+    # division, for which XLA:CPU writes out the broadcast row sums at full attention size
+    # (16 x 64 x 3 x 49 x 49 at stage 0 of crossformer_small): train step 1.05x faster without.
+    return (y * (grad - jnp.sum(grad * y, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 class GroupAttention(nn.Module):
     """Multi-head self-attention inside each group, with the dynamic position bias."""
 
@@ -433,7 +455,7 @@ class GroupAttention(nn.Module):
         logits = logits.astype(jnp.float32) + bias
         if key_bias is not None:
             logits = logits + key_bias  # (groups, 1, 1, T)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = softmax(logits).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not train)
         out = jnp.einsum('nghqk,nghkd->nghqd', weights, v)
         out = jnp.transpose(out, (0, 1, 3, 2, 4)).reshape(n, g, t, c)

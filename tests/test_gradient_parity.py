@@ -210,3 +210,25 @@ def test_split_qkv_gradient_equals_autodiff_and_passes_check_grads():
             want = jax.grad(functools.partial(loss, plain_split))(qkv)
             np.testing.assert_allclose(found, want, rtol=1e-12, atol=1e-12)
         check_grads(flax_crossformer.split_qkv, (qkv,), order=1, modes=['rev'])
+
+
+def test_softmax_equals_jax_softmax_in_value_and_gradient_and_passes_check_grads():
+    """The attention softmax's hand-written VJP (from the saved output) = autodiff of
+    jax.nn.softmax, with masked-like logits (-1e6) in some rows."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        logits = rng.standard_normal((2, 3, 5, 7))
+        logits[0, 1, :, 4:] = -1e6  # padded keys, as the padding mask adds them
+        logits = jnp.asarray(logits, jnp.float64)
+        weights = rng.standard_normal(logits.shape)
+        np.testing.assert_allclose(
+            flax_crossformer.softmax(logits), jax.nn.softmax(logits, axis=-1), rtol=1e-14
+        )
+
+        def loss(softmax, x):
+            return jnp.sum(jnp.sin(softmax(x) * weights))
+
+        found = jax.grad(functools.partial(loss, flax_crossformer.softmax))(logits)
+        want = jax.grad(functools.partial(loss, lambda x: jax.nn.softmax(x, axis=-1)))(logits)
+        np.testing.assert_allclose(found, want, rtol=1e-12, atol=1e-14)
+        check_grads(flax_crossformer.softmax, (logits[1],), order=1, modes=['rev'])
