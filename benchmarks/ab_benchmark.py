@@ -24,7 +24,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cpu_benchmark import fmt, interleave, pin_to_cpus, summarize
+from cpu_benchmark import flax_forward, fmt, interleave, pin_to_cpus, summarize
 
 MODEL_FILE = 'crossformer_jax/crossformer.py'
 
@@ -72,13 +72,8 @@ def make_step(model, params, images, labels, mode: str):
     import jax
     import optax
 
-    from crossformer_jax.compile_options import inference_compiler_options
-
     if mode == 'inference':
-        forward = jax.jit(
-            lambda params, images: model.apply({'params': params}, images),
-            compiler_options=inference_compiler_options(),
-        )
+        forward = flax_forward(model)
         return (lambda: forward(params, images).block_until_ready()), (
             lambda: {'logits': forward(params, images)}
         )

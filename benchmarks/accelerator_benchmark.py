@@ -28,7 +28,7 @@ import json
 import os
 import time
 
-from cpu_benchmark import flax_train_step
+from cpu_benchmark import flax_forward, flax_train_step
 
 # JAX grows its GPU memory pool as needed instead of taking 75% up front, so that PyTorch, run
 # in the same process, has room.
@@ -139,7 +139,6 @@ def bench_flax(name: str, mode: str, remat: bool, params, args, overrides: dict)
     import optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from crossformer_jax.compile_options import inference_compiler_options
     from crossformer_jax.crossformer import create_model
 
     devices = jax.local_devices()
@@ -157,10 +156,7 @@ def bench_flax(name: str, mode: str, remat: bool, params, args, overrides: dict)
 
     start = time.perf_counter()
     if mode == 'inference':
-        fn = jax.jit(
-            lambda params, images: model.apply({'params': params}, images),
-            compiler_options=inference_compiler_options(),
-        )
+        fn = flax_forward(model)
         compiled = fn.lower(params, images).compile()
         compile_s = time.perf_counter() - start
         step = lambda: compiled(params, images)  # noqa: E731 (a one-line closure)

@@ -126,18 +126,26 @@ def flax_train_step(model, optimizer):
     return jax.jit(train_step, donate_argnums=(0, 1))
 
 
+def flax_forward(model):
+    """The jit-compiled inference forward (params, images) -> logits, with the compiler options
+    that the trainer's evaluation and predict.py use."""
+    import jax
+
+    from crossformer_jax.compile_options import inference_compiler_options
+
+    return jax.jit(
+        lambda params, images: model.apply({'params': params}, images),
+        compiler_options=inference_compiler_options(),
+    )
+
+
 def flax_steps(model, params, images, labels, mode: str) -> Callable[[], None]:
     """A blocking zero-argument step of `mode` for a Flax model (state kept in a closure)."""
     import jax
     import optax
 
-    from crossformer_jax.compile_options import inference_compiler_options
-
     if mode == 'inference':
-        forward = jax.jit(
-            lambda params, images: model.apply({'params': params}, images),
-            compiler_options=inference_compiler_options(),
-        )
+        forward = flax_forward(model)
         return lambda: forward(params, images).block_until_ready()
     optimizer = optax.adamw(learning_rate=1e-3, weight_decay=0.05)
     train_step = flax_train_step(model, optimizer)
