@@ -1,23 +1,26 @@
-"""Images/s of the tf.data training and evaluation pipelines, stage by stage, on pinned cores.
+"""Images/s of the training and evaluation input pipelines, stage by stage, on pinned cores,
+beside the original PyTorch loader on the same cores.
 
-Stages of the training pipeline (each a full ``create_train_iterator`` unless noted):
+Rows:
 
-* ``decode only``: read + decode of every image, nothing else (a plain tf.data map);
-* ``+ crop/flip``: random resized crop + flip (RandAugment and random erasing off);
-* ``+ RandAugment``: and the configured RandAugment;
-* ``+ erasing``: the whole recipe, random erasing included;
+* ``decode only``: read + decode of every training image (a plain tf.data map);
+* ``+ crop/flip``: ``create_train_iterator`` with the full recipe, i.e. everything the host does:
+  random resized crop (JPEG decoded inside the window only), bicubic resize, flip, uint8 batches;
+* ``device: + RandAugment``: ``batch_ops.train_images`` without random erasing (RandAugment and
+  normalisation) on uint8 batches, with JAX on the same cores, as the train step runs it;
+* ``device: + erasing``: the whole device part of the recipe;
+* ``original loader``: the CrossFormer code's training loader (timm's transform on PIL images:
+  crop, flip, RandAugment, ToTensor, Normalize, RandomErasing) in a torch DataLoader with one
+  worker process per core (``benchmarks/reference_loader.py``, PIL and torch only);
 * ``eval``: ``create_eval_iterator`` (resize short side, centre crop).
 
-Batches that leave the iterator are what is counted; the pipeline's normalisation and random
-erasing run where the pipeline puts them (see ``crossformer_jax.batch_ops``; the ``device ops``
-row times that step with JAX on the same cores).
-
-The process is pinned to ``--cores`` CPUs (``os.sched_setaffinity``) before TensorFlow is
-imported, and tf.data runs on a private threadpool of that size. Every stage is measured
-``--rounds`` times, rounds alternating over the stages, on a fresh iterator each time (one untimed
-warm-up batch, then ``--batches`` timed batches); the table gives the median and the range of
-images/s, and the median images per CPU-second of the process (the work each image costs, which
-other load on the machine disturbs much less than the wall-clock rate).
+The process is pinned to ``--cores`` CPUs (``os.sched_setaffinity``, inherited by the loader's
+workers) before TensorFlow is imported, and tf.data runs on a private threadpool of that size.
+Every row is measured ``--rounds`` times, rounds alternating over the rows (the order reversed
+every other round), on a fresh iterator each time (one untimed warm-up batch, then ``--batches``
+timed batches). The table gives the median and range of images/s and, for the rows that run in
+this process, the median images per CPU-second (the work one image costs). The last line is the
+median and range of the per-round ratio of the host pipeline to the original loader.
 
 Without ``--data-dir``/``--tfds`` it writes an ImageNet-like folder (``--images`` JPEGs of
 500x375 / 375x500, random crops and resizes of scikit-learn's two sample photos) to
@@ -70,7 +73,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--batches', type=int, default=8, help='timed batches per measurement')
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument(
-        '--stages', default='decode,crop,randaugment,erasing,device,eval', help='comma-separated'
+        '--stages',
+        default='decode,host,device_randaugment,device,reference,eval',
+        help='comma-separated rows (reference needs torch; --data-dir or the generated folder)',
     )
     return parser.parse_args()
 
@@ -177,15 +182,15 @@ def eval_batches(args, root: str, cores: int):
     return itertools.islice(endless(), None)
 
 
-def device_ops_batches(args):
-    """Iterator that runs ``batch_ops.train_images`` (normalise + erase) on one uint8 batch with
-    JAX on this process's cores, as the train step does on the accelerator."""
+def device_ops_batches(args, **overrides):
+    """Iterator that runs ``batch_ops.train_images`` on one uint8 batch with JAX on this
+    process's cores, as the train step does on the accelerator."""
     import jax
     import numpy as np
 
     from crossformer_jax import batch_ops
 
-    cfg = data_config(args, '')
+    cfg = data_config(args, '', **overrides)
     images = np.random.RandomState(0).randint(0, 256, (args.batch_size, 224, 224, 3), np.uint8)
     images = jax.device_put(images)
     step = jax.jit(lambda x, k: batch_ops.train_images(x, k, cfg))
@@ -194,6 +199,34 @@ def device_ops_batches(args):
     while True:
         key = jax.random.fold_in(key, 1)
         yield jax.block_until_ready(step(images, key))
+
+
+def folder_files(root: str, split: str) -> list[tuple[str, int]]:
+    """(path, class index) of an image folder's split, classes in sorted order."""
+    split_dir = os.path.join(root, split)
+    classes = sorted(os.listdir(split_dir))
+    return [
+        (os.path.join(split_dir, c, f), label)
+        for label, c in enumerate(classes)
+        for f in sorted(os.listdir(os.path.join(split_dir, c)))
+    ]
+
+
+def reference_batches(args, root: str, cores: int):
+    """Endless batches of the original PyTorch loader, ``cores`` worker processes."""
+    from benchmarks import reference_loader
+
+    loader = reference_loader.reference_loader(
+        folder_files(root, args.train_split), batch_size=args.batch_size, workers=cores
+    )
+    try:
+        while True:
+            yield from loader
+    finally:
+        # Stop the workers now, not when the garbage collector gets to them.
+        iterator = getattr(loader, '_iterator', None)
+        if iterator is not None:
+            iterator._shutdown_workers()
 
 
 def time_batches(iterator, count: int) -> tuple[float, float]:
@@ -218,18 +251,26 @@ def main() -> None:
     n = len(cores)
     makers = {
         'decode': ('decode only', lambda: decode_only_batches(args, root, n)),
-        'crop': (
-            '+ crop/flip',
-            lambda: train_batches(args, root, n, randaugment='', random_erasing_prob=0.0),
+        'host': (
+            '+ crop/flip (host part of the full recipe)',
+            lambda: train_batches(args, root, n),
         ),
-        'randaugment': (
-            '+ RandAugment',
-            lambda: train_batches(args, root, n, random_erasing_prob=0.0),
+        'device_randaugment': (
+            'device: + RandAugment (JAX, same cores)',
+            lambda: device_ops_batches(args, random_erasing_prob=0.0),
         ),
-        'erasing': ('+ erasing (full recipe)', lambda: train_batches(args, root, n)),
-        'device': ('device ops alone (JAX, same cores)', lambda: device_ops_batches(args)),
+        'device': (
+            'device: + erasing (device part of the full recipe)',
+            lambda: device_ops_batches(args),
+        ),
+        'reference': (
+            f'original loader, full recipe ({n} worker processes)',
+            lambda: reference_batches(args, root, n),
+        ),
         'eval': ('eval (resize + centre crop)', lambda: eval_batches(args, root, n)),
     }
+    if args.tfds and 'reference' in args.stages.split(','):
+        raise SystemExit('the reference row reads image folders: give --data-dir or no data')
     stages = [s for s in args.stages.split(',') if s in makers]
     rates: dict[str, list[float]] = {s: [] for s in stages}
     cpu_rates: dict[str, list[float]] = {s: [] for s in stages}
@@ -240,6 +281,8 @@ def main() -> None:
             seconds, cpu_seconds = time_batches(iterator, args.batches)
             rates[stage].append(args.batches * args.batch_size / seconds)
             cpu_rates[stage].append(args.batches * args.batch_size / cpu_seconds)
+            if hasattr(iterator, 'close'):
+                iterator.close()
             del iterator
     source = f'tfds {args.tfds}' if args.tfds else root
     print(f'\n{source}; {n} core(s) {cores}; batch {args.batch_size}; ', end='')
@@ -248,9 +291,17 @@ def main() -> None:
     print('|---|---:|---:|---:|')
     for stage in stages:
         values = rates[stage]
+        # The loader's work happens in its worker processes, which this process's clock misses.
+        per_cpu = '-' if stage == 'reference' else f'{statistics.median(cpu_rates[stage]):.0f}'
         print(
             f'| {makers[stage][0]} | {statistics.median(values):.0f} '
-            f'| {min(values):.0f}-{max(values):.0f} | {statistics.median(cpu_rates[stage]):.0f} |'
+            f'| {min(values):.0f}-{max(values):.0f} | {per_cpu} |'
+        )
+    if 'host' in stages and 'reference' in stages:
+        ratios = [a / b for a, b in zip(rates['host'], rates['reference'])]
+        print(
+            f'\nhost pipeline / original loader, per round: {statistics.median(ratios):.2f}x '
+            f'[{min(ratios):.2f}-{max(ratios):.2f}]'
         )
 
 

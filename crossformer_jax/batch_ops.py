@@ -1,15 +1,18 @@
-"""On-device batch ops: normalisation and random erasing of the uint8 batches of the input pipeline.
+"""On-device batch ops: RandAugment, normalisation and random erasing of the uint8 batches.
 
-The tf.data pipeline (``crossformer_jax.input_pipeline``) ships uint8 images (a quarter of the
-bytes of float32) and leaves the two float-valued steps of the recipe to the accelerator:
+The tf.data pipeline (``crossformer_jax.input_pipeline``) ships cropped, resized and flipped
+uint8 images (a quarter of the bytes of float32) and leaves the per-pixel steps of the recipe
+to the accelerator, in timm's order:
 
+* ``randaugment.randaugment``: per example, timm's ``rand-...`` RandAugment on the uint8 pixels;
 * ``normalize``: ``(x / 255 - mean) / std`` in float32, mean/std on the [0, 1] scale;
 * ``random_erasing``: per example, timm's ``RandomErasing`` in 'pixel' mode with one box.
 
-``train_images`` / ``eval_images`` are what a train / eval step calls; they read ``mean``,
-``std`` and ``random_erasing_prob`` from the data config. All randomness comes from the key
-passed in (in the trainer: the step's key), so a batch is erased the same way whenever step
-``k`` is run, which keeps resumed runs exact. Shapes are static; everything jit-compiles.
+``train_images`` / ``eval_images`` are what a train / eval step calls; they read
+``randaugment``, ``randaugment_fill``, ``mean``, ``std`` and ``random_erasing_prob`` from the
+data config. All randomness comes from the key passed in (in the trainer: the step's key), so
+a batch is augmented the same way whenever step ``k`` is run, which keeps resumed runs exact.
+Shapes are static; everything jit-compiles.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from crossformer_jax import randaugment
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -104,14 +109,39 @@ def random_erasing(
     return erase(images, keys)
 
 
-def train_images(images: jax.Array, rng: jax.Array, data_config: Any) -> jax.Array:
-    """uint8 (B, H, W, 3) training batch -> normalised, randomly erased float32 (B, H, W, 3).
+def randaugment_fill(data_config: Any) -> tuple[float, float, float]:
+    """``randaugment_fill`` of the data config; None (default): ``round(255 * mean)``, the fill
+    of timm's training transform."""
+    fill = _get(data_config, 'randaugment_fill', None)
+    if fill is None:
+        fill = tuple(min(255, round(255 * m)) for m in _get(data_config, 'mean', DEFAULT_MEAN))
+    if len(fill) != 3:
+        raise ValueError(f'config.data.randaugment_fill must be 3 values, got {fill!r}')
+    return tuple(float(v) for v in fill)
 
-    Reads ``mean``, ``std`` and ``random_erasing_prob`` (default 0.25) of ``data_config``."""
-    x = normalize(
-        images, _get(data_config, 'mean', DEFAULT_MEAN), _get(data_config, 'std', DEFAULT_STD)
+
+def randaugment_config(data_config: Any) -> randaugment.RandAugmentConfig | None:
+    """The parsed ``randaugment`` spec of the data config (default 'rand-m9-mstd0.5-inc1');
+    None when it is ''. Raises ValueError naming the bad section."""
+    spec = _get(data_config, 'randaugment', 'rand-m9-mstd0.5-inc1') or ''
+    return randaugment.parse_randaugment(spec) if spec else None
+
+
+def train_images(images: jax.Array, rng: jax.Array, data_config: Any) -> jax.Array:
+    """uint8 (B, H, W, 3) training batch -> RandAugmented, normalised, randomly erased float32
+    (B, H, W, 3). RandAugment draws from ``fold_in(rng, 0)``, erasing from ``fold_in(rng, 1)``."""
+    x = images
+    ra_config = randaugment_config(data_config)
+    if ra_config is not None:
+        x = randaugment.randaugment(
+            x, jax.random.fold_in(rng, 0), ra_config, randaugment_fill(data_config)
+        )
+    x = normalize(x, _get(data_config, 'mean', DEFAULT_MEAN), _get(data_config, 'std', DEFAULT_STD))
+    return random_erasing(
+        x,
+        jax.random.fold_in(rng, 1),
+        prob=float(_get(data_config, 'random_erasing_prob', 0.25)),
     )
-    return random_erasing(x, rng, prob=float(_get(data_config, 'random_erasing_prob', 0.25)))
 
 
 def eval_images(images: jax.Array, data_config: Any) -> jax.Array:

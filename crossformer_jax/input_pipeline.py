@@ -14,10 +14,11 @@ Both iterators take the task's per-example functions (see crossformer_jax.tasks)
 ``decode`` (encoded element -> decoded tensors, run under the corrupt-file guard) and
 ``preprocess`` (decoded element -> example); without them they make classification
 examples. Classification batches are dicts of numpy arrays: ``image`` uint8
-(B, S, S, 3), augmented but not normalised; ``label`` int32 (B,); eval batches also
-carry ``mask`` bool (B,). Normalisation (and, in training, random erasing) runs on
-the device: ``batch_ops.train_images`` / ``batch_ops.eval_images`` (a quarter of the
-bytes to transfer, and the float work where it is cheapest).
+(B, S, S, 3), cropped, resized and flipped; ``label`` int32 (B,); eval batches also
+carry ``mask`` bool (B,). RandAugment, normalisation and random erasing run on the
+device, in the train step: ``batch_ops.train_images`` / ``batch_ops.eval_images`` (a
+quarter of the bytes to transfer, and the per-pixel work where it is cheapest).
+Resizing is PIL's (``preprocess_ops.resize``), as in the reference PyTorch pipeline.
 
 Sources give elements ``{'data', 'label', 'id'}`` (``data``: an encoded image
 or its path); a source of dense labels (``dataset='ade20k'``, see
@@ -34,11 +35,10 @@ Config fields read (``config.data``), with the defaults assumed when absent::
     eval_crop_fraction = 0.875      # short side -> floor(image_size / fraction)
     rrc_scale = (0.08, 1.0); rrc_ratio = (3/4, 4/3)
     hflip = True
-    randaugment = 'rand-m9-mstd0.5-inc1'   # '' disables
-    randaugment_fill = None         # fill colour of geometric RandAugment ops;
-                                    # None = round(255 * mean), like timm's train
-                                    # transform; e.g. (128, 128, 128) for grey
-    random_erasing_prob = 0.25      # } read by batch_ops on the device
+    randaugment = 'rand-m9-mstd0.5-inc1'   # } read by batch_ops on the device: '' disables;
+    randaugment_fill = None         # } fill colour of geometric RandAugment ops (None =
+                                    # } round(255 * mean), like timm's train transform)
+    random_erasing_prob = 0.25      # }
     mean = (0.485, 0.456, 0.406); std = (0.229, 0.224, 0.225)  # }
     shuffle_buffer = 16384          # TFDS only: records per shuffle group (below)
     num_parallel_calls = -1         # -1 = tf.data.AUTOTUNE
@@ -57,11 +57,11 @@ files ``i, i+n, i+2n, ...`` of the sorted file list; for TFDS the ``i``-th of
 
 *Order and resume.* Training is an endless stream of epochs over the process's
 shard; batch ``k`` holds stream elements ``[kB, (k+1)B)``. Every random choice
-of an element's augmentation comes from stateless RNG ops seeded by
+of an element's crop and flip comes from stateless RNG ops seeded by
 ``(seed, process_index, epoch, position in epoch)``, so an element looks the
-same however the stream was reached (random erasing on the device draws from the
-train step's key, a function of (seed, step)). ``start_step=k`` starts at element ``kB``
-without decoding anything before it:
+same however the stream was reached (RandAugment and random erasing on the device
+draw from the train step's key, a function of (seed, step)). ``start_step=k`` starts
+at element ``kB`` without decoding anything before it:
 
 * image folder: epoch ``e`` is the permutation
   ``stateless_shuffle(range(n), (seed, process, e))`` of the shard's files;
@@ -121,8 +121,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 _INT64_MAX = np.iinfo(np.int64).max
-_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-_DEFAULT_STD = (0.229, 0.224, 0.225)
 # Domains folded into the seed so the streams of random numbers are unrelated.
 _PERMUTATION_DOMAIN = 0
 _AUGMENT_DOMAIN = 1
@@ -168,14 +166,6 @@ def _eval_resize_size(cfg) -> int:
     size = int(_get(cfg, 'image_size', 224))
     fraction = float(_get(cfg, 'eval_crop_fraction', 0.875))
     return math.floor(size / fraction + 1e-6)
-
-
-def _randaugment_fill(cfg) -> tuple[float, float, float]:
-    fill = _get(cfg, 'randaugment_fill', None)
-    if fill is None:
-        mean = _get(cfg, 'mean', _DEFAULT_MEAN)
-        fill = tuple(min(255, round(255 * m)) for m in mean)
-    return tuple(float(v) for v in fill)
 
 
 # ----------------------------------------------------------------------------
@@ -623,11 +613,11 @@ def _guarded(decode_fn):
 
 
 def _augment_seeds(key: tf.Tensor, el) -> list[tf.Tensor]:
-    """(crop, flip, RandAugment) seeds of a stream element: f(seed, process, epoch, position)."""
+    """(crop, flip) seeds of a stream element: f(seed, process, epoch, position)."""
     s = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(key, el['epoch']), el['position']
     )
-    return tf.unstack(tf.random.experimental.stateless_split(s, 4))[:3]
+    return tf.unstack(tf.random.experimental.stateless_split(s, 2))
 
 
 def _train_decode(cfg, load_fn, *, seed: int, process_index: int):
@@ -639,7 +629,7 @@ def _train_decode(cfg, load_fn, *, seed: int, process_index: int):
     key = _shard_key(seed, process_index, _AUGMENT_DOMAIN)
 
     def fn(el):
-        s_crop, _, _ = _augment_seeds(key, el)
+        s_crop, _ = _augment_seeds(key, el)
         return {
             'image': ops.decode_random_crop(load_fn(el['data']), s_crop, scale=scale, ratio=ratio)
         }
@@ -648,23 +638,17 @@ def _train_decode(cfg, load_fn, *, seed: int, process_index: int):
 
 
 def _train_preprocess(cfg, seed: int, process_index: int):
-    """Cropped window -> uint8 (S, S, 3): resize, flip, RandAugment. Normalisation and
+    """Cropped window -> uint8 (S, S, 3): resize, flip. RandAugment, normalisation and
     random erasing follow on the device (``batch_ops.train_images``)."""
     size = int(_get(cfg, 'image_size', 224))
     hflip = bool(_get(cfg, 'hflip', True))
-    ra_spec = _get(cfg, 'randaugment', 'rand-m9-mstd0.5-inc1') or ''
-    ra_cfg = ops.parse_randaugment(ra_spec) if ra_spec else None
-    fill = _randaugment_fill(cfg)
     key = _shard_key(seed, process_index, _AUGMENT_DOMAIN)
 
     def fn(el):
-        _, s_flip, s_ra = _augment_seeds(key, el)
+        _, s_flip = _augment_seeds(key, el)
         image = ops.resize(el['image'], [size, size], method='bicubic')
-        image.set_shape([size, size, 3])
         if hflip:
             image = ops.random_flip_left_right(image, s_flip)
-        if ra_cfg is not None:
-            image = ops.randaugment(image, s_ra, ra_cfg, fill=fill)
         return {
             'image': image,
             'label': tf.cast(el['label'], tf.int32),

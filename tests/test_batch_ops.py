@@ -1,10 +1,11 @@
-"""Tests of the on-device normalisation and random erasing (crossformer_jax.batch_ops)."""
+"""Tests of the on-device RandAugment, normalisation and random erasing (batch_ops)."""
 
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
-from crossformer_jax import batch_ops
+from crossformer_jax import batch_ops, randaugment
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -76,7 +77,12 @@ def test_train_and_eval_images_read_the_data_config():
     rng = np.random.RandomState(0)
     images = rng.randint(0, 256, (4, 8, 8, 3)).astype(np.uint8)
     cfg = ml_collections.ConfigDict(
-        {'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25), 'random_erasing_prob': 0.0}
+        {
+            'mean': (0.5, 0.5, 0.5),
+            'std': (0.25, 0.25, 0.25),
+            'random_erasing_prob': 0.0,
+            'randaugment': '',
+        }
     )
     expected = (images / 255.0 - 0.5) / 0.25
     key = jax.random.key(0)
@@ -85,3 +91,22 @@ def test_train_and_eval_images_read_the_data_config():
     cfg.random_erasing_prob = 1.0
     erased = np.asarray(jax.jit(lambda x, k: batch_ops.train_images(x, k, cfg))(images, key))
     assert erased.dtype == np.float32 and (erased != expected).any(axis=(1, 2, 3)).all()
+    # RandAugment first, on the uint8 pixels, from fold_in(key, 0); fill round(255 * mean)
+    cfg.random_erasing_prob = 0.0
+    cfg.randaugment = 'rand-n3-m9-p1'
+    augmented = randaugment.randaugment(
+        images, jax.random.fold_in(key, 0), 'rand-n3-m9-p1', fill=(128, 128, 128)
+    )
+    assert not np.array_equal(augmented, images)
+    np.testing.assert_allclose(
+        batch_ops.train_images(images, key, cfg), (augmented / 255.0 - 0.5) / 0.25, atol=1e-6
+    )
+    assert batch_ops.randaugment_fill(cfg) == (128.0, 128.0, 128.0)
+    cfg.randaugment_fill = (0, 10, 20)
+    assert batch_ops.randaugment_fill(cfg) == (0.0, 10.0, 20.0)
+    cfg.randaugment_fill = (0, 10)
+    with pytest.raises(ValueError, match='randaugment_fill must be 3 values'):
+        batch_ops.randaugment_fill(cfg)
+    cfg.randaugment = 'rand-m9-q3'
+    with pytest.raises(ValueError, match="section 'q3'"):
+        batch_ops.randaugment_config(cfg)

@@ -105,3 +105,75 @@ def test_accelerator_benchmark_imports_no_tensorflow():
         'print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))\n'
     )
     assert run_script(['-c', code]).strip() == '[]'
+
+
+@pytest.mark.timeout(300)
+def test_input_pipeline_benchmark_rows_and_ratio(tmp_path):
+    out = run_script(
+        [
+            'benchmarks/input_pipeline.py',
+            '--cores',
+            '1',
+            '--images',
+            '16',
+            '--batch-size',
+            '4',
+            '--batches',
+            '1',
+            '--rounds',
+            '2',
+            '--make-dir',
+            str(tmp_path / 'folder'),
+        ]
+    )
+    rows = {
+        'decode only': True,
+        r'\+ crop/flip \(host part of the full recipe\)': True,
+        r'device: \+ RandAugment \(JAX, same cores\)': True,
+        r'device: \+ erasing \(device part of the full recipe\)': True,
+        r'original loader, full recipe \(1 worker processes\)': False,
+        r'eval \(resize \+ centre crop\)': True,
+    }
+    for row, timed_here in rows.items():
+        per_cpu = r'\d+' if timed_here else '-'
+        pattern = rf'^\| {row} \| \d+ \| \d+-\d+ \| {per_cpu} \|$'
+        assert re.search(pattern, out, re.MULTILINE), (pattern, out)
+    pattern = rf'^host pipeline / original loader, per round: {NUMBER}x \[{NUMBER}-{NUMBER}\]$'
+    assert re.search(pattern, out, re.MULTILINE), out
+    assert len(os.listdir(tmp_path / 'folder' / 'train' / 'class0')) == 8
+
+
+def test_reference_loader_batches_follow_the_recipe(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from benchmarks import reference_loader as ref
+
+    rng = np.random.RandomState(0)
+    files = []
+    for i in range(4):
+        path = str(tmp_path / f'{i}.png')
+        Image.fromarray(rng.randint(0, 256, (40, 60, 3)).astype(np.uint8)).save(path)
+        files.append((path, i % 2))
+    loader = ref.reference_loader(files, batch_size=4, workers=0, size=32)
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert sorted(labels.tolist()) == [0, 0, 1, 1]
+    # prob 0 leaves the image alone; an op at level 1 changes it
+    image = Image.open(files[0][0]).convert('RGB')
+    assert ref.randaugment(image, prob=0.0) is image
+    inverted = ref._apply('Invert', image, 1.0)
+    np.testing.assert_array_equal(np.asarray(inverted), 255 - np.asarray(image))
+    # a crop of the whole square image resized to its own size is the image
+    square = image.crop((0, 0, 40, 40))
+    same = ref.random_resized_crop(square, 40, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(square))
+    # erasing: prob 1 writes one rectangle of noise, prob 0 nothing
+    x = torch.zeros(3, 32, 32)
+    assert ref.random_erasing(x.clone(), prob=0.0).count_nonzero() == 0
+    erased = ref.random_erasing(x.clone(), prob=1.0)
+    changed = erased.abs().sum(0) > 0
+    rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
+    area = len(rows) * len(cols)
+    assert changed.sum() == area and 0.02 * 1024 * 0.5 <= area <= 1024 / 3 * 1.5

@@ -93,6 +93,11 @@ class ClassificationTask(Task):
         if mode not in ('train', 'evaluate'):
             return
         data = config.data
+        try:
+            batch_ops.randaugment_config(data)
+        except ValueError as e:
+            raise ValueError(f'config.data.randaugment: {e}') from None
+        batch_ops.randaugment_fill(data)
         if data.dataset == 'image_folder':
             if not data.data_dir:
                 raise ValueError("config.data.data_dir must be set for dataset 'image_folder'")
@@ -143,10 +148,10 @@ class ClassificationTask(Task):
         return input_pipeline._eval_preprocess(data_config)
 
     def transform_batch(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """{'image' uint8, 'label'} -> {'image' float32, 'target' (B, K)}: normalised, randomly
-        erased (per example), then mixed as a whole."""
-        erase_rng, mix_rng = jax.random.split(rng)
-        images = batch_ops.train_images(batch['image'], erase_rng, self.data)
+        """{'image' uint8, 'label'} -> {'image' float32, 'target' (B, K)}: RandAugmented,
+        normalised, randomly erased (per example), then mixed as a whole."""
+        augment_rng, mix_rng = jax.random.split(rng)
+        images = batch_ops.train_images(batch['image'], augment_rng, self.data)
         m = self.mixup
         images, targets = mixup.mix_batch(
             mix_rng,
