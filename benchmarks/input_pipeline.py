@@ -219,14 +219,8 @@ def reference_batches(args, root: str, cores: int):
     loader = reference_loader.reference_loader(
         folder_files(root, args.train_split), batch_size=args.batch_size, workers=cores
     )
-    try:
-        while True:
-            yield from loader
-    finally:
-        # Stop the workers now, not when the garbage collector gets to them.
-        iterator = getattr(loader, '_iterator', None)
-        if iterator is not None:
-            iterator._shutdown_workers()
+    while True:
+        yield from loader
 
 
 def time_batches(iterator, count: int) -> tuple[float, float]:

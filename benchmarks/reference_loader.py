@@ -9,9 +9,6 @@ the same cost per image: every pixel operation is the PIL or torch call that tim
 
     loader = reference_loader(files, batch_size=64, workers=2)
     images, labels = next(iter(loader))   # float32 (64, 3, 224, 224), int64 (64,)
-
-Workers start with 'spawn' (the parent has TensorFlow's and JAX's threads running, which a
-fork would copy in an unknown state); that changes their start-up time, not their rate.
 """
 
 from __future__ import annotations
@@ -79,7 +76,8 @@ def _apply(name: str, image: Image.Image, level: float) -> Image.Image:
     if name == 'Rotate':
         return image.rotate(_signed(30 * level), resample=BICUBIC, fillcolor=FILL)
     if name == 'PosterizeIncreasing':
-        return ImageOps.posterize(image, 4 - int(4 * level))
+        bits = 4 - int(4 * level)  # 0 at level 1, which PIL's posterize refuses: all black
+        return ImageOps.posterize(image, bits) if bits else image.point([0] * 768)
     if name == 'SolarizeIncreasing':
         return ImageOps.solarize(image, 256 - int(256 * level))
     if name == 'SolarizeAdd':
@@ -203,5 +201,4 @@ def reference_loader(files, *, batch_size: int, workers: int, size: int = 224):
         drop_last=True,
         worker_init_fn=_worker_init,
         persistent_workers=workers > 0,
-        multiprocessing_context='spawn' if workers > 0 else None,
     )

@@ -77,9 +77,9 @@ at element ``kB`` without decoding anything before it:
   resume point. Memory: about three groups of encoded records (at 16384
   ImageNet records, ~110 KB each: ~5 GB); lower ``shuffle_buffer`` on small hosts.
 
-*Decoding.* A training JPEG is decoded only inside its random-resized-crop window
-(the window is drawn from the size in the JPEG header, then
-``decode_and_crop_jpeg``); other formats are decoded whole and cropped.
+*Decoding.* A training image is decoded whole and cropped to its random-resized-crop
+window (``preprocess_ops.decode_random_crop``; decoding only the window of a JPEG
+measured slower on ImageNet-sized photos).
 
 *Corrupt images.* Decoding runs in a guarded sub-dataset
 (``map(decode).ignore_errors()`` followed by a placeholder), so a file that
@@ -623,7 +623,7 @@ def _augment_seeds(key: tf.Tensor, el) -> list[tf.Tensor]:
 def _train_decode(cfg, load_fn, *, seed: int, process_index: int):
     """Element -> {'image': uint8 pixels of its random resized crop window (before resizing)}.
 
-    Classification's training decode: a JPEG is decoded only inside the window."""
+    Classification's training decode (the only step of it that can fail on a corrupt file)."""
     scale = tuple(_get(cfg, 'rrc_scale', (0.08, 1.0)))
     ratio = tuple(_get(cfg, 'rrc_ratio', (3 / 4, 4 / 3)))
     key = _shard_key(seed, process_index, _AUGMENT_DOMAIN)

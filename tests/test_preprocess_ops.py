@@ -94,17 +94,9 @@ def test_resize_short_side_and_center_crop():
     np.testing.assert_array_equal(ops.center_crop(x[:6, :8], 4).numpy(), x[1:5, 2:6])
 
 
-@pytest.mark.parametrize(
-    'fmt,options',
-    [
-        ('JPEG', dict(quality=90, subsampling=2)),  # 4:2:0 chroma, the common case
-        ('JPEG', dict(quality=95, subsampling=1)),  # 4:2:2
-        ('JPEG', dict(quality=75, subsampling=0, progressive=True)),
-        ('PNG', {}),
-    ],
-)
+@pytest.mark.parametrize('fmt,options', [('JPEG', dict(quality=90, subsampling=2)), ('PNG', {})])
 def test_decode_random_crop_equals_full_decode_then_crop(fmt, options):
-    # Smooth content with texture, sides not multiples of the 16-pixel MCU.
+    # Smooth content with texture; the windows follow random_crop_window of the image size.
     yy, xx = np.mgrid[0:83, 0:117]
     array = np.stack([yy * 3, xx * 2, (yy * xx) % 256], -1).astype(np.uint8)
     buf = io.BytesIO()

@@ -130,7 +130,7 @@ class ClassificationTask(Task):
         return {'params': model.init(rng, images)['params']}
 
     def train_decode(self, data_config, seed: int, process_index: int) -> Callable:
-        """JPEGs decoded only inside their random resized crop window."""
+        """Decoded and cropped to their random resized crop window (before resizing)."""
         from crossformer_jax import input_pipeline
 
         return functools.partial(
