@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from crossformer_jax.randaugment import INCREASING_OPS
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 FILL = tuple(round(255 * m) for m in MEAN)
@@ -101,23 +103,7 @@ def _apply(name: str, image: Image.Image, level: float) -> Image.Image:
     raise ValueError(f'unknown op {name!r}')
 
 
-OPS = (
-    'AutoContrast',
-    'Equalize',
-    'Invert',
-    'Rotate',
-    'PosterizeIncreasing',
-    'SolarizeIncreasing',
-    'SolarizeAdd',
-    'ColorIncreasing',
-    'ContrastIncreasing',
-    'BrightnessIncreasing',
-    'SharpnessIncreasing',
-    'ShearX',
-    'ShearY',
-    'TranslateXRel',
-    'TranslateYRel',
-)
+OPS = INCREASING_OPS  # timm's increasing op set ('inc1')
 
 
 def randaugment(image: Image.Image, layers=2, magnitude=9.0, std=0.5, prob=0.5) -> Image.Image:

@@ -149,6 +149,25 @@ def random_crop_window(
     return tf.stack([top, left, crop_h, crop_w])
 
 
+@_tensor_input
+def random_crop(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    *,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> tf.Tensor:
+    """The ``random_crop_window(H, W, seed)`` of an (H, W, 3) image: (h, w, 3)."""
+    shape = tf.shape(image)
+    top, left, crop_h, crop_w = tf.unstack(
+        random_crop_window(shape[0], shape[1], seed, scale=scale, ratio=ratio, attempts=attempts)
+    )
+    out = image[top : top + crop_h, left : left + crop_w]
+    out.set_shape([None, None, 3])
+    return out
+
+
 def decode_random_crop(
     data: tf.Tensor,
     seed: tf.Tensor,
@@ -165,14 +184,7 @@ def decode_random_crop(
     the entropy decoding of the skipped rows still runs, and the format branch and header
     parse add their own work. Raises on corrupt data, like ``decode_image``.
     """
-    image = decode_image(data)
-    shape = tf.shape(image)
-    top, left, ch, cw = tf.unstack(
-        random_crop_window(shape[0], shape[1], seed, scale=scale, ratio=ratio)
-    )
-    out = image[top : top + ch, left : left + cw]
-    out.set_shape([None, None, 3])
-    return out
+    return random_crop(decode_image(data), seed, scale=scale, ratio=ratio)
 
 
 @_tensor_input
@@ -186,12 +198,8 @@ def random_resized_crop(
     attempts: int = 10,
     method: str = 'bicubic',
 ) -> tf.Tensor:
-    """Crops ``random_crop_window(H, W, seed)`` and resizes it to ``size x size``."""
-    shape = tf.shape(image)
-    top, left, crop_h, crop_w = tf.unstack(
-        random_crop_window(shape[0], shape[1], seed, scale=scale, ratio=ratio, attempts=attempts)
-    )
-    crop = image[top : top + crop_h, left : left + crop_w]
+    """``random_crop`` resized to ``size x size``."""
+    crop = random_crop(image, seed, scale=scale, ratio=ratio, attempts=attempts)
     out = resize(crop, [size, size], method=method)
     out.set_shape([size, size, 3])
     return out
