@@ -5,7 +5,7 @@ Rows:
 
 * ``decode only``: read + decode of every training image (a plain tf.data map);
 * ``+ crop/flip``: ``create_train_iterator`` with the full recipe, i.e. everything the host does:
-  random resized crop (JPEG decoded inside the window only), bicubic resize, flip, uint8 batches;
+  decode, random resized crop window, PIL bicubic resize, flip, uint8 batches;
 * ``device: + RandAugment``: ``batch_ops.train_images`` without random erasing (RandAugment and
   normalisation) on uint8 batches, with JAX on the same cores, as the train step runs it;
 * ``device: + erasing``: the whole device part of the recipe;
@@ -143,12 +143,7 @@ def decode_only_batches(args, root: str, cores: int):
         )
         ds = ds.map(lambda ex: ex['image'])
     else:
-        split_dir = os.path.join(root, args.train_split)
-        files = sorted(
-            os.path.join(split_dir, c, f)
-            for c in os.listdir(split_dir)
-            for f in os.listdir(os.path.join(split_dir, c))
-        )
+        files = [path for path, _ in folder_files(root, args.train_split)]
         ds = tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file)
     ds = ds.repeat().map(
         lambda data: tf.shape(ops.decode_image(data)),
@@ -202,14 +197,11 @@ def device_ops_batches(args, **overrides):
 
 
 def folder_files(root: str, split: str) -> list[tuple[str, int]]:
-    """(path, class index) of an image folder's split, classes in sorted order."""
-    split_dir = os.path.join(root, split)
-    classes = sorted(os.listdir(split_dir))
-    return [
-        (os.path.join(split_dir, c, f), label)
-        for label, c in enumerate(classes)
-        for f in sorted(os.listdir(os.path.join(split_dir, c)))
-    ]
+    """(path, class index) of an image folder's split: the files the input pipeline reads."""
+    from crossformer_jax import input_pipeline as ip
+
+    paths, labels, _ = ip._list_folder(root, split, None)
+    return list(zip(paths, labels.tolist()))
 
 
 def reference_batches(args, root: str, cores: int):

@@ -256,14 +256,19 @@ def _posterize_lut(bits: jax.Array) -> jax.Array:
     return jnp.broadcast_to((values >> shift << shift).astype(jnp.float32), (3, 256))
 
 
+def _enhance_factors(level: jax.Array, sign: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ImageEnhance factor of the plain (0.1 + 1.8 level) and the *Increasing (1 +- 0.9 level)
+    Color, Contrast, Brightness and Sharpness ops."""
+    return level * 1.8 + 0.1, 1.0 + sign * level * 0.9
+
+
 def _tables(image: jax.Array, level: jax.Array, sign: jax.Array) -> dict[str, jax.Array]:
     """The (3, 256) table of every lookup-table op at ``level`` = magnitude / 10."""
     v = jnp.broadcast_to(_VALUES, (3, 256))
     solarize_threshold = jnp.floor(level * 256.0)
     posterize_bits = jnp.floor(level * 4.0).astype(jnp.int32)
     contrast_mean = jnp.floor(jnp.mean(grayscale(image)) + 0.5)
-    plain_factor = level * 1.8 + 0.1
-    increasing_factor = 1.0 + sign * level * 0.9
+    plain_factor, increasing_factor = _enhance_factors(level, sign)
     return {
         'AutoContrast': _auto_contrast_lut(image),
         'Equalize': _equalize_lut(image),
@@ -329,17 +334,10 @@ def apply_op(
     identity = jnp.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
     matrix = _pick(chosen, names, _matrices(level, sign, h, w), identity)
     lut = _pick(chosen, names, _tables(image, level, sign), jnp.broadcast_to(_VALUES, (3, 256)))
-    factors = {
-        'Color': level * 1.8 + 0.1,
-        'ColorIncreasing': 1.0 + sign * level * 0.9,
-        'Sharpness': level * 1.8 + 0.1,
-        'SharpnessIncreasing': 1.0 + sign * level * 0.9,
-    }
-    color_factor = _pick(
-        chosen, names, {k: v for k, v in factors.items() if k.startswith('Color')}, 1.0
-    )
+    plain, increasing = _enhance_factors(level, sign)
+    color_factor = _pick(chosen, names, {'Color': plain, 'ColorIncreasing': increasing}, 1.0)
     sharpness_factor = _pick(
-        chosen, names, {k: v for k, v in factors.items() if k.startswith('Sharp')}, 1.0
+        chosen, names, {'Sharpness': plain, 'SharpnessIncreasing': increasing}, 1.0
     )
     # Each kind reads the materialised input: chained, XLA would fuse one stage into the
     # next and recompute it for every neighbour that the next one reads.

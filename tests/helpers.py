@@ -1,5 +1,5 @@
-"""Helpers shared by the training tests: a synthetic image folder, and readers of a workdir's
-metrics, checkpoint steps and saved parameters."""
+"""Helpers shared by the tests: random images, a synthetic image folder, and readers of a
+workdir's metrics, checkpoint steps and saved parameters."""
 
 from __future__ import annotations
 
@@ -80,3 +80,8 @@ def _assert_same_params(a, b, **tolerance):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=str(path), **tolerance)
         else:
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+def random_image(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
+    """Uniformly random uint8 (h, w, 3) pixels, the same for the same seed."""
+    return np.random.RandomState(seed).randint(0, 256, (h, w, 3)).astype(np.uint8)

@@ -5,15 +5,12 @@ import io
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import random_image
 from PIL import Image
 
 from crossformer_jax import preprocess_ops as ops
 
 SEED = tf.constant([3, 7], tf.int64)
-
-
-def _rand_image(h=24, w=32, seed=0):
-    return np.random.RandomState(seed).randint(0, 256, (h, w, 3)).astype(np.uint8)
 
 
 def _seed(i):
@@ -25,7 +22,7 @@ def _seed(i):
 
 
 def test_flip():
-    img = _rand_image()
+    img = random_image()
     np.testing.assert_array_equal(ops.flip_left_right(img).numpy(), img[:, ::-1])
     np.testing.assert_array_equal(
         ops.random_flip_left_right(img, SEED, prob=1.0).numpy(), img[:, ::-1]
@@ -39,7 +36,7 @@ def test_flip():
 
 
 def test_random_resized_crop_size_dtype_and_determinism():
-    img = _rand_image(30, 50)
+    img = random_image(30, 50)
     out = ops.random_resized_crop(img, SEED, size=16)
     assert out.shape == (16, 16, 3) and out.dtype == tf.uint8
     np.testing.assert_array_equal(out.numpy(), ops.random_resized_crop(img, SEED, size=16).numpy())
@@ -51,21 +48,21 @@ def test_random_resized_crop_size_dtype_and_determinism():
 
 
 def test_random_resized_crop_whole_image_and_fallback():
-    img = _rand_image(20, 20)
+    img = random_image(20, 20)
     # scale 1, ratio 1 on a square image: the crop is the whole image; a bicubic
     # resize to the same size is the identity.
     out = ops.random_resized_crop(img, SEED, size=20, scale=(1.0, 1.0), ratio=(1.0, 1.0))
     np.testing.assert_array_equal(out.numpy(), img)
     # 10x40 image, square crops of the whole area never fit: fallback is the
     # centred 10x10 crop (left = (40 - 10) // 2 = 15).
-    wide = _rand_image(10, 40)
+    wide = random_image(10, 40)
     out = ops.random_resized_crop(wide, SEED, size=10, scale=(1.0, 1.0), ratio=(1.0, 1.0))
     np.testing.assert_array_equal(out.numpy(), wide[:, 15:25])
 
 
 @pytest.mark.parametrize('method', ['bicubic', 'bilinear', 'nearest'])
 def test_resize_is_pil_resize(method):
-    img = _rand_image(37, 53, seed=4)
+    img = random_image(37, 53, seed=4)
     filters = {
         'bicubic': Image.Resampling.BICUBIC,
         'bilinear': Image.Resampling.BILINEAR,
@@ -84,9 +81,9 @@ def test_resize_is_pil_resize(method):
 
 
 def test_resize_short_side_and_center_crop():
-    img = _rand_image(30, 50)
+    img = random_image(30, 50)
     assert ops.resize_short_side(img, 20).shape == (20, 33, 3)  # 20 * 50 // 30
-    assert ops.resize_short_side(_rand_image(50, 30), 20).shape == (33, 20, 3)
+    assert ops.resize_short_side(random_image(50, 30), 20).shape == (33, 20, 3)
     np.testing.assert_array_equal(ops.resize_short_side(img, 30).numpy(), img)
     x = np.arange(7 * 9 * 3, dtype=np.uint8).reshape(7, 9, 3)
     # offsets round((7-4)/2)=round(1.5)=2 and round((9-4)/2)=round(2.5)=2 (half to even)

@@ -4,15 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_image
 from PIL import Image, ImageEnhance, ImageOps
 
 from crossformer_jax import randaugment as ra
 
 FILL = (128, 128, 128)
-
-
-def _rand_image(h=24, w=32, seed=0):
-    return np.random.RandomState(seed).randint(0, 256, (h, w, 3)).astype(np.uint8)
 
 
 def _op(name, image, magnitude, sign=1.0, fill=FILL):
@@ -73,7 +70,7 @@ def test_parse_randaugment_recipe_string():
 
 @pytest.mark.parametrize('name', ra.ALL_OPS)
 def test_each_op_shape_dtype_and_range(name):
-    img = _rand_image(20, 28)
+    img = random_image(20, 28)
     for magnitude in (0.0, 9.0, 10.0):
         out = _op(name, img, magnitude)
         assert out.shape == img.shape and out.dtype == np.uint8
@@ -84,7 +81,7 @@ def test_each_op_shape_dtype_and_range(name):
 
 
 def test_lookup_table_ops_exact_values():
-    img = _rand_image()
+    img = random_image()
     x = np.array([[[0, 127, 128], [129, 200, 255]]], np.uint8)
     np.testing.assert_array_equal(_op('Invert', img, 5.0), 255 - img)
     # Solarize at magnitude 5: threshold int(256 * 0.5) = 128, values >= 128 inverted
@@ -107,7 +104,7 @@ def test_lookup_table_ops_exact_values():
 
 
 def test_affine_maps_exactly_on_the_pixel_grid():
-    img = _rand_image(8, 8).astype(np.float32)
+    img = random_image(8, 8).astype(np.float32)
     fill = jnp.asarray((1.0, 2.0, 3.0))
     unit = jnp.asarray([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
     np.testing.assert_array_equal(ra.affine(img, unit, fill), img)
@@ -185,7 +182,7 @@ def _agreement(ours, reference, name):
 def test_randaugment_op_matches_its_pil_definition(name, magnitude):
     # Channels of half range at three offsets (the last up to 255): AutoContrast, Equalize and
     # the highest Solarize threshold (230) all change them.
-    img = (_rand_image(24, 32, seed=5) // 2 + np.array([30, 100, 128])).astype(np.uint8)
+    img = (random_image(24, 32, seed=5) // 2 + np.array([30, 100, 128])).astype(np.uint8)
     pil = Image.fromarray(img)
     for sign in (1.0, -1.0):
         ours = _op(name, img, magnitude, sign)
@@ -219,7 +216,7 @@ def test_pixel_ops_equal_pil_on_a_photo_like_image():
 
 
 def test_randaugment_batch_determinism_independence_and_identity():
-    images = np.stack([_rand_image(16, 16, seed=s) for s in range(4)])
+    images = np.stack([random_image(16, 16, seed=s) for s in range(4)])
     rng = jax.random.PRNGKey(3)
     spec = 'rand-m9-mstd0.5-inc1'
     a = np.asarray(ra.randaugment(images, rng, spec))
