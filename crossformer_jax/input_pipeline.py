@@ -11,7 +11,7 @@ Public API (used by the trainer)::
     corrupt_image_count()
 
 Both iterators take the task's per-example functions (see crossformer_jax.tasks):
-``decode`` (encoded element -> decoded tensors, run under the corrupt-file guard) and
+``decode`` (encoded element -> decoded tensors; its failures mark corrupt files) and
 ``preprocess`` (decoded element -> example); without them they make classification
 examples. Classification batches are dicts of numpy arrays: ``image`` uint8
 (B, S, S, 3), cropped, resized and flipped; ``label`` int32 (B,); eval batches also
@@ -81,19 +81,20 @@ at element ``kB`` without decoding anything before it:
 window (``preprocess_ops.decode_random_crop``; decoding only the window of a JPEG
 measured slower on ImageNet-sized photos).
 
-*Corrupt images.* Decoding runs in a guarded sub-dataset
-(``map(decode).ignore_errors()`` followed by a placeholder), so a file that
-cannot be read or decoded (truncated JPEG, garbage bytes, empty file) never
-stops the pipeline and never changes which elements land in which batch
-(a read error of the storage system counts as an unreadable file too). In a
-training batch each corrupt example's slot is filled with a copy of another
-(valid) example of the same batch; in an evaluation batch the slot is masked
-out (``mask`` False, zero image). Either way the file is skipped, counted and
-named in a warning (once per file per iterator). Because the substitution is
-local to the batch, the position -> example mapping and therefore exact resume
-are unaffected, and the same files are skipped every time. Counts:
-``corrupt_image_count()`` (all iterators of this process) and the iterator's
-``corrupt_count`` / ``corrupt_files`` attributes.
+*Corrupt images.* Every stream element is numbered before decoding
+(``numbered_examples``); an element whose reading or decoding fails (truncated JPEG,
+garbage bytes, empty file, a read error of the storage system) is dropped by
+``ignore_errors`` right after the decode, which costs nothing per element, so it
+never stops the pipeline. The iterators regroup the examples by number, so a drop
+never changes which elements land in which batch: in a training batch each missing
+example's slot is filled with a copy of another (valid) example of the same batch;
+in an evaluation batch the slot is masked out (``mask`` False, zero image). Either
+way the file is counted and named in a warning (once per file per iterator; the
+name is read back from the stream, which only happens for a missing number).
+Because the substitution is local to the batch, the position -> example mapping and
+therefore exact resume are unaffected, and the same files are skipped every time.
+Counts: ``corrupt_image_count()`` (all iterators of this process) and the
+iterator's ``corrupt_count`` / ``corrupt_files`` attributes.
 
 *Evaluation.* One pass over the process's shard in file order, batched; the last
 batch is zero-padded with ``mask`` False. Every process yields the same number
@@ -316,7 +317,7 @@ class _FolderSource:
 
 class _TfdsSource:
     """A TFDS dataset prepared in ``data_dir`` (TFRecord files), read by this
-    process's file instructions; images stay encoded until ``_guarded``."""
+    process's file instructions; images stay encoded until ``numbered_examples``."""
 
     def __init__(self, cfg, split: str, process_index: int, process_count: int):
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -587,29 +588,71 @@ def decode_whole(load_fn):
     return fn
 
 
-def _guarded(decode_fn):
-    """Element -> one element with 'image' (uint8), 'valid' and its metadata; never raises.
+def numbered_examples(
+    stream: tf.data.Dataset,
+    decode_fn,
+    preprocess,
+    parallel: int,
+    epoch_size: int | None = None,
+    start: int = 0,
+) -> tf.data.Dataset:
+    """Stream elements -> ``preprocess`` examples with ``seq``, the element's number in the
+    stream; elements whose ``decode_fn`` fails are left out.
 
-    ``decode_fn(el)`` -> dict of decoded tensors (reading and decoding, the only steps that
-    can fail) runs in a one-element dataset with ``ignore_errors``; if it fails the
-    placeholder that follows (1x1 black image, ``valid`` False) is taken.
+    ``decode_fn(el)`` -> dict of decoded tensors: reading and decoding, the only steps that
+    can fail on a corrupt file. The failures are dropped by ``ignore_errors`` right after it
+    (at no cost per element), so the gaps in ``seq`` are the corrupt files; the iterators
+    fill or mask those slots. An error in ``preprocess`` is raised.
+
+    Without ``epoch_size`` (a finite evaluation stream) ``seq`` counts from 0. With it (the
+    endless training stream; its first element is number ``start``) ``seq = epoch *
+    epoch_size + position``, and after each epoch's last element comes a marker with
+    ``seq = -1`` (a black 1x1 image through ``preprocess``): an epoch in which nothing
+    decodes is then seen (``_NumberedBatches`` raises) instead of waited for forever.
     """
-
     encoded = ('data', 'label_data')
+    placeholder = None  # the decoded tensors of an epoch marker
+    if epoch_size is None:
+        ds = stream.enumerate().map(lambda seq, el: dict(el, seq=seq))
+    else:
+        outputs = tf.function(decode_fn).get_concrete_function(stream.element_spec)
+        placeholder = tf.nest.map_structure(
+            lambda t: tf.zeros([d or 1 for d in t.shape.as_list()], t.dtype),
+            outputs.structured_outputs,
+        )
+        marker = tf.nest.map_structure(lambda t: tf.zeros(t.shape, t.dtype), stream.element_spec)
+        markers = tf.data.Dataset.from_tensors(dict(marker, seq=tf.constant(-1, tf.int64)))
+        ds = tf.data.Dataset.choose_from_datasets(
+            [
+                stream.map(lambda el: dict(el, seq=el['epoch'] * epoch_size + el['position'])),
+                markers.repeat(),
+            ],
+            _epoch_choices(start, epoch_size),
+        )
 
-    def fn(el):
-        meta = {k: v for k, v in el.items() if k not in encoded}
+    def decode(el):
+        if placeholder is None:
+            decoded = decode_fn(el)
+        else:
+            decoded = tf.cond(el['seq'] < 0, lambda: placeholder, lambda: decode_fn(el))
+        return dict({k: v for k, v in el.items() if k not in encoded}, **decoded)
 
-        def decode(e):
-            return dict(meta, **decode_fn(e), valid=tf.constant(True))
+    ds = ds.map(decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
+    return ds.map(
+        lambda el: dict(preprocess(el), seq=el['seq']),
+        num_parallel_calls=parallel,
+        deterministic=True,
+    )
 
-        good = tf.data.Dataset.from_tensors(el).map(decode).ignore_errors()
-        bad = dict(meta, image=tf.zeros([1, 1, 3], tf.uint8), valid=tf.constant(False))
-        if 'label_data' in el:
-            bad['label'] = tf.zeros([1, 1], tf.uint8)
-        return good.concatenate(tf.data.Dataset.from_tensors(bad)).take(1)
 
-    return fn
+def _epoch_choices(start: int, epoch_size: int) -> tf.data.Dataset:
+    """0 for each stream element, 1 for the epoch marker after each epoch's last one."""
+    element = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64))
+    marker = tf.data.Dataset.from_tensors(tf.constant(1, tf.int64))
+    rest = tf.data.Dataset.range(_INT64_MAX).flat_map(
+        lambda _: element.repeat(epoch_size).concatenate(marker)
+    )
+    return element.repeat(epoch_size - start % epoch_size).concatenate(marker).concatenate(rest)
 
 
 def _augment_seeds(key: tf.Tensor, el) -> list[tf.Tensor]:
@@ -652,7 +695,6 @@ def _train_preprocess(cfg, seed: int, process_index: int):
         return {
             'image': image,
             'label': tf.cast(el['label'], tf.int32),
-            'valid': el['valid'],
             'id': el['id'],
         }
 
@@ -672,7 +714,6 @@ def _eval_preprocess(cfg):
         return {
             'image': image,
             'label': tf.cast(el['label'], tf.int32),
-            'valid': el['valid'],
             'id': el['id'],
         }
 
@@ -694,18 +735,26 @@ def _options(cfg) -> tf.data.Options:
 
 
 class _BaseIterator:
-    """Wraps a tf.data iterator; handles corrupt examples and counts them."""
+    """Wraps a tf.data iterator of numbered examples (``numbered_examples``, batched or not);
+    counts and names the corrupt files, the numbers missing from it.
 
-    def __init__(self, ds: tf.data.Dataset, return_ids: bool):
+    ``ids_at(seqs)`` -> the ids (file paths / TFDS file names) of stream elements ``seqs``
+    (sorted): called only for missing numbers, it reads the stream again up to them.
+    """
+
+    def __init__(self, ds: tf.data.Dataset, return_ids: bool, ids_at):
         self._it = ds.as_numpy_iterator()
         self._return_ids = return_ids
+        self._ids_at = ids_at
         self.corrupt_count = 0
         self.corrupt_files: set[str] = set()
 
     def __iter__(self):
         return self
 
-    def _record_corrupt(self, ids) -> None:
+    def _record_corrupt(self, seqs: np.ndarray) -> list:
+        """Counts and names (once per file) the missing elements ``seqs``; returns their ids."""
+        ids = self._ids_at(seqs)
         total = _add_corrupt(len(ids))
         self.corrupt_count += len(ids)
         for raw in ids:
@@ -717,43 +766,146 @@ class _BaseIterator:
                     name,
                     total,
                 )
+        return ids
+
+
+def _stream_ids(stream_at):
+    """``ids_at`` for ``_BaseIterator``: ``stream_at(seq)`` is the stream from element seq on."""
+
+    def ids_at(seqs: np.ndarray) -> list:
+        if len(seqs) == 0:
+            return []
+        first = int(seqs[0])
+        offsets = {int(q) - first for q in seqs}
+        ids = []
+        for k, el in enumerate(stream_at(first).take(int(seqs[-1]) - first + 1)):
+            if k in offsets:
+                ids.append(el['id'].numpy())
+        return ids
+
+    return ids_at
+
+
+class _NumberedBatches:
+    """Batches of numbered examples regrouped by number: ``take(stop)`` returns every example
+    numbered below ``stop`` not taken yet (a dict of arrays in number order, None if none)."""
+
+    def __init__(self, it):
+        self._it = it
+        self._pending: dict[str, np.ndarray] | None = None
+        self.exhausted = False
+        self._markers = 0  # epoch markers (seq -1, training only) seen
+        self._examples_since_marker = 0
+
+    def _fetch(self) -> dict[str, np.ndarray]:
+        """The next batch without its epoch markers (may be empty); raises if a whole epoch
+        passed without one example."""
+        batch = next(self._it)
+        seq = batch['seq']
+        markers = np.flatnonzero(seq < 0)
+        if markers.size == 0:
+            self._examples_since_marker += len(seq)
+            return batch
+        previous = -1
+        for m in markers:
+            self._examples_since_marker += m - previous - 1
+            if self._markers and not self._examples_since_marker:
+                raise RuntimeError(
+                    'not one training image of a whole epoch could be read and decoded: every '
+                    'file of the split is corrupt or unreadable (check data_dir and the files)'
+                )
+            self._markers += 1
+            self._examples_since_marker = 0
+            previous = m
+        self._examples_since_marker += len(seq) - previous - 1
+        keep = seq >= 0
+        return {k: v[keep] for k, v in batch.items()}
+
+    def take(self, stop: int) -> dict[str, np.ndarray] | None:
+        pieces = [] if self._pending is None else [self._pending]
+        self._pending = None
+        # The examples below `stop` are all here once one numbered stop - 1 or more has come.
+        while not self.exhausted and (not pieces or pieces[-1]['seq'][-1] < stop - 1):
+            try:
+                batch = self._fetch()
+            except StopIteration:
+                self.exhausted = True
+            else:
+                if len(batch['seq']):
+                    pieces.append(batch)
+        if not pieces:
+            return None
+        if len(pieces) == 1:
+            batch = pieces[0]
+        else:
+            batch = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+        n = int(np.searchsorted(batch['seq'], stop))
+        if n < len(batch['seq']):
+            self._pending = {k: v[n:] for k, v in batch.items()}
+        if n == 0:
+            return None
+        return batch if n == len(batch['seq']) else {k: v[:n] for k, v in batch.items()}
 
 
 class TrainIterator(_BaseIterator):
-    """Endless iterator of training batches ``{'image', 'label'}`` (numpy)."""
+    """Endless iterator of training batches ``{'image', 'label'}`` (numpy); batch ``k`` holds
+    stream elements ``[kB, (k+1)B)`` (numbered from ``start``), a corrupt one's slot filled
+    with a copy of another example of the batch."""
+
+    def __init__(self, ds, return_ids, ids_at, batch_size: int, start: int):
+        super().__init__(ds, return_ids, ids_at)
+        self._batches = _NumberedBatches(self._it)
+        self._batch_size = batch_size
+        self._next = start
+        self._element_spec = ds.element_spec
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._it)
-        valid, ids = batch['valid'], batch['id']
-        image, label = batch['image'], batch['label']
-        if not valid.all():
-            bad = np.flatnonzero(~valid)
-            good = np.flatnonzero(valid)
-            self._record_corrupt(ids[bad])
-            if good.size:
-                src = good[np.arange(bad.size) % good.size]
-                image, label, ids = np.array(image), np.array(label), np.array(ids)
-                image[bad], label[bad], ids[bad] = image[src], label[src], ids[src]
-            else:
-                logger.error(
-                    'Every image of a training batch was corrupt; the batch holds placeholders.'
-                )
-        out = {'image': image, 'label': label}
-        if self._return_ids:
-            out['id'] = ids
+        start, b = self._next, self._batch_size
+        self._next += b
+        got = self._batches.take(start + b)
+        n = 0 if got is None else len(got['seq'])
+        if n < b:
+            got = self._fill(got, start)
+        out = {k: v for k, v in got.items() if k != 'seq' and (k != 'id' or self._return_ids)}
+        return out
+
+    def _fill(self, got, start: int) -> dict[str, np.ndarray]:
+        """The full batch from the examples that decoded (``got``, may be None)."""
+        b = self._batch_size
+        slots = np.zeros(0, np.int64) if got is None else got['seq'] - start
+        missing = np.setdiff1d(np.arange(b), slots)
+        ids = self._record_corrupt(missing + start)
+        if got is None:
+            logger.error('Every image of a training batch was corrupt; the batch holds zeros.')
+            out = {
+                k: np.zeros([b, *spec.shape[1:]], spec.dtype.as_numpy_dtype)
+                for k, spec in self._element_spec.items()
+                if k != 'id'
+            }
+            out['id'] = np.asarray(ids, dtype=object)
+            return out
+        source = np.arange(len(missing)) % len(slots)
+        out = {}
+        for k, v in got.items():
+            full = np.empty((b, *v.shape[1:]), v.dtype)
+            full[slots] = v
+            full[missing] = v[source]
+            out[k] = full
         return out
 
 
 class EvalIterator(_BaseIterator):
-    """One pass of eval batches ``{'image', 'label', 'mask'}``; ``len()`` batches."""
+    """One pass of eval batches ``{'image', 'label', 'mask'}``; ``len()`` batches. Slot ``j``
+    of batch ``k`` is element ``kB + j`` of the shard; corrupt and padding slots are masked."""
 
-    def __init__(self, ds, return_ids, batch_size, num_batches, image_size):
-        super().__init__(ds, return_ids)
+    def __init__(self, ds, return_ids, ids_at, batch_size, num_batches, image_size, num_examples):
+        super().__init__(ds, return_ids, ids_at)
+        self._batches = _NumberedBatches(self._it)
         self._batch_size = batch_size
         self._num_batches = num_batches
         self._image_size = image_size
+        self._num_examples = num_examples
         self._emitted = 0
-        self._exhausted = False
 
     def __len__(self) -> int:
         return self._num_batches
@@ -770,23 +922,21 @@ class EvalIterator(_BaseIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         if self._emitted >= self._num_batches:
             raise StopIteration
-        out = self._empty()
-        if not self._exhausted:
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                self._exhausted = True
-                batch = None
-            if batch is not None:
-                n, valid = len(batch['label']), batch['valid']
-                out['image'][:n] = batch['image']
-                out['image'][:n][~valid] = 0
-                out['label'][:n] = batch['label']
-                out['mask'][:n] = valid
-                out['id'][:n] = batch['id']
-                if not valid.all():
-                    self._record_corrupt(batch['id'][~valid])
+        b = self._batch_size
+        start = self._emitted * b
         self._emitted += 1
+        out = self._empty()
+        got = self._batches.take(start + b)
+        slots = np.zeros(0, np.int64) if got is None else got['seq'] - start
+        if got is not None:
+            out['image'][slots] = got['image']
+            out['label'][slots] = got['label']
+            out['mask'][slots] = True
+            out['id'][slots] = got['id']
+        expected = np.arange(min(b, max(self._num_examples - start, 0)))
+        missing = np.setdiff1d(expected, slots)
+        if missing.size:
+            out['id'][missing] = self._record_corrupt(missing + start)
         if not self._return_ids:
             del out['id']
         return out
@@ -825,17 +975,18 @@ def create_train_iterator(
         decode = functools.partial(_train_decode, cfg, seed=int(seed), process_index=process_index)
     if preprocess is None:
         preprocess = _train_preprocess(cfg, int(seed), process_index)
-    ds = ds.interleave(
-        _guarded(decode(source.load)), num_parallel_calls=parallel, deterministic=True
-    )
-    ds = ds.map(
-        preprocess,
-        num_parallel_calls=parallel,
-        deterministic=True,
+    ds = numbered_examples(
+        ds, decode(source.load), preprocess, parallel, source.num_examples, start_element
     )
     ds = ds.batch(local_batch_size, drop_remainder=True)
     ds = ds.prefetch(int(_get(cfg, 'prefetch', 2)))
-    return TrainIterator(ds.with_options(_options(cfg)), return_ids)
+    n = source.num_examples
+    ids_at = _stream_ids(
+        lambda seq: source.train_stream(int(seed), process_index, *divmod(seq, n), cfg)
+    )
+    return TrainIterator(
+        ds.with_options(_options(cfg)), return_ids, ids_at, local_batch_size, start_element
+    )
 
 
 def create_eval_iterator(
@@ -856,22 +1007,18 @@ def create_eval_iterator(
     split = _get(cfg, 'eval_split', 'validation')
     source = _make_source(cfg, split, process_index, process_count)
     parallel = _parallel(cfg)
-    ds = source.eval_stream(cfg)
-    ds = ds.interleave(
-        _guarded(decode_whole(source.load)),
-        num_parallel_calls=parallel,
-        deterministic=True,
-    )
     if preprocess is None:
         preprocess = _eval_preprocess(cfg)
-    ds = ds.map(preprocess, num_parallel_calls=parallel, deterministic=True)
+    ds = numbered_examples(source.eval_stream(cfg), decode_whole(source.load), preprocess, parallel)
     ds = ds.batch(local_batch_size, drop_remainder=False)
     ds = ds.prefetch(int(_get(cfg, 'prefetch', 2)))
     num_batches = -(-source.max_shard_examples // local_batch_size)
     return EvalIterator(
         ds.with_options(_options(cfg)),
         return_ids,
+        _stream_ids(lambda seq: source.eval_stream(cfg).skip(seq)),
         local_batch_size,
         num_batches,
         int(_get(cfg, 'image_size', 224)),
+        source.num_examples,
     )

@@ -271,7 +271,7 @@ def _round_up_32(x: tf.Tensor) -> tf.Tensor:
 
 def train_preprocess(cfg, seed: int, process_index: int):
     """Decoded element {'image', 'label' (PNG values), ...} -> {'image' (S, S, 3) float32,
-    'label' (S, S) int32 with IGNORE_INDEX, 'valid', 'id'}; S = config.data.image_size."""
+    'label' (S, S) int32 with IGNORE_INDEX, 'id'}; S = config.data.image_size."""
     get = input_pipeline._get
     size = int(get(cfg, 'image_size'))
     scale = tuple(get(cfg, 'scale'))
@@ -303,7 +303,6 @@ def train_preprocess(cfg, seed: int, process_index: int):
         return {
             'image': image,
             'label': tf.cast(label, tf.int32),
-            'valid': el['valid'],
             'id': el['id'],
         }
 
@@ -312,7 +311,7 @@ def train_preprocess(cfg, seed: int, process_index: int):
 
 def eval_preprocess(cfg, scales: Sequence[float]):
     """Decoded element -> {'images': one (h_r, w_r, 3) float32 image per ratio r of scales,
-    'label' (H, W) int32 at the original size with IGNORE_INDEX, 'valid', 'id'}."""
+    'label' (H, W) int32 at the original size with IGNORE_INDEX, 'id'}."""
     get = input_pipeline._get
     scale = tuple(get(cfg, 'scale'))
     reduce_zero = bool(get(cfg, 'reduce_zero_label', True))
@@ -333,7 +332,6 @@ def eval_preprocess(cfg, scales: Sequence[float]):
         return {
             'images': tuple(images),
             'label': tf.cast(label, tf.int32),
-            'valid': el['valid'],
             'id': el['id'],
         }
 
@@ -349,26 +347,40 @@ def create_eval_examples(
     split = input_pipeline._get(cfg, 'eval_split', 'validation')
     source = input_pipeline._make_source(cfg, split, process_index, process_count)
     parallel = input_pipeline._parallel(cfg)
-    ds = source.eval_stream(cfg)
-    ds = ds.interleave(
-        input_pipeline._guarded(input_pipeline.decode_whole(source.load)),
-        num_parallel_calls=parallel,
-        deterministic=True,
+    ds = input_pipeline.numbered_examples(
+        source.eval_stream(cfg),
+        input_pipeline.decode_whole(source.load),
+        eval_preprocess(cfg, scales),
+        parallel,
     )
-    ds = ds.map(eval_preprocess(cfg, scales), num_parallel_calls=parallel, deterministic=True)
     ds = ds.prefetch(int(input_pipeline._get(cfg, 'prefetch', 2)))
-    return _ExampleIterator(ds.with_options(input_pipeline._options(cfg)))
+    return _ExampleIterator(
+        ds.with_options(input_pipeline._options(cfg)),
+        input_pipeline._stream_ids(lambda seq: source.eval_stream(cfg).skip(seq)),
+        source.num_examples,
+    )
 
 
 class _ExampleIterator(input_pipeline._BaseIterator):
-    """Valid examples only; corrupt ones are recorded like the batched iterators do."""
+    """The examples that decoded, in shard order (with ``seq``); the corrupt ones (numbers
+    missing between them, or after the last) are recorded like the batched iterators do."""
 
-    def __init__(self, ds):
-        super().__init__(ds, return_ids=True)
+    def __init__(self, ds, ids_at, num_examples: int):
+        super().__init__(ds, True, ids_at)
+        self._next = 0
+        self._num_examples = num_examples
 
     def __next__(self):
-        while True:
+        try:
             example = next(self._it)
-            if example['valid']:
-                return example
-            self._record_corrupt([example['id']])
+        except StopIteration:
+            self._skip_to(self._num_examples)
+            raise
+        self._skip_to(int(example['seq']))
+        self._next += 1
+        return example
+
+    def _skip_to(self, seq: int) -> None:
+        if seq > self._next:
+            self._record_corrupt(np.arange(self._next, seq))
+        self._next = max(self._next, seq)

@@ -332,3 +332,64 @@ def test_tfds_imagenet2012(tmp_path, file_format):
     np.testing.assert_array_equal(mask, [True] * 5 + [False] * 3)
     names = sorted(i for b in batches for i, m in zip(_ids(b), b['mask']) if m)
     assert names == [f'ILSVRC2012_val_{i:08d}.JPEG' for i in range(1, 6)]
+
+
+def _numbered(*seqs):
+    """Fake tf.data batches of numbered examples: value = 10 * seq (-1 for epoch markers)."""
+    return iter([{'seq': np.asarray(s), 'value': 10 * np.asarray(s)} for s in seqs])
+
+
+def test_numbered_batches_regroup_by_number():
+    # 2 and 5 dropped (5 is the last of its range: found missing only when 6 comes), a marker
+    batches = ip._NumberedBatches(_numbered([0, 1, 3], [4, -1, 6], [7, 8, 9]))
+    taken = [batches.take(stop) for stop in (3, 6, 9, 12)]
+    np.testing.assert_array_equal(taken[0]['seq'], [0, 1])
+    np.testing.assert_array_equal(taken[1]['seq'], [3, 4])
+    np.testing.assert_array_equal(taken[2]['seq'], [6, 7, 8])
+    np.testing.assert_array_equal(taken[2]['value'], [60, 70, 80])
+    np.testing.assert_array_equal(taken[3]['seq'], [9])
+    assert batches.exhausted and batches.take(15) is None
+    # a whole range missing
+    batches = ip._NumberedBatches(_numbered([0, 1], [6, 7]))
+    assert batches.take(2)['seq'].tolist() == [0, 1]
+    assert batches.take(4) is None
+    assert batches.take(8)['seq'].tolist() == [6, 7]
+
+
+def test_numbered_batches_raise_on_an_epoch_without_examples():
+    batches = ip._NumberedBatches(_numbered([0, 1, -1], [-1, -1]))
+    assert batches.take(2)['seq'].tolist() == [0, 1]
+    with pytest.raises(RuntimeError, match='whole epoch'):
+        batches.take(4)
+
+
+def _corrupt_folder(root, good):
+    """A train split of three corrupt files and `good` valid ones, one class."""
+    jpeg = _encode(np.full((24, 24, 3), 200, np.uint8), 'JPEG')
+    os.makedirs(root / 'train' / 'cat')
+    for name, data in (('a.jpg', jpeg[:50]), ('b.jpg', b'garbage' * 9), ('c.png', b'')):
+        (root / 'train' / 'cat' / name).write_bytes(data)
+    for i in range(good):
+        (root / 'train' / 'cat' / f'good{i}.jpg').write_bytes(jpeg)
+    return _cfg(root, randaugment='', random_erasing_prob=0.0)
+
+
+def test_train_batch_of_corrupt_files_only_holds_zeros(tmp_path):
+    cfg = _corrupt_folder(tmp_path, good=1)
+    it = ip.create_train_iterator(cfg, local_batch_size=1, seed=0, return_ids=True)
+    batches = _take(it, 8)  # two epochs of 4 files
+    for b in batches:
+        assert b['image'].shape == (1, 16, 16, 3) and b['image'].dtype == np.uint8
+        assert b['label'].shape == (1,) and b['label'].dtype == np.int32
+    good = [b for b in batches if _ids(b)[0].endswith('good0.jpg')]
+    assert len(good) == 2 and all(b['image'].min() > 150 for b in good)
+    zeros = [b for b in batches if not _ids(b)[0].endswith('good0.jpg')]
+    assert len(zeros) == 6 and not any(b['image'].any() for b in zeros)
+    assert it.corrupt_count == 6 and len(it.corrupt_files) == 3
+
+
+def test_train_split_without_one_readable_file_raises(tmp_path):
+    cfg = _corrupt_folder(tmp_path, good=0)
+    it = ip.create_train_iterator(cfg, local_batch_size=2, seed=0)
+    with pytest.raises(RuntimeError, match='every file of the split is corrupt'):
+        next(it)

@@ -6,7 +6,7 @@ preemption, resume, logging and the data sources are shared. A task supplies the
 * `create_model(config)` and `init_variables(model, rng)`: the Flax module and its variables
   (`{'params': ..., <model state such as 'batch_stats'>}`);
 * `train_decode(data_config, seed, process_index)`: how a training element is decoded (a factory
-  `load_fn -> (element -> dict of decoded tensors)`, run under the pipeline's corrupt-file guard;
+  `load_fn -> (element -> dict of decoded tensors)`, its failures mark corrupt files;
   default: the whole image, and the label map where there is one);
 * `train_preprocess(data_config, seed, process_index)` / `eval_preprocess(data_config)`: per-example
   tf.data functions (decoded element dict -> example dict) handed to the shared input pipeline;
