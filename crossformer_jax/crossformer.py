@@ -131,14 +131,47 @@ def layer_norm(name: str, dtype) -> LayerNorm:
     return LayerNorm(dtype=dtype, name=name)
 
 
-def dense(features: int, name: str, dtype) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        kernel_init=trunc_normal_init(),
-        bias_init=nn.initializers.zeros,
-        name=name,
-    )
+@jax.custom_vjp
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """x (..., Cin) @ kernel (Cin, Cout) + bias (Cout,) -> (..., Cout)."""
+    return x @ kernel + bias
+
+
+def _linear_fwd(x, kernel, bias):
+    return linear(x, kernel, bias), (x, kernel)
+
+
+def _linear_bwd(residuals, grad):
+    # The kernel gradient as one 2-D matmul over all tokens and the bias gradient as a column
+    # sum. Autodiff of nn.Dense on the (N, groups, T, C) activations gives XLA:CPU the same
+    # products over N-D operands, and the train step ran 1.12x faster with this VJP (one-process
+    # A/B, crossformer_tiny and crossformer_small, batch 16; gradients within 3e-7 relative).
+    x, kernel = residuals
+    x2 = x.reshape(-1, x.shape[-1])
+    grad2 = grad.reshape(-1, grad.shape[-1])
+    d_kernel = jax.lax.dot_general(x2, grad2, (((0,), (0,)), ((), ())))
+    return grad @ kernel.T, d_kernel, jnp.sum(grad2, axis=0)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+class Dense(nn.Module):
+    """A dense layer (params 'kernel' (Cin, Cout), 'bias' (Cout,)) computed by `linear`."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (..., Cin) -> (..., features), in dtype."""
+        kernel = self.param('kernel', trunc_normal_init(), (x.shape[-1], self.features))
+        bias = self.param('bias', nn.initializers.zeros, (self.features,))
+        return linear(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+
+
+def dense(features: int, name: str, dtype) -> Dense:
+    return Dense(features, dtype=dtype, name=name)
 
 
 def conv(
