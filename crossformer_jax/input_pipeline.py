@@ -866,8 +866,7 @@ class TrainIterator(_BaseIterator):
         n = 0 if got is None else len(got['seq'])
         if n < b:
             got = self._fill(got, start)
-        out = {k: v for k, v in got.items() if k != 'seq' and (k != 'id' or self._return_ids)}
-        return out
+        return {k: v for k, v in got.items() if k != 'seq' and (k != 'id' or self._return_ids)}
 
     def _fill(self, got, start: int) -> dict[str, np.ndarray]:
         """The full batch from the examples that decoded (``got``, may be None)."""
@@ -877,10 +876,16 @@ class TrainIterator(_BaseIterator):
         ids = self._record_corrupt(missing + start)
         if got is None:
             logger.error('Every image of a training batch was corrupt; the batch holds zeros.')
+            shapes = {k: spec.shape[1:] for k, spec in self._element_spec.items() if k != 'id'}
+            unknown = [k for k, shape in shapes.items() if not shape.is_fully_defined()]
+            if unknown:
+                raise RuntimeError(
+                    'every image of a training batch was corrupt, and the examples have no '
+                    f'fixed shape to fill it with (fields {unknown})'
+                )
             out = {
-                k: np.zeros([b, *spec.shape[1:]], spec.dtype.as_numpy_dtype)
-                for k, spec in self._element_spec.items()
-                if k != 'id'
+                k: np.zeros([b, *shape], self._element_spec[k].dtype.as_numpy_dtype)
+                for k, shape in shapes.items()
             }
             out['id'] = np.asarray(ids, dtype=object)
             return out

@@ -1,6 +1,7 @@
 """Gradient parity: the whole backward pass of the Flax model against PyTorch autograd on the
 reference, parameter by parameter (float32, stochastic depth off), and `check_grads` in float64 on
-the hand-written VJPs (LayerNorm, the space-to-depth patch convolution, the q/k/v split).
+the hand-written VJPs (LayerNorm, the space-to-depth patch convolution, the q/k/v split, the
+dense layers' `linear`).
 """
 
 import functools
@@ -232,3 +233,26 @@ def test_softmax_equals_jax_softmax_in_value_and_gradient_and_passes_check_grads
         want = jax.grad(functools.partial(loss, lambda x: jax.nn.softmax(x, axis=-1)))(logits)
         np.testing.assert_allclose(found, want, rtol=1e-12, atol=1e-14)
         check_grads(flax_crossformer.softmax, (logits[1],), order=1, modes=['rev'])
+
+
+def test_linear_equals_autodiff_of_the_plain_product_and_passes_check_grads():
+    """linear's hand-written VJP (2-D kernel gradient over all tokens, bias as a column sum) =
+    autodiff of x @ kernel + bias on a 4-D activation."""
+
+    def plain_linear(x, kernel, bias):
+        return x @ kernel + bias
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        args = tuple(
+            jnp.asarray(rng.standard_normal(shape), jnp.float64)
+            for shape in ((2, 3, 5, 4), (4, 6), (6,))  # N, groups, T, Cin; Cin, Cout; Cout
+        )
+        np.testing.assert_array_equal(flax_crossformer.linear(*args), plain_linear(*args))
+        cotangent = jnp.asarray(rng.standard_normal((2, 3, 5, 6)), jnp.float64)
+        found = jax.vjp(flax_crossformer.linear, *args)[1](cotangent)
+        want = jax.vjp(plain_linear, *args)[1](cotangent)
+        for f, w in zip(found, want):
+            assert f.shape == w.shape
+            np.testing.assert_allclose(f, w, rtol=1e-12, atol=1e-12)
+        check_grads(flax_crossformer.linear, args, order=1, modes=['rev'])
