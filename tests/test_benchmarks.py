@@ -177,3 +177,78 @@ def test_reference_loader_batches_follow_the_recipe(tmp_path):
     rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
     area = len(rows) * len(cols)
     assert changed.sum() == area and 0.02 * 1024 * 0.5 <= area <= 1024 / 3 * 1.5
+
+
+def test_matmul_benchmark_shapes_follow_the_variant():
+    from benchmarks.matmul_benchmark import dense_layers
+    from crossformer_jax.crossformer import model_config
+
+    layers = dense_layers(model_config('crossformer_small'), batch=16, image_size=224)
+    assert len(layers) == 16
+    by_name = {(layer['stage'], layer['layer']): layer for layer in layers}
+    assert by_name[0, 'qkv'] == {
+        'stage': 0,
+        'layer': 'qkv',
+        'depth': 2,
+        'm': 50176,
+        'k': 96,
+        'n': 288,
+    }
+    assert by_name[0, 'fc2'] == {
+        'stage': 0,
+        'layer': 'fc2',
+        'depth': 2,
+        'm': 50176,
+        'k': 384,
+        'n': 96,
+    }
+    assert by_name[2, 'fc1'] == {
+        'stage': 2,
+        'layer': 'fc1',
+        'depth': 6,
+        'm': 3136,
+        'k': 384,
+        'n': 1536,
+    }
+    assert by_name[3, 'proj'] == {
+        'stage': 3,
+        'layer': 'proj',
+        'depth': 2,
+        'm': 784,
+        'k': 768,
+        'n': 768,
+    }
+
+
+@pytest.mark.timeout(300)
+def test_matmul_benchmark_tiny_prints_every_product(tmp_path):
+    out = run_script(
+        [
+            'benchmarks/matmul_benchmark.py',
+            '--model',
+            'crossformer_tiny',
+            '--batch',
+            '1',
+            '--image-size',
+            '64',
+            '--rounds',
+            '2',
+            '--warmup',
+            '0',
+            '--threads',
+            '1',
+            '--overrides',
+            TINY,
+            '--json',
+            str(tmp_path / 'rows.json'),
+        ]
+    )
+    span = rf'{NUMBER} \[{NUMBER}-{NUMBER}\]x'
+    for product in ('forward', 'input grad', 'kernel grad'):
+        # stage 0 of the tiny config: 16 x 16 tokens, C = 16, fc1 16 -> 64
+        pattern = rf'^0\s+fc1\s+{product}\s+256x16x64\s+\d+\s+\d+\s+{span}$'
+        assert re.search(pattern, out, re.MULTILINE), (pattern, out)
+    assert re.search(rf'XLA {NUMBER} s, PyTorch {NUMBER} s$', out, re.MULTILINE), out
+    rows = json.loads((tmp_path / 'rows.json').read_text())['rows']
+    assert len(rows) == 4 * 4 * 3
+    assert all(row['xla']['median'] > 0 and row['pytorch']['median'] > 0 for row in rows)
