@@ -136,9 +136,9 @@ def main(argv=None) -> None:
     step_seconds = {'xla': 0.0, 'pytorch': 0.0}
     for layer in dense_layers(config, args.batch, args.image_size):
         steps = product_steps(layer, rng)
+        gflop = 2 * layer['m'] * layer['k'] * layer['n'] / 1e9  # the same for all three products
         for product in PRODUCTS:
             results = interleave(steps[product], args.rounds, args.warmup)
-            gflop = 2 * layer['m'] * layer['k'] * layer['n'] / 1e9
             rates = {
                 name: spread([gflop / t for t in result['times_s']])
                 for name, result in results.items()

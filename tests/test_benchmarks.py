@@ -11,6 +11,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = json.dumps({'embed_dim': 16, 'depths': [1, 1, 1, 1], 'num_heads': [1, 2, 4, 8]})
 NUMBER = r'\d+\.\d+'
+# The interleaving benchmarks' smoke settings: two timed rounds on one CPU, the tiny config.
+INTERLEAVED_SMOKE = ['--rounds', '2', '--warmup', '0', '--threads', '1', '--overrides', TINY]
 
 
 def run_script(args: list[str]) -> str:
@@ -79,14 +81,7 @@ def test_cpu_benchmark_tiny_interleaved():
             '2',
             '--train-batch',
             '2',
-            '--rounds',
-            '2',
-            '--warmup',
-            '0',
-            '--threads',
-            '1',
-            '--overrides',
-            TINY,
+            *INTERLEAVED_SMOKE,
         ]
     )
     span = rf'{NUMBER} \[{NUMBER}-{NUMBER}\]'
@@ -231,14 +226,7 @@ def test_matmul_benchmark_tiny_prints_every_product(tmp_path):
             '1',
             '--image-size',
             '64',
-            '--rounds',
-            '2',
-            '--warmup',
-            '0',
-            '--threads',
-            '1',
-            '--overrides',
-            TINY,
+            *INTERLEAVED_SMOKE,
             '--json',
             str(tmp_path / 'rows.json'),
         ]
