@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crossformer_jax.cpu_matmul import matmul
+
 # -------------------------------------------------------------------------------------------------
 # Registry of variants.
 
@@ -133,12 +135,19 @@ def layer_norm(name: str, dtype) -> LayerNorm:
 
 @jax.custom_vjp
 def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """x (..., Cin) @ kernel (Cin, Cout) + bias (Cout,) -> (..., Cout)."""
-    return x @ kernel + bias
+    """x (..., Cin) @ kernel (Cin, Cout) + bias (Cout,) -> (..., Cout).
+
+    Not differentiated (inference), the product is `cpu_matmul.matmul` over all tokens: MKL on
+    CPU, XLA's dot elsewhere.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    return (matmul(x2, kernel) + bias).reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def _linear_fwd(x, kernel, bias):
-    return linear(x, kernel, bias), (x, kernel)
+    # Differentiated, the products stay XLA dots, which XLA fuses with the elementwise work around
+    # them: MKL's products made the train step no faster (benchmarks/README.md, "MKL matmuls").
+    return x @ kernel + bias, (x, kernel)
 
 
 def _linear_bwd(residuals, grad):

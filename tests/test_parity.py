@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import crossformer_jax.crossformer as flax_crossformer
+from crossformer_jax import cpu_matmul
 from crossformer_jax.compile_options import CPU_INFERENCE_OPTIONS, inference_compiler_options
 from crossformer_jax.convert import convert_torch_state_dict
 from crossformer_jax.crossformer import VARIANTS, create_model, group_layout
@@ -105,10 +106,11 @@ def _fusions_with_dot_and_erf(hlo_text: str) -> int:
     return sum(' dot(' in c and ' erf(' in c for c in computations)
 
 
-def test_inference_compiler_options_keep_parity():
+def test_inference_compiler_options_keep_parity(monkeypatch):
     """The forward-only programs (evaluation, predict, throughput) compile with
-    inference_compiler_options: on CPU the matmuls leave YNNPACK unfused (no fused computation
-    holds a matmul and the GELU's erf any more), and the logits keep the parity bound."""
+    inference_compiler_options: on CPU the matmuls that XLA computes (all of them without the MKL
+    custom call) leave YNNPACK unfused (no fused computation holds a matmul and the GELU's erf
+    any more), and the logits keep the parity bound."""
     options = inference_compiler_options()
     assert options == CPU_INFERENCE_OPTIONS  # this CPU's XLA knows the option
     assert inference_compiler_options('gpu') == {} and inference_compiler_options('tpu') == {}
@@ -119,8 +121,13 @@ def test_inference_compiler_options_keep_parity():
     check_close('crossformer_tiny logits 224, inference options', references, outputs)
     images = jax.ShapeDtypeStruct((BATCH, 224, 224, 3), np.float32)
     forward = lambda v, x: flax_model.apply(v, x)  # noqa: E731
-    default = jax.jit(forward).lower(variables, images).compile().as_text()
-    unfused = jax.jit(forward, compiler_options=options).lower(variables, images).compile()
+    monkeypatch.setenv(cpu_matmul.ENV_VAR, 'xla')
+    cpu_matmul.mkl_matmul_enabled.cache_clear()
+    try:
+        default = jax.jit(forward).lower(variables, images).compile().as_text()
+        unfused = jax.jit(forward, compiler_options=options).lower(variables, images).compile()
+    finally:
+        cpu_matmul.mkl_matmul_enabled.cache_clear()
     assert _fusions_with_dot_and_erf(default) > 0
     assert _fusions_with_dot_and_erf(unfused.as_text()) == 0
 
