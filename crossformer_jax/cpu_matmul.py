@@ -2,9 +2,8 @@
 
 XLA:CPU gives matmuls to YNNPACK or Eigen, which run CrossFormer's dense layers at 0.4-0.9x the
 speed of MKL's sgemm on the same cores (benchmarks/README.md, "Matmuls"). `matmul` computes
-op(a) @ op(b) for 2-D float32 operands with MKL's single-threaded cblas_sgemm instead, on blocks
-of the output (or, for a long contraction such as a kernel gradient over all tokens, on slices of
-the contraction) shared out over XLA's own intra-op thread pool, so no second thread pool
+a @ b for 2-D float32 operands with MKL's single-threaded cblas_sgemm instead, on blocks of output
+rows (or columns) shared out over XLA's own intra-op thread pool, so no second thread pool
 competes with XLA's. Everywhere else (other dtypes, GPU/TPU, or without MKL) it is XLA's dot.
 `crossformer.linear` uses it when it is not differentiated (inference: 1.06-1.11x faster
 programs); a train step keeps XLA's dots, which XLA fuses with the elementwise work around them.
@@ -143,38 +142,27 @@ def mkl_matmul_enabled() -> bool:
     return True
 
 
-def _xla_matmul(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    contract_a, contract_b = (0 if transpose_a else 1), (1 if transpose_b else 0)
-    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())))
-
-
-def _mkl_matmul(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    m = a.shape[1] if transpose_a else a.shape[0]
-    n = b.shape[0] if transpose_b else b.shape[1]
+def _mkl_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     call = jax.ffi.ffi_call(
-        TARGET_NAME, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method='sequential'
+        TARGET_NAME,
+        jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32),
+        vmap_method='sequential',
     )
-    return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    return call(a, b)
 
 
-def matmul(
-    a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False
-) -> jax.Array:
-    """op(a) @ op(b) for 2-D a, b: (M, K) or, transposed, (K, M); (K, N) or (N, K) -> (M, N)."""
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a (M, K) @ b (K, N) -> (M, N): the MKL custom call for float32 on CPU, else XLA's dot."""
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f'matmul takes 2-D operands, found shapes {a.shape} and {b.shape}')
-    k_a = a.shape[0] if transpose_a else a.shape[1]
-    k_b = b.shape[1] if transpose_b else b.shape[0]
-    if k_a != k_b:
+    if a.shape[1] != b.shape[0]:
         raise ValueError(
-            f'matmul contraction sizes differ: {k_a} (a {a.shape}, transpose_a={transpose_a}) '
-            f'and {k_b} (b {b.shape}, transpose_b={transpose_b})'
+            f'matmul contraction sizes differ: a {a.shape} has {a.shape[1]} columns, '
+            f'b {b.shape} has {b.shape[0]} rows'
         )
-    xla = functools.partial(_xla_matmul, transpose_a=transpose_a, transpose_b=transpose_b)
     if a.dtype != jnp.float32 or b.dtype != jnp.float32 or not mkl_matmul_enabled():
-        return xla(a, b)
-    mkl = functools.partial(_mkl_matmul, transpose_a=transpose_a, transpose_b=transpose_b)
-    return jax.lax.platform_dependent(a, b, cpu=mkl, default=xla)
+        return a @ b
+    return jax.lax.platform_dependent(a, b, cpu=_mkl_matmul, default=jnp.matmul)
 
 
 def main() -> None:

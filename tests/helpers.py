@@ -1,14 +1,17 @@
-"""Helpers shared by the tests: random images, a synthetic image folder, and readers of a
-workdir's metrics, checkpoint steps and saved parameters."""
+"""Helpers shared by the tests: random images, a synthetic image folder, readers of a workdir's
+metrics, checkpoint steps and saved parameters, and the CPU matmul switch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import jax
 import numpy as np
 from PIL import Image
+
+from crossformer_jax import cpu_matmul
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = 3
@@ -21,6 +24,19 @@ CLASSES = 3
 # same flags, so runs still compare exactly. The model's numerics at the default optimization
 # level are what the parity tests check, in process.
 TRAIN_SUBPROCESS_XLA_FLAGS = '--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0'
+
+
+@contextlib.contextmanager
+def cpu_matmul_choice(monkeypatch, choice: str):
+    """$CROSSFORMER_CPU_MATMUL = choice inside the block, for code traced there; the environment
+    and the cached decision are restored on exit, so later code sees the real setting again."""
+    with monkeypatch.context() as patch:
+        patch.setenv(cpu_matmul.ENV_VAR, choice)
+        cpu_matmul.mkl_matmul_enabled.cache_clear()
+        try:
+            yield
+        finally:
+            cpu_matmul.mkl_matmul_enabled.cache_clear()
 
 
 def _write_image_folder(root: str, per_class: dict[str, int]) -> None:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import cpu_matmul_choice
 
 from crossformer_jax import cpu_matmul
 from crossformer_jax import crossformer as flax_crossformer
@@ -21,37 +22,24 @@ def require_mkl_matmul() -> None:
     assert cpu_matmul.mkl_matmul_enabled()
 
 
-# (M, K, N): row blocks, column blocks (N > M), one block, a split contraction (K >= 8 max(M, N)),
-# a long contraction too short to split, and sizes that do not divide into blocks evenly.
-SHAPES = [
-    (300, 40, 24),
-    (20, 33, 700),
-    (5, 7, 3),
-    (6, 2000, 13),
-    (2, 50, 3),
-    (129, 65, 64),
-    (1, 1, 1),
-]
+# (M, K, N): row blocks, column blocks (N > M), one block, a long contraction, and sizes that do
+# not divide into blocks evenly.
+SHAPES = [(300, 40, 24), (20, 33, 700), (5, 7, 3), (6, 2000, 13), (129, 65, 64), (1, 1, 1)]
 
 
 @pytest.mark.parametrize('shape', SHAPES)
-@pytest.mark.parametrize('transpose_a', [False, True])
-@pytest.mark.parametrize('transpose_b', [False, True])
-def test_mkl_matmul_equals_the_float64_product(shape, transpose_a, transpose_b):
+def test_mkl_matmul_equals_the_float64_product(shape):
     require_mkl_matmul()
     m, k, n = shape
     rng = np.random.default_rng(m * k + n)
-    a = rng.standard_normal((k, m) if transpose_a else (m, k)).astype(np.float32)
-    b = rng.standard_normal((n, k) if transpose_b else (k, n)).astype(np.float32)
-    product = jax.jit(
-        lambda a, b: cpu_matmul.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
-    )
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    product = jax.jit(cpu_matmul.matmul)
     found = np.asarray(product(a, b))
-    want = (a.T if transpose_a else a).astype(np.float64) @ (b.T if transpose_b else b)
+    want = a.astype(np.float64) @ b
     assert found.shape == (m, n) and found.dtype == np.float32
     np.testing.assert_allclose(found, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
-    hlo = product.lower(a, b).as_text()
-    assert cpu_matmul.TARGET_NAME in hlo
+    assert cpu_matmul.TARGET_NAME in product.lower(a, b).as_text()
 
 
 def test_matmul_uses_xla_for_other_dtypes_and_when_switched_off(monkeypatch):
@@ -60,28 +48,26 @@ def test_matmul_uses_xla_for_other_dtypes_and_when_switched_off(monkeypatch):
     assert cpu_matmul.TARGET_NAME not in jax.jit(cpu_matmul.matmul).lower(a, b).as_text()
     np.testing.assert_array_equal(cpu_matmul.matmul(a, b), np.full((4, 2), 3.0))
 
-    monkeypatch.setenv(cpu_matmul.ENV_VAR, 'xla')
-    cpu_matmul.mkl_matmul_enabled.cache_clear()
-    try:
+    with cpu_matmul_choice(monkeypatch, 'xla'):
         a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
         assert not cpu_matmul.mkl_matmul_enabled()
         hlo = jax.jit(cpu_matmul.matmul).lower(a32, b32).as_text()
         assert cpu_matmul.TARGET_NAME not in hlo
-        monkeypatch.setenv(cpu_matmul.ENV_VAR, 'fast')
-        cpu_matmul.mkl_matmul_enabled.cache_clear()
-        with pytest.raises(ValueError, match=r"must be auto, mkl or xla, found 'fast'"):
-            cpu_matmul.mkl_matmul_enabled()
-    finally:
-        cpu_matmul.mkl_matmul_enabled.cache_clear()
+    with (
+        cpu_matmul_choice(monkeypatch, 'fast'),
+        pytest.raises(ValueError, match=r"must be auto, mkl or xla, found 'fast'"),
+    ):
+        cpu_matmul.mkl_matmul_enabled()
 
 
 def test_matmul_rejects_operands_that_do_not_fit():
     with pytest.raises(ValueError, match=r'2-D operands, found shapes \(2, 3, 4\) and \(4, 5\)'):
         cpu_matmul.matmul(jnp.ones((2, 3, 4)), jnp.ones((4, 5)))
-    with pytest.raises(ValueError, match=r'contraction sizes differ: 3 .* and 4'):
+    with pytest.raises(
+        ValueError,
+        match=r'contraction sizes differ: a \(2, 3\) has 3 columns, b \(4, 5\) has 4 rows',
+    ):
         cpu_matmul.matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
-    with pytest.raises(ValueError, match=r'contraction sizes differ: 2 .*transpose_a=True'):
-        cpu_matmul.matmul(jnp.ones((2, 3)), jnp.ones((3, 5)), transpose_a=True)
 
 
 def test_linear_uses_mkl_only_when_not_differentiated():

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 import torch
+from helpers import cpu_matmul_choice
 
 import crossformer_jax.crossformer as flax_crossformer
-from crossformer_jax import cpu_matmul
 from crossformer_jax.compile_options import CPU_INFERENCE_OPTIONS, inference_compiler_options
 from crossformer_jax.convert import convert_torch_state_dict
 from crossformer_jax.crossformer import VARIANTS, create_model, group_layout
@@ -121,13 +121,9 @@ def test_inference_compiler_options_keep_parity(monkeypatch):
     check_close('crossformer_tiny logits 224, inference options', references, outputs)
     images = jax.ShapeDtypeStruct((BATCH, 224, 224, 3), np.float32)
     forward = lambda v, x: flax_model.apply(v, x)  # noqa: E731
-    monkeypatch.setenv(cpu_matmul.ENV_VAR, 'xla')
-    cpu_matmul.mkl_matmul_enabled.cache_clear()
-    try:
+    with cpu_matmul_choice(monkeypatch, 'xla'):
         default = jax.jit(forward).lower(variables, images).compile().as_text()
         unfused = jax.jit(forward, compiler_options=options).lower(variables, images).compile()
-    finally:
-        cpu_matmul.mkl_matmul_enabled.cache_clear()
     assert _fusions_with_dot_and_erf(default) > 0
     assert _fusions_with_dot_and_erf(unfused.as_text()) == 0
 
