@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossformer_jax.cpu_matmul import matmul
+from crossformer_jax import cpu_kernels
 
 # -------------------------------------------------------------------------------------------------
 # Registry of variants.
@@ -85,40 +85,9 @@ def conv_bias_init(fan_in: int):
     return init
 
 
-@jax.custom_vjp
-def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-    """LayerNorm over the last axis of float32 x (..., C) with scale and bias (C,)."""
-    return _normalize_fwd(x, scale, bias)[0]
-
-
-def _normalize_fwd(x, scale, bias):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centered = x - mean
-    rstd = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + LAYER_NORM_EPS)
-    return centered * rstd * scale + bias, (x, mean, rstd, scale)
-
-
-def _normalize_bwd(residuals, grad):
-    # The textbook LayerNorm gradient. XLA:CPU runs autodiff's version about 4x slower, as it
-    # materialises several broadcasts of the row statistics (tiny train step: -150 ms).
-    x, mean, rstd, scale = residuals
-    x_hat = (x - mean) * rstd
-    grad_hat = grad * scale
-    grad_x = rstd * (
-        grad_hat
-        - jnp.mean(grad_hat, axis=-1, keepdims=True)
-        - x_hat * jnp.mean(grad_hat * x_hat, axis=-1, keepdims=True)
-    )
-    axes = tuple(range(x.ndim - 1))
-    return grad_x, jnp.sum(grad * x_hat, axis=axes), jnp.sum(grad, axis=axes)
-
-
-_normalize.defvjp(_normalize_fwd, _normalize_bwd)
-
-
 class LayerNorm(nn.Module):
     """PyTorch's LayerNorm over the last axis (eps 1e-5, parameters 'scale' and 'bias' as in
-    nn.LayerNorm); statistics in float32, output in `dtype`."""
+    nn.LayerNorm); statistics in float32 (`cpu_kernels.layer_norm`), output in `dtype`."""
 
     dtype: Any = jnp.float32
 
@@ -126,7 +95,8 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), jnp.float32)
         bias = self.param('bias', nn.initializers.zeros, (x.shape[-1],), jnp.float32)
-        return _normalize(x.astype(jnp.float32), scale, bias).astype(self.dtype)
+        x = cpu_kernels.layer_norm(x.astype(jnp.float32), scale, bias, LAYER_NORM_EPS)
+        return x.astype(self.dtype)
 
 
 def layer_norm(name: str, dtype) -> LayerNorm:
@@ -137,11 +107,11 @@ def layer_norm(name: str, dtype) -> LayerNorm:
 def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """x (..., Cin) @ kernel (Cin, Cout) + bias (Cout,) -> (..., Cout).
 
-    Not differentiated (inference), the product is `cpu_matmul.matmul` over all tokens: MKL on
+    Not differentiated (inference), the product is `cpu_kernels.matmul` over all tokens: MKL on
     CPU, XLA's dot elsewhere.
     """
     x2 = x.reshape(-1, x.shape[-1])
-    return (matmul(x2, kernel) + bias).reshape(*x.shape[:-1], kernel.shape[-1])
+    return (cpu_kernels.matmul(x2, kernel) + bias).reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def _linear_fwd(x, kernel, bias):
@@ -237,25 +207,16 @@ class PatchConv(nn.Module):
         )
 
 
-def _conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        (stride, stride),
-        ((padding, padding), (padding, padding)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-    )
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def strided_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Convolution of x (N, H, W, Cin) with kernel (k, k, Cin, out), k a multiple of the stride;
-    the input gradient is computed by output phases (see `_strided_conv_bwd`)."""
-    return _conv_nhwc(x, kernel, stride, padding)
+    """Convolution of x (N, H, W, Cin) with kernel (k, k, Cin, out), k a multiple of the stride
+    (`cpu_kernels.conv`); the input gradient is computed by output phases (see
+    `_strided_conv_bwd`), the kernel gradient by `cpu_kernels.conv_kernel_gradient`."""
+    return cpu_kernels.conv(x, kernel, stride, padding)
 
 
 def _strided_conv_fwd(x, kernel, stride, padding):
-    return _conv_nhwc(x, kernel, stride, padding), (x, kernel)
+    return cpu_kernels.conv(x, kernel, stride, padding), (x, kernel)
 
 
 def _strided_conv_bwd(stride, padding, residuals, grad):
@@ -280,8 +241,7 @@ def _strided_conv_bwd(stride, padding, residuals, grad):
     padded = padded.transpose(0, 1, 3, 2, 4, 5)
     padded = padded.reshape(n, (ho + a - 1) * stride, (wo + a - 1) * stride, cin)
     grad_x = padded[:, padding : padding + h, padding : padding + w]
-    _, kernel_vjp = jax.vjp(lambda kernel: _conv_nhwc(x, kernel, stride, padding), kernel)
-    return grad_x, kernel_vjp(grad)[0]
+    return grad_x, cpu_kernels.conv_kernel_gradient(x, grad, k, stride, padding)
 
 
 strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
@@ -383,14 +343,14 @@ def ungroup_tokens(x: jax.Array, layout: GroupLayout) -> jax.Array:
 
 @functools.cache
 def padding_key_bias(height: int, width: int, layout: GroupLayout) -> np.ndarray | None:
-    """(groups, 1, 1, Gh*Gw) logit bias: MASKED_LOGIT on padded keys; None if nothing is padded."""
+    """(groups, Gh*Gw) logit bias: MASKED_LOGIT on padded keys; None if nothing is padded."""
     hp, wp = layout.padded
     if (hp, wp) == (height, width):
         return None
     valid = np.zeros((1, hp, wp, 1), np.float32)
     valid[:, :height, :width] = 1.0
     grouped = np.asarray(group_tokens(valid, layout))[0, :, :, 0]  # (groups, Gh*Gw)
-    return np.where(grouped > 0, 0.0, MASKED_LOGIT).astype(np.float32)[:, None, None, :]
+    return np.where(grouped > 0, 0.0, MASKED_LOGIT).astype(np.float32)
 
 
 @functools.cache
@@ -427,50 +387,9 @@ class DynamicPositionBias(nn.Module):
         return x
 
 
-@jax.custom_vjp
-def split_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(N, groups, T, 3, heads, hd) -> q, k, v, each head-major (N, groups, heads, T, hd)."""
-    return tuple(jnp.transpose(qkv, (3, 0, 1, 4, 2, 5)))
-
-
-def _split_qkv_fwd(qkv):
-    return split_qkv(qkv), None
-
-
-def _split_qkv_bwd(_, grads):
-    # The gradient stacks the three cotangents into one transpose. Autodiff's version pads each
-    # cotangent to the full (3, ...) shape and adds the three (tiny train step: ~8% of the time
-    # went to those pads, adds and the copies that read them).
-    return (jnp.transpose(jnp.stack(grads), (1, 2, 4, 0, 3, 5)),)
-
-
-split_qkv.defvjp(_split_qkv_fwd, _split_qkv_bwd)
-
-
-@jax.custom_vjp
-def softmax(x: jax.Array) -> jax.Array:
-    """Softmax over the last axis of x (..., K), as jax.nn.softmax."""
-    return _softmax_fwd(x)[0]
-
-
-def _softmax_fwd(x):
-    unnormalized = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-    y = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
-    return y, y
-
-
-def _softmax_bwd(y, grad):
-    # y * (g - sum(g * y)) from the saved output. Autodiff's gradient goes back through the
-    # division, for which XLA:CPU writes out the broadcast row sums at full attention size
-    # (16 x 64 x 3 x 49 x 49 at stage 0 of crossformer_small): train step 1.05x faster without.
-    return (y * (grad - jnp.sum(grad * y, axis=-1, keepdims=True)),)
-
-
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
 class GroupAttention(nn.Module):
-    """Multi-head self-attention inside each group, with the dynamic position bias."""
+    """Multi-head self-attention inside each group, with the dynamic position bias; the attention
+    itself is `cpu_kernels.group_attention` (custom calls on CPU, plain JAX elsewhere)."""
 
     dim: int
     num_heads: int
@@ -483,24 +402,18 @@ class GroupAttention(nn.Module):
     ) -> jax.Array:
         """x: (N, groups, T, C) with T = Gh*Gw -> (N, groups, T, C)."""
         n, g, t, c = x.shape
-        head_dim = self.dim // self.num_heads
-        qkv = dense(3 * self.dim, 'qkv', self.dtype)(x).reshape(
-            n, g, t, 3, self.num_heads, head_dim
-        )
-        # Head-major (N, groups, heads, T, hd) operands: XLA's batched matmuls are ~2x faster so.
-        q, k, v = split_qkv(qkv)
-        logits = jnp.einsum('nghqd,nghkd->nghqk', q * head_dim**-0.5, k)
-
+        qkv = dense(3 * self.dim, 'qkv', self.dtype)(x)  # (N, groups, T, 3, heads, hd) channels
         offsets, index = relative_offsets(*group)
         table = DynamicPositionBias((self.dim // 4) // 4, self.num_heads, name='pos')(offsets)
-        bias = jnp.transpose(table[index], (2, 0, 1))  # (heads, T, T)
-        logits = logits.astype(jnp.float32) + bias
-        if key_bias is not None:
-            logits = logits + key_bias  # (groups, 1, 1, T)
-        weights = softmax(logits).astype(self.dtype)
-        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not train)
-        out = jnp.einsum('nghqk,nghkd->nghqd', weights, v)
-        out = jnp.transpose(out, (0, 1, 3, 2, 4)).reshape(n, g, t, c)
+        position_bias = jnp.transpose(table[index], (2, 0, 1))  # (heads, T, T)
+        keep = None
+        if train and self.dropout_rate > 0.0:
+            keep_rate = 1.0 - self.dropout_rate
+            shape = (n * g, self.num_heads, t, t)
+            keep = jax.random.bernoulli(self.make_rng('dropout'), keep_rate, shape) / keep_rate
+        out = cpu_kernels.group_attention(
+            qkv.reshape(n * g, t, 3 * c), position_bias, key_bias, keep, self.num_heads
+        ).reshape(n, g, t, c)
         out = dense(self.dim, 'proj', self.dtype)(out)
         return nn.Dropout(self.dropout_rate)(out, deterministic=not train)
 

@@ -1,5 +1,6 @@
 """Helpers shared by the tests: random images, a synthetic image folder, readers of a workdir's
-metrics, checkpoint steps and saved parameters, and the CPU matmul switch."""
+metrics, checkpoint steps and saved parameters, the CPU kernels switch, and the plain-JAX group
+attention the kernels are checked against."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from crossformer_jax import cpu_matmul
+from crossformer_jax import cpu_kernels
+from crossformer_jax.crossformer import MASKED_LOGIT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = 3
@@ -27,16 +30,42 @@ TRAIN_SUBPROCESS_XLA_FLAGS = '--xla_cpu_multi_thread_eigen=false --xla_backend_o
 
 
 @contextlib.contextmanager
-def cpu_matmul_choice(monkeypatch, choice: str):
-    """$CROSSFORMER_CPU_MATMUL = choice inside the block, for code traced there; the environment
+def cpu_kernels_choice(monkeypatch, choice: str):
+    """$CROSSFORMER_CPU_KERNELS = choice inside the block, for code traced there; the environment
     and the cached decision are restored on exit, so later code sees the real setting again."""
     with monkeypatch.context() as patch:
-        patch.setenv(cpu_matmul.ENV_VAR, choice)
-        cpu_matmul.mkl_matmul_enabled.cache_clear()
+        patch.setenv(cpu_kernels.ENV_VAR, choice)
+        cpu_kernels.mkl_kernels_enabled.cache_clear()
         try:
             yield
         finally:
-            cpu_matmul.mkl_matmul_enabled.cache_clear()
+            cpu_kernels.mkl_kernels_enabled.cache_clear()
+
+
+def plain_group_attention(qkv, position_bias, key_bias, keep, num_heads):
+    """group_attention's definition in plain JAX (jax.nn.softmax, autodiff gradients)."""
+    b, t, c3 = qkv.shape
+    head_dim = c3 // 3 // num_heads
+    q, k, v = jnp.transpose(qkv.reshape(b, t, 3, num_heads, head_dim), (2, 0, 3, 1, 4))
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k) * head_dim**-0.5 + position_bias
+    if key_bias is not None:
+        logits = logits + jnp.tile(key_bias, (b // key_bias.shape[0], 1))[:, None, None, :]
+    weights = jax.nn.softmax(logits, axis=-1)
+    if keep is not None:
+        weights = weights * keep
+    out = jnp.einsum('bhqk,bhkd->bqhd', weights, v)
+    return out.reshape(b, t, c3 // 3)
+
+
+def attention_inputs(rng, groups=6, tokens=5, heads=2, head_dim=3, key_groups=3):
+    """qkv, position bias, a key bias that masks the last 2 keys of the last key-bias group (as
+    padding does) and a dropout keep (0 or 2), float64 NumPy arrays."""
+    qkv = rng.standard_normal((groups, tokens, 3 * heads * head_dim))
+    position_bias = rng.standard_normal((heads, tokens, tokens))
+    key_bias = np.zeros((key_groups, tokens))
+    key_bias[-1, -2:] = MASKED_LOGIT
+    keep = 2.0 * (rng.random((groups, heads, tokens, tokens)) < 0.5)
+    return qkv, position_bias, key_bias, keep
 
 
 def _write_image_folder(root: str, per_class: dict[str, int]) -> None:

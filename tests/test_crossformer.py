@@ -133,9 +133,9 @@ def test_padding_key_bias_masks_only_padded_keys():
     assert padding_key_bias(14, 14, GroupLayout((7, 7), 1, (14, 14))) is None
     layout = GroupLayout((7, 7), 1, (14, 7))
     bias = padding_key_bias(12, 7, layout)
-    assert bias.shape == (2, 1, 1, 49)
+    assert bias.shape == (2, 49)
     assert (bias[0] == 0).all()
-    assert (bias[1, 0, 0, :35] == 0).all() and (bias[1, 0, 0, 35:] == MASKED_LOGIT).all()
+    assert (bias[1, :35] == 0).all() and (bias[1, 35:] == MASKED_LOGIT).all()
 
 
 @pytest.fixture(scope='module')

@@ -1,6 +1,6 @@
 """Gradient parity: the whole backward pass of the Flax model against PyTorch autograd on the
 reference, parameter by parameter (float32, stochastic depth off), and `check_grads` in float64 on
-the hand-written VJPs (LayerNorm, the space-to-depth patch convolution, the q/k/v split, the
+the hand-written VJPs (LayerNorm, group attention, the space-to-depth patch convolution, the
 dense layers' `linear`).
 """
 
@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import attention_inputs, plain_group_attention
 from jax.test_util import check_grads
 
 import crossformer_jax.crossformer as flax_crossformer
+from crossformer_jax import cpu_kernels
 from crossformer_jax.convert import convert_torch_state_dict, flax_to_torch_state_dict
 from crossformer_jax.crossformer import PatchConv, create_model
 from crossformer_jax.torch_reference import create_torch_model, randomize_parameters
@@ -102,9 +104,10 @@ def test_gradients_match_torch(version):
     assert len(live) > 0.9 * len(expected), sorted(set(expected) - set(live))
 
 
-def dropped_term_layer_norm_bwd(residuals, grad):
+def dropped_term_layer_norm_bwd(eps, residuals, grad):
     """The LayerNorm gradient without the x_hat * mean(grad_hat * x_hat) term (a planted bug)."""
     x, mean, rstd, scale = residuals
+    mean, rstd = mean[..., None], rstd[..., None]
     x_hat = (x - mean) * rstd
     grad_hat = grad * scale
     grad_x = rstd * (grad_hat - jnp.mean(grad_hat, axis=-1, keepdims=True))
@@ -114,10 +117,15 @@ def dropped_term_layer_norm_bwd(residuals, grad):
 
 def plant_wrong_layer_norm_gradient(monkeypatch):
     wrong = jax.custom_vjp(
-        lambda x, scale, bias: flax_crossformer._normalize_fwd(x, scale, bias)[0]
+        lambda x, scale, bias, eps: cpu_kernels._layer_norm_fwd(x, scale, bias, eps)[0],
+        nondiff_argnums=(3,),
     )
-    wrong.defvjp(flax_crossformer._normalize_fwd, dropped_term_layer_norm_bwd)
-    monkeypatch.setattr(flax_crossformer, '_normalize', wrong)
+    wrong.defvjp(cpu_kernels._layer_norm_fwd, dropped_term_layer_norm_bwd)
+    monkeypatch.setattr(cpu_kernels, 'layer_norm', wrong)
+
+
+def layer_norm(x, scale, bias):
+    return cpu_kernels.layer_norm(x, scale, bias, flax_crossformer.LAYER_NORM_EPS)
 
 
 def test_planted_layer_norm_gradient_is_caught(monkeypatch):
@@ -140,7 +148,7 @@ def normalize_inputs(rng, rows=6, channels=5):
 def test_layer_norm_vjp_passes_check_grads():
     with jax.enable_x64(True):
         inputs = normalize_inputs(np.random.default_rng(0))
-        check_grads(flax_crossformer._normalize, inputs, order=1, modes=['rev'])
+        check_grads(layer_norm, inputs, order=1, modes=['rev'])
 
 
 def test_planted_layer_norm_vjp_fails_check_grads(monkeypatch):
@@ -148,7 +156,7 @@ def test_planted_layer_norm_vjp_fails_check_grads(monkeypatch):
     with jax.enable_x64(True):
         inputs = normalize_inputs(np.random.default_rng(0))
         with pytest.raises(AssertionError):
-            check_grads(flax_crossformer._normalize, inputs, order=1, modes=['rev'])
+            check_grads(layer_norm, inputs, order=1, modes=['rev'])
 
 
 @pytest.mark.parametrize('kernel', [2, 4])
@@ -185,54 +193,36 @@ def test_patch_conv_matches_convolution_and_passes_check_grads(kernel):
         check_grads(patch_conv, args, order=1, modes=['rev'])
 
 
-def test_split_qkv_gradient_equals_autodiff_and_passes_check_grads():
-    """split_qkv's hand-written VJP (one stacked transpose) = autodiff of the plain transpose, also
-    when only some of q, k, v reach the output (the others get zero cotangents)."""
-
-    def plain_split(qkv):
-        return tuple(jnp.transpose(qkv, (3, 0, 1, 4, 2, 5)))
-
+@pytest.mark.parametrize('options', ['plain', 'key_bias_and_dropout'])
+def test_group_attention_equals_autodiff_of_the_plain_formula_and_passes_check_grads(options):
+    """group_attention's formulas and hand-written VJP (softmax gradient from the saved output, one
+    stacked transpose for d_qkv, the position bias gradient summed over groups) = plain JAX with
+    autodiff, in float64 (the path other dtypes and accelerators take)."""
     with jax.enable_x64(True):
-        rng = np.random.default_rng(0)
-        qkv = jnp.asarray(rng.standard_normal((2, 3, 5, 3, 2, 4)), jnp.float64)  # N g T 3 h hd
-        for split in (flax_crossformer.split_qkv, plain_split):
-            for found, want in zip(split(qkv), plain_split(qkv)):
-                np.testing.assert_array_equal(found, want)
+        inputs = attention_inputs(np.random.default_rng(0))
+        qkv, position_bias, key_bias, keep = (jnp.asarray(a, jnp.float64) for a in inputs)
+        if options == 'plain':
+            key_bias = keep = None
 
-        def attention_like(split, qkv):
-            q, k, v = split(qkv)
-            return jnp.sum(jnp.einsum('nghqd,nghkd->nghqk', q, k) ** 2) + jnp.sum(jnp.sin(v))
+        def attention(function, qkv, position_bias):
+            return function(qkv, position_bias, key_bias, keep, 2)
 
-        def q_only(split, qkv):
-            return jnp.sum(split(qkv)[0] ** 3)
-
-        for loss in (attention_like, q_only):
-            found = jax.grad(functools.partial(loss, flax_crossformer.split_qkv))(qkv)
-            want = jax.grad(functools.partial(loss, plain_split))(qkv)
-            np.testing.assert_allclose(found, want, rtol=1e-12, atol=1e-12)
-        check_grads(flax_crossformer.split_qkv, (qkv,), order=1, modes=['rev'])
-
-
-def test_softmax_equals_jax_softmax_in_value_and_gradient_and_passes_check_grads():
-    """The attention softmax's hand-written VJP (from the saved output) = autodiff of
-    jax.nn.softmax, with masked-like logits (-1e6) in some rows."""
-    with jax.enable_x64(True):
-        rng = np.random.default_rng(0)
-        logits = rng.standard_normal((2, 3, 5, 7))
-        logits[0, 1, :, 4:] = -1e6  # padded keys, as the padding mask adds them
-        logits = jnp.asarray(logits, jnp.float64)
-        weights = rng.standard_normal(logits.shape)
-        np.testing.assert_allclose(
-            flax_crossformer.softmax(logits), jax.nn.softmax(logits, axis=-1), rtol=1e-14
+        found = attention(cpu_kernels.group_attention, qkv, position_bias)
+        want = attention(plain_group_attention, qkv, position_bias)
+        np.testing.assert_allclose(found, want, rtol=1e-12, atol=1e-12)
+        cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape))
+        grads = jax.vjp(
+            functools.partial(attention, cpu_kernels.group_attention), qkv, position_bias
         )
-
-        def loss(softmax, x):
-            return jnp.sum(jnp.sin(softmax(x) * weights))
-
-        found = jax.grad(functools.partial(loss, flax_crossformer.softmax))(logits)
-        want = jax.grad(functools.partial(loss, lambda x: jax.nn.softmax(x, axis=-1)))(logits)
-        np.testing.assert_allclose(found, want, rtol=1e-12, atol=1e-14)
-        check_grads(flax_crossformer.softmax, (logits[1],), order=1, modes=['rev'])
+        expected = jax.vjp(functools.partial(attention, plain_group_attention), qkv, position_bias)
+        for found, want in zip(grads[1](cotangent), expected[1](cotangent)):
+            np.testing.assert_allclose(found, want, rtol=1e-10, atol=1e-12)
+        check_grads(
+            functools.partial(attention, cpu_kernels.group_attention),
+            (qkv, position_bias),
+            order=1,
+            modes=['rev'],
+        )
 
 
 def test_linear_equals_autodiff_of_the_plain_product_and_passes_check_grads():

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from helpers import cpu_matmul_choice
+from helpers import cpu_kernels_choice
 
 import crossformer_jax.crossformer as flax_crossformer
 from crossformer_jax.compile_options import CPU_INFERENCE_OPTIONS, inference_compiler_options
@@ -121,7 +121,7 @@ def test_inference_compiler_options_keep_parity(monkeypatch):
     check_close('crossformer_tiny logits 224, inference options', references, outputs)
     images = jax.ShapeDtypeStruct((BATCH, 224, 224, 3), np.float32)
     forward = lambda v, x: flax_model.apply(v, x)  # noqa: E731
-    with cpu_matmul_choice(monkeypatch, 'xla'):
+    with cpu_kernels_choice(monkeypatch, 'xla'):
         default = jax.jit(forward).lower(variables, images).compile().as_text()
         unfused = jax.jit(forward, compiler_options=options).lower(variables, images).compile()
     assert _fusions_with_dot_and_erf(default) > 0
