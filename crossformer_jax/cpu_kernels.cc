@@ -8,6 +8,9 @@
 //   from the first product to the second; the forward pass reads q, k and v straight from the qkv
 //   layer's output (B, T, 3, heads, head_dim) and writes (B, T, heads, head_dim), so no transposes
 //   to head-major operands are needed either way.
+// - CrossformerLayerNormForward / CrossformerLayerNormBackward: LayerNorm over rows, one pass each.
+// - CrossformerConvForward / CrossformerConvKernelGradient: a strided, zero-padded convolution
+//   and its kernel gradient, as products over tiles of gathered patches.
 //
 // Built and loaded by crossformer_jax/cpu_kernels.py, which also hands over MKL's functions
 // (crossformer_set_mkl) before the handlers are registered.
@@ -320,7 +323,7 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
       const float* g = grad_data + b * t * c + h * dim;
       float* dq = d_qkv_data + b * t * 3 * c + h * dim;
       const float* weights = p;
-      const float* multiplier = keep_data + pair * tt;
+      const float* multiplier = s.dropout ? keep_data + pair * tt : nullptr;
       if (s.dropout) {
         float* dropped = scratch.data() + tt;
         for (int64_t i = 0; i < tt; ++i) dropped[i] = p[i] * multiplier[i];

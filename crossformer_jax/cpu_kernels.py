@@ -476,12 +476,13 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
     (N, Ho, Wo, Cout). On CPU in float32 a custom call (patches of 128 output pixels gathered
     into a buffer, then an MKL product), else XLA's convolution. Not differentiable by itself:
     `crossformer.strided_conv` defines its gradient, with `conv_kernel_gradient`."""
-    k, _, cin, cout = kernel.shape
-    if x.ndim != 4 or x.shape[-1] != cin or kernel.shape[1] != k:
+    square_kernel = kernel.ndim == 4 and kernel.shape[0] == kernel.shape[1]
+    if x.ndim != 4 or not square_kernel or x.shape[-1] != kernel.shape[2]:
         raise ValueError(
             f'conv takes x (N, H, W, Cin) and kernel (k, k, Cin, Cout), found {x.shape} and '
             f'{kernel.shape}'
         )
+    k, _, _, cout = kernel.shape
     if not (_use_kernels(x) and kernel.dtype == jnp.float32):
         return _xla_conv(x, kernel, stride, padding)
 
