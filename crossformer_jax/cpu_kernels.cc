@@ -91,6 +91,30 @@ int64_t TaskCount(ffi::ThreadPool& pool, int64_t work) {
   return std::clamp<int64_t>(work, 1, 4 * std::max<int64_t>(pool.num_threads(), 1));
 }
 
+// `total` items cut into `count` contiguous ranges [begin(task), end(task)) of per_task items
+// (the last may be shorter).
+struct TaskRanges {
+  int64_t total, per_task, count;
+  int64_t begin(int64_t task) const { return task * per_task; }
+  int64_t end(int64_t task) const { return std::min(total, (task + 1) * per_task); }
+};
+
+// Ranges of `total` items for at most max_tasks tasks.
+TaskRanges SplitRanges(int64_t total, int64_t max_tasks) {
+  const int64_t per_task =
+      std::max<int64_t>((total + max_tasks - 1) / std::max<int64_t>(max_tasks, 1), 1);
+  return {total, per_task, (total + per_task - 1) / per_task};
+}
+
+// out (size) = the sum of per-task partial sums partials (count, size), added in task order, so
+// the result is the same in every run with the same thread count.
+void SumPartials(const float* partials, int64_t count, int64_t size, float* out) {
+  std::fill(out, out + size, 0.0f);
+  for (int64_t task = 0; task < count; ++task) {
+    for (int64_t i = 0; i < size; ++i) out[i] += partials[task * size + i];
+  }
+}
+
 template <typename B>
 int64_t Count(const B& buffer) {
   return static_cast<int64_t>(buffer.element_count());
@@ -128,11 +152,9 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
   // Blocks of output rows when there are more rows than columns, else of columns.
   const bool split_rows = m >= n;
   const int64_t extent = split_rows ? m : n;
-  const int64_t count = TaskCount(pool, extent / kMinBlock);
-  const int64_t size = (extent + count - 1) / count;
-  ParallelFor(pool, (extent + size - 1) / size, [=](int64_t block) {
-    const int64_t begin = block * size;
-    const int64_t end = std::min(begin + size, extent);
+  const TaskRanges blocks = SplitRanges(extent, TaskCount(pool, extent / kMinBlock));
+  ParallelFor(pool, blocks.count, [=](int64_t block) {
+    const int64_t begin = blocks.begin(block), end = blocks.end(block);
     const int rows = static_cast<int>(split_rows ? end - begin : m);
     const int cols = static_cast<int>(split_rows ? n : end - begin);
     const float* a_block = split_rows ? a_data + begin * k : a_data;
@@ -184,15 +206,6 @@ bool IsProbsShape(ffi::Span<const int64_t> probs, const AttentionShape& s) {
          probs[2] == s.tokens && probs[3] == s.tokens;
 }
 
-// (pair, pair + count) of B * heads (group, head) pairs for each of `count` tasks.
-struct PairRange {
-  int64_t per_task, total;
-  int64_t begin(int64_t task) const { return task * per_task; }
-  int64_t end(int64_t task) const { return std::min(total, (task + 1) * per_task); }
-};
-
-PairRange SplitPairs(int64_t total, int64_t tasks) { return {(total + tasks - 1) / tasks, total}; }
-
 // out (B, T, C) = softmax(scale q k^T + position_bias + key_bias) (* keep) @ v, per group and head,
 // with q, k, v the three thirds of qkv (B, T, 3C); probs (B, heads, T, T) receives the softmax
 // (before keep) unless it is empty.
@@ -224,9 +237,9 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   const float* keep_data = keep.typed_data();
   float* out_data = out->typed_data();
   float* probs_data = probs->typed_data();
-  const int64_t count = TaskCount(pool, s.groups * heads);
-  const PairRange pairs = SplitPairs(s.groups * heads, count);
-  ParallelFor(pool, count, [=](int64_t task) {
+  // Ranges of the B * heads (group, head) pairs.
+  const TaskRanges pairs = SplitRanges(s.groups * heads, TaskCount(pool, s.groups * heads));
+  ParallelFor(pool, pairs.count, [=](int64_t task) {
     std::vector<float> scratch((save_probs ? 0 : tt) + (s.dropout ? tt : 0));
     for (int64_t pair = pairs.begin(task); pair < pairs.end(task); ++pair) {
       const int64_t b = pair / heads, h = pair % heads;
@@ -306,11 +319,11 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   const float* grad_data = grad.typed_data();
   float* d_qkv_data = d_qkv->typed_data();
   float* d_bias_data = d_position_bias->typed_data();
-  const int64_t count = TaskCount(pool, s.groups * heads);
-  const PairRange pairs = SplitPairs(s.groups * heads, count);
-  std::vector<float> partial_sums(count * bias_size, 0.0f);
+  // Ranges of the B * heads (group, head) pairs.
+  const TaskRanges pairs = SplitRanges(s.groups * heads, TaskCount(pool, s.groups * heads));
+  std::vector<float> partial_sums(pairs.count * bias_size, 0.0f);
   float* partial_data = partial_sums.data();
-  ParallelFor(pool, count, [=](int64_t task) {
+  ParallelFor(pool, pairs.count, [=](int64_t task) {
     std::vector<float> scratch(s.dropout ? 2 * tt : tt);
     float* d_logits = scratch.data();
     float* partial = partial_data + task * bias_size;
@@ -355,11 +368,7 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
            3 * c);
     }
   });
-  std::fill(d_bias_data, d_bias_data + bias_size, 0.0f);
-  for (int64_t task = 0; task < count; ++task) {
-    const float* partial = partial_data + task * bias_size;
-    for (int64_t i = 0; i < bias_size; ++i) d_bias_data[i] += partial[i];
-  }
+  SumPartials(partial_data, pairs.count, bias_size, d_bias_data);
   return ffi::Error::Success();
 }
 
@@ -387,11 +396,9 @@ ffi::Error LayerNormForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* y_data = y->typed_data();
   float* mean_data = mean->typed_data();
   float* rstd_data = rstd->typed_data();
-  const int64_t count = TaskCount(pool, rows / kMinRows);
-  const int64_t per_task = (rows + count - 1) / count;
-  ParallelFor(pool, (rows + per_task - 1) / per_task, [=](int64_t task) {
-    const int64_t end = std::min(rows, (task + 1) * per_task);
-    for (int64_t r = task * per_task; r < end; ++r) {
+  const TaskRanges ranges = SplitRanges(rows, TaskCount(pool, rows / kMinRows));
+  ParallelFor(pool, ranges.count, [=](int64_t task) {
+    for (int64_t r = ranges.begin(task); r < ranges.end(task); ++r) {
       const float* row = x_data + r * c;
       float* out = y_data + r * c;
       float sum = 0.0f;
@@ -439,16 +446,13 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* scale_data = scale.typed_data();
   const float* grad_data = grad.typed_data();
   float* d_x_data = d_x->typed_data();
-  const int64_t count = TaskCount(pool, rows / kMinRows);
-  const int64_t per_task = (rows + count - 1) / count;
-  const int64_t tasks = (rows + per_task - 1) / per_task;
-  std::vector<float> partial_sums(tasks * 2 * c, 0.0f);
+  const TaskRanges ranges = SplitRanges(rows, TaskCount(pool, rows / kMinRows));
+  std::vector<float> partial_sums(ranges.count * 2 * c, 0.0f);
   float* partial_data = partial_sums.data();
-  ParallelFor(pool, tasks, [=](int64_t task) {
+  ParallelFor(pool, ranges.count, [=](int64_t task) {
     float* partial_scale = partial_data + task * 2 * c;
     float* partial_bias = partial_scale + c;
-    const int64_t end = std::min(rows, (task + 1) * per_task);
-    for (int64_t r = task * per_task; r < end; ++r) {
+    for (int64_t r = ranges.begin(task); r < ranges.end(task); ++r) {
       const float* row = x_data + r * c;
       const float* g = grad_data + r * c;
       float* out = d_x_data + r * c;
@@ -472,13 +476,10 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       }
     }
   });
-  for (int64_t task = 0; task < tasks; ++task) {
-    const float* partial = partial_data + task * 2 * c;
-    for (int64_t j = 0; j < c; ++j) {
-      d_scale_data[j] += partial[j];
-      d_bias_data[j] += partial[c + j];
-    }
-  }
+  std::vector<float> sums(2 * c);  // d_scale, d_bias
+  SumPartials(partial_data, ranges.count, 2 * c, sums.data());
+  std::copy(sums.begin(), sums.begin() + c, d_scale_data);
+  std::copy(sums.begin() + c, sums.end(), d_bias_data);
   return ffi::Error::Success();
 }
 
@@ -556,11 +557,10 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* kernel_data = kernel.typed_data();
   float* out_data = out->typed_data();
   const int64_t tiles = (s.pixels() + kTilePixels - 1) / kTilePixels;
-  const int64_t count = TaskCount(pool, tiles);
-  const int64_t per_task = (tiles + count - 1) / count;
-  ParallelFor(pool, (tiles + per_task - 1) / per_task, [=](int64_t task) {
+  const TaskRanges ranges = SplitRanges(tiles, TaskCount(pool, tiles));
+  ParallelFor(pool, ranges.count, [=](int64_t task) {
     std::vector<float> patches(kTilePixels * s.patch());
-    for (int64_t tile = task * per_task; tile < std::min(tiles, (task + 1) * per_task); ++tile) {
+    for (int64_t tile = ranges.begin(task); tile < ranges.end(task); ++tile) {
       const int64_t first = tile * kTilePixels;
       const int64_t pixels = std::min(kTilePixels, s.pixels() - first);
       GatherPatches(x_data, s, first, pixels, patches.data());
@@ -597,14 +597,12 @@ ffi::Error ConvKernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t size = s.patch() * s.cout;
   const int64_t tiles = (s.pixels() + kTilePixels - 1) / kTilePixels;
   // One task per thread: each holds a whole partial kernel gradient.
-  const int64_t count = std::clamp<int64_t>(tiles, 1, std::max<int64_t>(pool.num_threads(), 1));
-  const int64_t per_task = (tiles + count - 1) / count;
-  const int64_t tasks = (tiles + per_task - 1) / per_task;
-  std::vector<float> partial_sums(tasks * size, 0.0f);
+  const TaskRanges ranges = SplitRanges(tiles, std::max<int64_t>(pool.num_threads(), 1));
+  std::vector<float> partial_sums(ranges.count * size, 0.0f);
   float* partial_data = partial_sums.data();
-  ParallelFor(pool, tasks, [=](int64_t task) {
+  ParallelFor(pool, ranges.count, [=](int64_t task) {
     std::vector<float> patches(kTilePixels * s.patch());
-    for (int64_t tile = task * per_task; tile < std::min(tiles, (task + 1) * per_task); ++tile) {
+    for (int64_t tile = ranges.begin(task); tile < ranges.end(task); ++tile) {
       const int64_t first = tile * kTilePixels;
       const int64_t pixels = std::min(kTilePixels, s.pixels() - first);
       GatherPatches(x_data, s, first, pixels, patches.data());
@@ -614,11 +612,7 @@ ffi::Error ConvKernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
            partial_data + task * size, static_cast<int>(s.cout));
     }
   });
-  std::copy(partial_data, partial_data + size, d_kernel_data);
-  for (int64_t task = 1; task < tasks; ++task) {
-    const float* partial = partial_data + task * size;
-    for (int64_t i = 0; i < size; ++i) d_kernel_data[i] += partial[i];
-  }
+  SumPartials(partial_data, ranges.count, size, d_kernel_data);
   return ffi::Error::Success();
 }
 

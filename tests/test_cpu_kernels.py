@@ -275,3 +275,13 @@ def test_conv_rejects_bad_operands():
         cpu_kernels.conv(jnp.ones((1, 8, 8, 3)), jnp.ones((4, 4, 2, 5)), 2, 1)
     with pytest.raises(ValueError, match=r'grad \(1, 3, 3, 5\) does not fit x \(1, 8, 8, 3\)'):
         cpu_kernels.conv_kernel_gradient(jnp.ones((1, 8, 8, 3)), jnp.ones((1, 3, 3, 5)), 4, 2, 1)
+
+
+def test_conv_kernels_take_an_empty_batch():
+    require_mkl_kernels()
+    x = np.zeros((0, 8, 8, 3), np.float32)
+    kernel = np.ones((4, 4, 3, 5), np.float32)
+    out = jax.jit(functools.partial(cpu_kernels.conv, stride=2, padding=1))(x, kernel)
+    assert out.shape == (0, 4, 4, 5)
+    gradient = cpu_kernels.conv_kernel_gradient(x, np.zeros((0, 4, 4, 5), np.float32), 4, 2, 1)
+    np.testing.assert_array_equal(gradient, np.zeros((4, 4, 3, 5)))
