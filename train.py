@@ -3,6 +3,7 @@
     python train.py --config configs/crossformer_tiny.py --workdir runs/tiny \
         [--config.batch_size=256 ...] [--mode train|evaluate|throughput]
         [--multihost | --coordinator_address=HOST:PORT --num_processes=N --process_id=I]
+        [--host_malloc=auto|keep|default]
 
 train:      trains from scratch, from config.init_from, or resumes from WORKDIR's checkpoints;
             writes WORKDIR/config.json, TensorBoard logs and checkpoints.
@@ -10,6 +11,9 @@ evaluate:   top-1 / top-5 / loss (segmentation: mIoU / aAcc / mAcc) on the valid
             WORKDIR's best (or latest) checkpoint, or from a converted checkpoint directory given
             as --config.init_from.
 throughput: images per second of the jit-compiled forward pass.
+
+--host_malloc: on a CPU run (auto) glibc keeps freed host memory for reuse, so that XLA:CPU's
+per-step temporary buffer is not faulted in again every step (crossformer_jax/host_memory.py).
 
 Exit codes: 0 on success and after a preemption (SIGTERM; the checkpoint is saved, rerun to
 resume), 1 when the loss becomes NaN/inf (nothing is saved after it), 2 for a bad configuration.
@@ -28,7 +32,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from crossformer_jax import distributed
+from crossformer_jax import distributed, host_memory
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -60,6 +64,14 @@ flags.DEFINE_integer(
     'abort (several processes only).',
     lower_bound=1,
 )
+flags.DEFINE_enum(
+    'host_malloc',
+    'auto',
+    ['auto', 'keep', 'default'],
+    'keep: glibc keeps freed host memory for reuse, so that XLA:CPU does not fault its temporary '
+    "buffer in again every step (crossformer_jax/host_memory.py); default: glibc's behaviour; "
+    'auto: keep when JAX will run on the CPU.',
+)
 flags.mark_flags_as_required(['config'])
 
 
@@ -77,6 +89,9 @@ def main(argv):
         raise app.UsageError('--workdir is required for --mode train')
 
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    # Before any JAX backend or thread exists: the setting binds the threads created after it.
+    if FLAGS.host_malloc == 'keep' or (FLAGS.host_malloc == 'auto' and host_memory.runs_on_cpu()):
+        host_memory.keep_freed_memory()
     try:
         setup = distributed.resolve_setup(
             FLAGS.coordinator_address,

@@ -41,6 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--overrides', default=None, help='JSON dict of model overrides')
+    parser.add_argument(
+        '--malloc',
+        choices=('keep', 'default'),
+        default='keep',
+        help='keep: glibc keeps freed memory for reuse (crossformer_jax.host_memory); default: '
+        "glibc's own behaviour",
+    )
     return parser.parse_args(argv)
 
 
@@ -101,6 +108,10 @@ def _leaves(tree):
 def main(argv=None) -> None:
     args = parse_args(argv)
     cpus = pin_to_cpus(args.threads)
+    if args.malloc == 'keep':
+        from crossformer_jax.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # before JAX starts its backend: see crossformer_jax/host_memory.py
     overrides = json.loads(args.overrides) if args.overrides else {}
 
     import jax
@@ -128,7 +139,7 @@ def main(argv=None) -> None:
     )
     print(
         f'{args.model} {args.mode} batch {args.batch} {args.image_size}px, {len(cpus)} threads, '
-        f'{args.rounds} rounds; A = {args.a}, B = {args.b}'
+        f'{args.rounds} rounds, malloc {args.malloc}; A = {args.a}, B = {args.b}'
     )
     for side in 'AB':
         print(

@@ -51,6 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help='JSON dict of model overrides (e.g. a tiny config for tests), given to both models',
     )
+    parser.add_argument(
+        '--malloc',
+        choices=('keep', 'default'),
+        default='keep',
+        help='keep: glibc keeps freed memory for reuse (crossformer_jax.host_memory), for both '
+        "sides; default: glibc's own behaviour",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f'--rounds must be >= 1, found {args.rounds}')
@@ -227,6 +234,10 @@ def fmt(s: dict[str, float]) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cpus = pin_to_cpus(args.threads)  # before JAX and torch create their thread pools
+    if args.malloc == 'keep':
+        from crossformer_jax.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # for both frameworks: see crossformer_jax/host_memory.py
     overrides = json.loads(args.overrides) if args.overrides else {}
     modes = MODES if args.mode == 'both' else (args.mode,)
 
@@ -237,7 +248,8 @@ def main(argv=None) -> None:
     torch.set_num_interop_threads(1)
     print(
         f'{args.image_size}x{args.image_size} float32, {len(cpus)} threads (CPUs {cpus}), '
-        f'{args.rounds} rounds alternating Flax and PyTorch, jax {jax.__version__}, '
+        f'{args.rounds} rounds alternating Flax and PyTorch, malloc {args.malloc}, '
+        f'jax {jax.__version__}, '
         f'torch {torch.__version__}, {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}'
     )
     header = (
