@@ -24,7 +24,15 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cpu_benchmark import flax_forward, fmt, interleave, pin_to_cpus, summarize
+from cpu_benchmark import (
+    add_malloc_argument,
+    flax_forward,
+    fmt,
+    interleave,
+    pin_to_cpus,
+    set_malloc,
+    summarize,
+)
 
 MODEL_FILE = 'crossformer_jax/crossformer.py'
 
@@ -41,13 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--overrides', default=None, help='JSON dict of model overrides')
-    parser.add_argument(
-        '--malloc',
-        choices=('keep', 'default'),
-        default='keep',
-        help='keep: glibc keeps freed memory for reuse (crossformer_jax.host_memory); default: '
-        "glibc's own behaviour",
-    )
+    add_malloc_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -108,10 +110,7 @@ def _leaves(tree):
 def main(argv=None) -> None:
     args = parse_args(argv)
     cpus = pin_to_cpus(args.threads)
-    if args.malloc == 'keep':
-        from crossformer_jax.host_memory import keep_freed_memory
-
-        keep_freed_memory()  # before JAX starts its backend: see crossformer_jax/host_memory.py
+    set_malloc(args.malloc)
     overrides = json.loads(args.overrides) if args.overrides else {}
 
     import jax

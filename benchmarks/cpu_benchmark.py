@@ -51,6 +51,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help='JSON dict of model overrides (e.g. a tiny config for tests), given to both models',
     )
+    add_malloc_argument(parser)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f'--rounds must be >= 1, found {args.rounds}')
+    return args
+
+
+def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--malloc',
         choices=('keep', 'default'),
@@ -58,10 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='keep: glibc keeps freed memory for reuse (crossformer_jax.host_memory), for both '
         "sides; default: glibc's own behaviour",
     )
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f'--rounds must be >= 1, found {args.rounds}')
-    return args
+
+
+def set_malloc(choice: str) -> None:
+    """Applies --malloc; call before JAX or torch starts (see crossformer_jax/host_memory.py)."""
+    if choice == 'keep':
+        from crossformer_jax.host_memory import keep_freed_memory
+
+        keep_freed_memory()
 
 
 def pin_to_cpus(threads: int) -> list[int]:
@@ -234,10 +246,7 @@ def fmt(s: dict[str, float]) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cpus = pin_to_cpus(args.threads)  # before JAX and torch create their thread pools
-    if args.malloc == 'keep':
-        from crossformer_jax.host_memory import keep_freed_memory
-
-        keep_freed_memory()  # for both frameworks: see crossformer_jax/host_memory.py
+    set_malloc(args.malloc)  # for both frameworks
     overrides = json.loads(args.overrides) if args.overrides else {}
     modes = MODES if args.mode == 'both' else (args.mode,)
 

@@ -19,7 +19,6 @@ glibc's default.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.metadata
 import importlib.util
 import logging
@@ -40,13 +39,12 @@ _SETTINGS = (
 def keep_freed_memory() -> bool:
     """Makes glibc's malloc keep freed memory for reuse; True if it was set, False where the C
     library is not glibc (nothing changes then)."""
-    name = ctypes.util.find_library('c')
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the symbols already loaded into the process, its C library's
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
-    except (OSError, AttributeError, TypeError):
-        logging.info('host_memory: the C library (%s) is not glibc; malloc left as it is', name)
+    except (OSError, AttributeError):
+        logging.info('host_memory: the C library is not glibc; malloc left as it is')
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
