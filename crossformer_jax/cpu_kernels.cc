@@ -537,6 +537,23 @@ void GatherPatches(const float* x, const ConvShape& s, int64_t first, int64_t co
   }
 }
 
+// Convolutions with fewer output channels than kMinWideOutput and patches of at least
+// kMinLongPatch inputs (the 16x16 and 32x32 embeddings) compute their products transposed, with
+// the pixels as the long side of the result: MKL's sgemm runs (Cout, pixels) = kernel^T @
+// patches^T at 1.3-2.8x the speed of (pixels, Cout) = patches @ kernel there, but slower for the
+// short patches of the 4x4 and 8x8 embeddings (benchmarks/README.md, "Thin convolutions").
+constexpr int64_t kMinWideOutput = 64;
+constexpr int64_t kMinLongPatch = 512;
+
+bool IsThin(const ConvShape& s) { return s.cout < kMinWideOutput && s.patch() >= kMinLongPatch; }
+
+// (rows, cols) row-major -> (cols, rows) row-major.
+void Transpose(const float* in, int64_t rows, int64_t cols, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = in[r * cols + c];
+  }
+}
+
 // out = conv(x, kernel): per tile of output pixels, the gathered patches @ kernel (k*k*Cin, Cout).
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                        int64_t stride, int64_t padding, ffi::ResultBuffer<ffi::F32> out) {
@@ -556,25 +573,36 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* x_data = x.typed_data();
   const float* kernel_data = kernel.typed_data();
   float* out_data = out->typed_data();
+  const bool thin = IsThin(s);
+  std::vector<float> kernel_t(thin ? s.patch() * s.cout : 0);  // (Cout, k*k*Cin)
+  if (thin) Transpose(kernel_data, s.patch(), s.cout, kernel_t.data());
+  const float* kernel_t_data = kernel_t.data();
   const int64_t tiles = (s.pixels() + kTilePixels - 1) / kTilePixels;
   const TaskRanges ranges = SplitRanges(tiles, TaskCount(pool, tiles));
   ParallelFor(pool, ranges.count, [=](int64_t task) {
     std::vector<float> patches(kTilePixels * s.patch());
+    std::vector<float> out_t(thin ? kTilePixels * s.cout : 0);  // (Cout, pixels)
     for (int64_t tile = ranges.begin(task); tile < ranges.end(task); ++tile) {
       const int64_t first = tile * kTilePixels;
-      const int64_t pixels = std::min(kTilePixels, s.pixels() - first);
+      const int pixels = static_cast<int>(std::min(kTilePixels, s.pixels() - first));
+      const int patch = static_cast<int>(s.patch()), cout = static_cast<int>(s.cout);
       GatherPatches(x_data, s, first, pixels, patches.data());
-      gemm(kRowMajor, kNoTrans, kNoTrans, static_cast<int>(pixels), static_cast<int>(s.cout),
-           static_cast<int>(s.patch()), 1.0f, patches.data(), static_cast<int>(s.patch()),
-           kernel_data, static_cast<int>(s.cout), 0.0f, out_data + first * s.cout,
-           static_cast<int>(s.cout));
+      if (thin) {
+        gemm(kRowMajor, kNoTrans, kTrans, cout, pixels, patch, 1.0f, kernel_t_data, patch,
+             patches.data(), patch, 0.0f, out_t.data(), pixels);
+        Transpose(out_t.data(), cout, pixels, out_data + first * s.cout);
+      } else {
+        gemm(kRowMajor, kNoTrans, kNoTrans, pixels, cout, patch, 1.0f, patches.data(), patch,
+             kernel_data, cout, 0.0f, out_data + first * s.cout, cout);
+      }
     }
   });
   return ffi::Error::Success();
 }
 
 // d_kernel (k, k, Cin, Cout) = sum over output pixels of patch^T grad: per task a partial sum over
-// its tiles (patches^T @ grad tile), then the partial sums in task order.
+// its tiles (patches^T @ grad tile, or its transpose grad^T @ patches for thin outputs), then the
+// partial sums in task order.
 ffi::Error ConvKernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> grad, int64_t stride, int64_t padding,
                               ffi::ResultBuffer<ffi::F32> d_kernel) {
@@ -594,9 +622,10 @@ ffi::Error ConvKernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* x_data = x.typed_data();
   const float* grad_data = grad.typed_data();
   float* d_kernel_data = d_kernel->typed_data();
+  const bool thin = IsThin(s);
   const int64_t size = s.patch() * s.cout;
   const int64_t tiles = (s.pixels() + kTilePixels - 1) / kTilePixels;
-  // One task per thread: each holds a whole partial kernel gradient.
+  // One task per thread: each holds a whole partial kernel gradient ((Cout, k*k*Cin) when thin).
   const TaskRanges ranges = SplitRanges(tiles, std::max<int64_t>(pool.num_threads(), 1));
   std::vector<float> partial_sums(ranges.count * size, 0.0f);
   float* partial_data = partial_sums.data();
@@ -604,15 +633,25 @@ ffi::Error ConvKernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::vector<float> patches(kTilePixels * s.patch());
     for (int64_t tile = ranges.begin(task); tile < ranges.end(task); ++tile) {
       const int64_t first = tile * kTilePixels;
-      const int64_t pixels = std::min(kTilePixels, s.pixels() - first);
+      const int pixels = static_cast<int>(std::min(kTilePixels, s.pixels() - first));
+      const int patch = static_cast<int>(s.patch()), cout = static_cast<int>(s.cout);
       GatherPatches(x_data, s, first, pixels, patches.data());
-      gemm(kRowMajor, kTrans, kNoTrans, static_cast<int>(s.patch()), static_cast<int>(s.cout),
-           static_cast<int>(pixels), 1.0f, patches.data(), static_cast<int>(s.patch()),
-           grad_data + first * s.cout, static_cast<int>(s.cout), 1.0f,
-           partial_data + task * size, static_cast<int>(s.cout));
+      if (thin) {
+        gemm(kRowMajor, kTrans, kNoTrans, cout, patch, pixels, 1.0f, grad_data + first * s.cout,
+             cout, patches.data(), patch, 1.0f, partial_data + task * size, patch);
+      } else {
+        gemm(kRowMajor, kTrans, kNoTrans, patch, cout, pixels, 1.0f, patches.data(), patch,
+             grad_data + first * s.cout, cout, 1.0f, partial_data + task * size, cout);
+      }
     }
   });
-  SumPartials(partial_data, ranges.count, size, d_kernel_data);
+  if (thin) {
+    std::vector<float> d_kernel_t(size);
+    SumPartials(partial_data, ranges.count, size, d_kernel_t.data());
+    Transpose(d_kernel_t.data(), s.cout, s.patch(), d_kernel_data);
+  } else {
+    SumPartials(partial_data, ranges.count, size, d_kernel_data);
+  }
   return ffi::Error::Success();
 }
 

@@ -8,6 +8,8 @@
 - `group_attention`: softmax attention inside groups, forward and backward, one (group, head)
   pair at a time, reading q, k, v from the qkv layer's output in place (no head-major transposes).
 - `layer_norm`: LayerNorm forward and backward in one pass over each row.
+- `conv`, `conv_kernel_gradient`: the strided convolutions of the cross-scale embeddings, as MKL
+  products over tiles of gathered patches (transposed for few output channels and long patches).
 
 Each has the same formulas in plain JAX, used for other dtypes, on GPU/TPU and without MKL; the
 tests check one against the other.
@@ -77,14 +79,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR, default))
 
 
-def build_extension() -> Path:
-    """Compiles cpu_kernels.cc (once per source, jaxlib version and compiler) and returns the .so.
+def build_extension(source_file: Path = SOURCE) -> Path:
+    """Compiles cpu_kernels.cc, or another version of it (benchmarks/conv_benchmark.py), once per
+    source, jaxlib version and compiler, and returns the .so.
 
     The library is written to a temporary name and renamed into place, so processes that build at
     the same time never load a partial file.
     """
     compiler = os.environ.get('CXX', 'c++')
-    source = SOURCE.read_bytes()
+    source = source_file.read_bytes()
     key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()
     library = cache_dir() / f'cpu_kernels-{key[:16]}.so'
     if library.exists():
@@ -101,7 +104,7 @@ def build_extension() -> Path:
         '-fPIC',
         '-w',
         f'-I{jax.ffi.include_dir()}',
-        str(SOURCE),
+        str(source_file),
         '-o',
         str(partial),
     ]
@@ -113,19 +116,25 @@ def build_extension() -> Path:
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
         raise CpuKernelsUnavailable(
-            f'compiling {SOURCE.name} failed ({" ".join(command)}):\n{result.stderr[-2000:]}'
+            f'compiling {source_file} failed ({" ".join(command)}):\n{result.stderr[-2000:]}'
         )
     os.replace(partial, library)
     return library
 
 
 @functools.cache
-def _load() -> None:
-    """Loads MKL and the extension and registers the FFI target; raises CpuKernelsUnavailable."""
+def _mkl() -> ctypes.CDLL:
     mkl = ctypes.CDLL(str(find_mkl_runtime()))
     mkl.MKL_Set_Threading_Layer.restype = ctypes.c_int
     mkl.MKL_Set_Threading_Layer(MKL_SEQUENTIAL)  # threads are XLA's; before MKL's first call
-    extension = ctypes.CDLL(str(build_extension()))
+    return mkl
+
+
+def register_extension(library: Path, suffix: str = '') -> None:
+    """Loads a built extension, hands it MKL's functions and registers its FFI targets, each under
+    its name + suffix (a suffix lets a second version sit beside the first, for benchmarks)."""
+    mkl = _mkl()
+    extension = ctypes.CDLL(str(library))
     extension.crossformer_set_mkl(
         ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p), ctypes.cast(mkl.vsExp, ctypes.c_void_p)
     )
@@ -138,7 +147,13 @@ def _load() -> None:
         (CONV_FORWARD, extension.CrossformerConvForward),
         (CONV_KERNEL_GRADIENT, extension.CrossformerConvKernelGradient),
     ):
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
+        jax.ffi.register_ffi_target(target + suffix, jax.ffi.pycapsule(handler), platform='cpu')
+
+
+@functools.cache
+def _load() -> None:
+    """Loads MKL and the extension and registers the FFI targets; raises CpuKernelsUnavailable."""
+    register_extension(build_extension())
 
 
 @functools.cache

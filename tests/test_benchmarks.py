@@ -240,3 +240,49 @@ def test_matmul_benchmark_tiny_prints_every_product(tmp_path):
     rows = json.loads((tmp_path / 'rows.json').read_text())['rows']
     assert len(rows) == 4 * 4 * 3
     assert all(row['xla']['median'] > 0 and row['pytorch']['median'] > 0 for row in rows)
+
+
+def test_conv_benchmark_shapes_follow_the_variant():
+    import jax.numpy as jnp
+
+    from benchmarks.conv_benchmark import conv_shapes
+    from crossformer_jax.crossformer import create_model
+
+    images = jnp.zeros((2, 224, 224, 3), jnp.float32)
+    # crossformer_small: the first embedding's overlapping kernels (the 4x4 one is a patch
+    # product), then each merge's 4x4 kernel, stride 2 (its 2x2 one is a patch product).
+    assert conv_shapes(create_model('crossformer_small'), images) == [
+        ((2, 224, 224, 3), (8, 8, 3, 24), 4, 2),
+        ((2, 224, 224, 3), (16, 16, 3, 12), 4, 6),
+        ((2, 224, 224, 3), (32, 32, 3, 12), 4, 14),
+        ((2, 56, 56, 96), (4, 4, 96, 96), 2, 1),
+        ((2, 28, 28, 192), (4, 4, 192, 192), 2, 1),
+        ((2, 14, 14, 384), (4, 4, 384, 384), 2, 1),
+    ]
+
+
+@pytest.mark.timeout(300)
+def test_conv_benchmark_against_the_same_source():
+    out = run_script(
+        [
+            'benchmarks/conv_benchmark.py',
+            '--against',
+            'crossformer_jax/cpu_kernels.cc',
+            '--batch',
+            '1',
+            '--image-size',
+            '64',
+            *INTERLEAVED_SMOKE,
+        ]
+    )
+    span = rf'{NUMBER} \[{NUMBER}-{NUMBER}\]x'
+    rows = re.findall(
+        rf'^\(.*\)\s+\d+\s+\d+\s+(forward|kgrad)\s+{NUMBER}\s+{NUMBER}\s+{span}'
+        r'\s+(\S+)$',
+        out,
+        re.MULTILINE,
+    )
+    # The tiny config's embedding (8x8, 16x16, 32x32 kernels) and three merges, two passes each;
+    # the same source gives the same numbers.
+    assert len(rows) == 12, out
+    assert all(float(difference) == 0.0 for _, difference in rows), out

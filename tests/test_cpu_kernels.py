@@ -229,13 +229,18 @@ def test_layer_norm_rejects_bad_operands_and_uses_xla_when_switched_off(monkeypa
 
 
 # (x shape, features, kernel, stride, padding): a merge (k = 2s), the stride-4 embeddings with
-# 3 input channels, sizes that leave a partial last tile and clipped patches, no padding.
+# 3 input channels, sizes that leave clipped patches, no padding; the thin products (few
+# features, long patches: the 16x16 and 32x32 embeddings) over more than one 128-pixel tile with
+# a partial last one; and wide outputs (>= 64 features) with short and with long patches.
 CONV_CASES = [
     ((2, 12, 10, 8), 6, 4, 2, 1),
     ((1, 32, 32, 3), 5, 8, 4, 2),
     ((1, 32, 28, 3), 4, 16, 4, 6),
+    ((2, 40, 36, 3), 12, 32, 4, 14),
     ((3, 13, 9, 5), 7, 6, 2, 2),
     ((2, 9, 9, 4), 3, 3, 3, 0),
+    ((1, 10, 10, 16), 64, 4, 2, 1),
+    ((2, 9, 9, 40), 70, 4, 2, 1),
 ]
 
 
