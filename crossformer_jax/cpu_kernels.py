@@ -2,9 +2,11 @@
 
 - `matmul`: a @ b with MKL's single-threaded cblas_sgemm on blocks of output rows (or columns)
   shared out over XLA's own intra-op thread pool, so no second thread pool competes with XLA's.
-  XLA:CPU's YNNPACK and Eigen products run CrossFormer's dense layers at 0.4-0.9x MKL's speed
-  (benchmarks/README.md, "Matmuls"); `crossformer.linear` uses it when it is not differentiated
-  (inference), as XLA fuses a train step's elementwise work into its own dots.
+  On Intel CPUs XLA:CPU's YNNPACK and Eigen products run CrossFormer's dense layers at 0.4-0.9x
+  MKL's speed (benchmarks/README.md, "Matmuls"); on other CPUs MKL takes its generic path and
+  XLA's dot is the faster, so `matmul` is XLA's dot there. `crossformer.linear` uses it when it
+  is not differentiated (inference), as XLA fuses a train step's elementwise work into its own
+  dots.
 - `group_attention`: softmax attention inside groups, forward and backward, one (group, head)
   pair at a time, reading q, k, v from the qkv layer's output in place (no head-major transposes).
 - `layer_norm`: LayerNorm forward and backward in one pass over each row.
@@ -178,6 +180,28 @@ def mkl_kernels_enabled() -> bool:
     return True
 
 
+@functools.cache
+def cpu_vendor(cpuinfo: str = '/proc/cpuinfo') -> str:
+    """The CPU vendor ('GenuineIntel', 'AuthenticAMD', ...) from `cpuinfo`'s vendor_id line, or ''
+    where there is none (not Linux, not x86)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() == 'vendor_id':
+                    return value.strip()
+    except OSError:
+        pass
+    return ''
+
+
+def mkl_matmul_enabled() -> bool:
+    """Whether `matmul` runs float32 products on MKL: the custom calls are on and the CPU is
+    Intel's. On the AMD EPYC VMs MKL reports its generic code path and whole-model inference ran
+    1.03-1.08x faster on XLA's dots (benchmarks/README.md, "MKL matmuls off Intel")."""
+    return mkl_kernels_enabled() and cpu_vendor() == 'GenuineIntel'
+
+
 def _mkl_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     call = jax.ffi.ffi_call(
         MATMUL_TARGET,
@@ -188,7 +212,8 @@ def _mkl_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a (M, K) @ b (K, N) -> (M, N): the MKL custom call for float32 on CPU, else XLA's dot."""
+    """a (M, K) @ b (K, N) -> (M, N): the MKL custom call for float32 on an Intel CPU
+    (`mkl_matmul_enabled`), else XLA's dot."""
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f'matmul takes 2-D operands, found shapes {a.shape} and {b.shape}')
     if a.shape[1] != b.shape[0]:
@@ -196,7 +221,7 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
             f'matmul contraction sizes differ: a {a.shape} has {a.shape[1]} columns, '
             f'b {b.shape} has {b.shape[0]} rows'
         )
-    if a.dtype != jnp.float32 or b.dtype != jnp.float32 or not mkl_kernels_enabled():
+    if a.dtype != jnp.float32 or b.dtype != jnp.float32 or not mkl_matmul_enabled():
         return a @ b
     return jax.lax.platform_dependent(a, b, cpu=_mkl_matmul, default=jnp.matmul)
 

@@ -108,7 +108,7 @@ def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """x (..., Cin) @ kernel (Cin, Cout) + bias (Cout,) -> (..., Cout).
 
     Not differentiated (inference), the product is `cpu_kernels.matmul` over all tokens: MKL on
-    CPU, XLA's dot elsewhere.
+    an Intel CPU, XLA's dot elsewhere.
     """
     x2 = x.reshape(-1, x.shape[-1])
     return (cpu_kernels.matmul(x2, kernel) + bias).reshape(*x.shape[:-1], kernel.shape[-1])

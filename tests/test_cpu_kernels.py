@@ -30,9 +30,15 @@ def require_mkl_kernels() -> None:
 SHAPES = [(300, 40, 24), (20, 33, 700), (5, 7, 3), (6, 2000, 13), (129, 65, 64), (1, 1, 1)]
 
 
+def on_cpu_of(monkeypatch, vendor: str) -> None:
+    """Makes `cpu_kernels` see a CPU of this vendor, for code traced afterwards in the test."""
+    monkeypatch.setattr(cpu_kernels, 'cpu_vendor', lambda cpuinfo='/proc/cpuinfo': vendor)
+
+
 @pytest.mark.parametrize('shape', SHAPES)
-def test_mkl_matmul_equals_the_float64_product(shape):
+def test_mkl_matmul_equals_the_float64_product(shape, monkeypatch):
     require_mkl_kernels()
+    on_cpu_of(monkeypatch, 'GenuineIntel')
     m, k, n = shape
     rng = np.random.default_rng(m * k + n)
     a = rng.standard_normal((m, k)).astype(np.float32)
@@ -63,6 +69,30 @@ def test_matmul_uses_xla_for_other_dtypes_and_when_switched_off(monkeypatch):
         cpu_kernels.mkl_kernels_enabled()
 
 
+def test_matmul_is_xla_dot_off_intel(monkeypatch):
+    require_mkl_kernels()
+    a = np.arange(12, dtype=np.float32).reshape(4, 3)
+    b = np.ones((3, 2), np.float32)
+    for vendor in ('AuthenticAMD', ''):
+        on_cpu_of(monkeypatch, vendor)
+        assert not cpu_kernels.mkl_matmul_enabled()
+        hlo = jax.jit(cpu_kernels.matmul).lower(a, b).as_text()
+        assert cpu_kernels.MATMUL_TARGET not in hlo and 'dot' in hlo
+        np.testing.assert_array_equal(cpu_kernels.matmul(a, b), a @ b)
+    on_cpu_of(monkeypatch, 'GenuineIntel')
+    assert cpu_kernels.mkl_matmul_enabled()
+
+
+def test_cpu_vendor_reads_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text('processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n')
+    assert cpu_kernels.cpu_vendor(str(cpuinfo)) == 'AuthenticAMD'
+    arm = tmp_path / 'arm'
+    arm.write_text('processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n')
+    assert cpu_kernels.cpu_vendor(str(arm)) == ''
+    assert cpu_kernels.cpu_vendor(str(tmp_path / 'missing')) == ''
+
+
 def test_matmul_rejects_operands_that_do_not_fit():
     with pytest.raises(ValueError, match=r'2-D operands, found shapes \(2, 3, 4\) and \(4, 5\)'):
         cpu_kernels.matmul(jnp.ones((2, 3, 4)), jnp.ones((4, 5)))
@@ -73,11 +103,12 @@ def test_matmul_rejects_operands_that_do_not_fit():
         cpu_kernels.matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
 
 
-def test_linear_uses_mkl_only_when_not_differentiated():
-    """Inference: `linear` through the custom call, against the float64 layer, also under vmap.
-    Differentiated (a train step), every product is an XLA dot and the gradients match float64
-    autodiff."""
+def test_linear_uses_mkl_only_when_not_differentiated(monkeypatch):
+    """Inference on an Intel CPU: `linear` through the custom call, against the float64 layer,
+    also under vmap. Differentiated (a train step), every product is an XLA dot and the gradients
+    match float64 autodiff."""
     require_mkl_kernels()
+    on_cpu_of(monkeypatch, 'GenuineIntel')
     rng = np.random.default_rng(0)
     shapes = ((2, 3, 50, 16), (16, 24), (24,))
     args = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -115,7 +146,9 @@ def test_build_reuses_the_cached_library_and_reports_a_missing_compiler(tmp_path
     with pytest.raises(cpu_kernels.CpuKernelsUnavailable, match='no C\\+\\+ compiler .*no-such'):
         cpu_kernels.build_extension()
     monkeypatch.setenv('CXX', 'false')  # a "compiler" that fails
-    with pytest.raises(cpu_kernels.CpuKernelsUnavailable, match='compiling cpu_kernels.cc failed'):
+    with pytest.raises(
+        cpu_kernels.CpuKernelsUnavailable, match='compiling .*cpu_kernels.cc failed'
+    ):
         cpu_kernels.build_extension()
     assert [p.name for p in tmp_path.iterdir()] == [library.name]
 
