@@ -537,20 +537,202 @@ void GatherPatches(const float* x, const ConvShape& s, int64_t first, int64_t co
   }
 }
 
-// Convolutions with fewer output channels than kMinWideOutput and patches of at least
-// kMinLongPatch inputs (the 16x16 and 32x32 embeddings) compute their products transposed, with
-// the pixels as the long side of the result: MKL's sgemm runs (Cout, pixels) = kernel^T @
-// patches^T at 1.3-2.8x the speed of (pixels, Cout) = patches @ kernel there, but slower for the
-// short patches of the 4x4 and 8x8 embeddings (benchmarks/README.md, "Thin convolutions").
+// Convolutions with fewer output channels than this use the block products below when their
+// kernel is a multiple of the stride.
 constexpr int64_t kMinWideOutput = 64;
-constexpr int64_t kMinLongPatch = 512;
 
-bool IsThin(const ConvShape& s) { return s.cout < kMinWideOutput && s.patch() >= kMinLongPatch; }
+// Convolutions whose kernel is m >= 2 strides wide and that have few output channels (the 8x8,
+// 16x16 and 32x32 embeddings) are computed on stride x stride blocks of the input instead of on
+// gathered patches: with x' the input cut into blocks of s x s pixels (cb = s*s*Cin values each,
+// starting `lead` = padding % s zero rows and columns before the input), the kernel cut alike
+// into m x m blocks W'[i, j] (cb, Cout), and z = x' @ W' for every block of x' and all (i, j) at
+// once, out[oh, ow] = sum over i, j of z[oh - first + i, ow - first + j][i, j] (first = padding /
+// s). The products have the m*m*Cout columns of W' (768 for the 32x32 kernel with 12 outputs)
+// instead of Cout: MKL runs them at 77-90 GFLOP/s a thread on an AMD EPYC, the thin patch
+// products at 19-36 (benchmarks/README.md, "Thin convolutions").
+struct BlockShape {
+  int64_t m, lead, first, hb, wb, cb, zc;  // zc = m*m*Cout: the columns of W' and z
+};
 
-// (rows, cols) row-major -> (cols, rows) row-major.
-void Transpose(const float* in, int64_t rows, int64_t cols, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = in[r * cols + c];
+bool UsesBlocks(const ConvShape& s) {
+  return s.cout < kMinWideOutput && s.k % s.stride == 0 && s.k / s.stride >= 2;
+}
+
+BlockShape Blocks(const ConvShape& s) {
+  const int64_t m = s.k / s.stride, lead = s.pad % s.stride;
+  return {m,
+          lead,
+          s.pad / s.stride,
+          (s.h + lead + s.stride - 1) / s.stride,
+          (s.w + lead + s.stride - 1) / s.stride,
+          s.stride * s.stride * s.cin,
+          m * m * s.cout};
+}
+
+// Block rows of x' per product: about kTilePixels blocks.
+int64_t BlockRowsPerTile(const BlockShape& b) { return std::max<int64_t>(1, kTilePixels / b.wb); }
+
+// Writes block rows [q0, q1) of image n of x' into blocks ((q1 - q0) * wb, cb): block (q, bw)
+// holds x[n, q*s + a - lead, bw*s + c - lead, :] at (a, c), zeros outside x.
+void GatherBlocks(const float* x, const ConvShape& s, const BlockShape& b, int64_t n, int64_t q0,
+                  int64_t q1, float* blocks) {
+  const int64_t strip = s.stride * s.cin;  // one block's row: s pixels
+  for (int64_t q = q0; q < q1; ++q) {
+    for (int64_t a = 0; a < s.stride; ++a) {
+      const int64_t ih = q * s.stride + a - b.lead;
+      for (int64_t bw = 0; bw < b.wb; ++bw) {
+        float* out = blocks + ((q - q0) * b.wb + bw) * b.cb + a * strip;
+        const int64_t w0 = bw * s.stride - b.lead;
+        const int64_t lo = std::clamp<int64_t>(-w0, 0, s.stride);  // valid pixels [lo, hi)
+        const int64_t hi = std::clamp<int64_t>(s.w - w0, lo, s.stride);
+        if (ih < 0 || ih >= s.h) {
+          std::fill(out, out + strip, 0.0f);
+          continue;
+        }
+        const float* in = x + ((n * s.h + ih) * s.w + w0 + lo) * s.cin;
+        std::fill(out, out + lo * s.cin, 0.0f);
+        std::copy(in, in + (hi - lo) * s.cin, out + lo * s.cin);
+        std::fill(out + hi * s.cin, out + strip, 0.0f);
+      }
+    }
+  }
+}
+
+// The index of kernel value (i*s + a, j*s + c, ci, co) in W' (cb, zc). The columns run over j
+// backwards, so that the m column blocks (i, m-1) ... (i, 0) of a block at (q, bw) meet the output
+// pixels (q + first - i, bw + first - m + 1) ... (q + first - i, bw + first), in a row and in
+// order: each is one contiguous run of m*Cout values on both sides.
+int64_t BlockKernelIndex(const ConvShape& s, const BlockShape& b, int64_t kh, int64_t kw,
+                         int64_t ci, int64_t co) {
+  const int64_t row = ((kh % s.stride) * s.stride + kw % s.stride) * s.cin + ci;
+  const int64_t col = ((kh / s.stride) * b.m + (b.m - 1 - kw / s.stride)) * s.cout + co;
+  return row * b.zc + col;
+}
+
+// The run of output pixels that the block in column bw reaches: [ow0 + lo, ow0 + hi) in an output
+// row, from column blocks lo ... hi-1 of one kernel row i of z (ow0 = bw + first - m + 1).
+struct PixelRun {
+  int64_t ow0, lo, hi;
+};
+
+PixelRun RunOf(const ConvShape& s, const BlockShape& b, int64_t bw) {
+  const int64_t ow0 = bw + b.first - b.m + 1;
+  const int64_t lo = std::clamp<int64_t>(-ow0, 0, b.m);
+  return {ow0, lo, std::clamp<int64_t>(s.wo - ow0, lo, b.m)};
+}
+
+// out = conv(x, kernel) from the blocks of x: per task one image, or a range of its output rows
+// when there are fewer images than threads (the block rows at the range's edges are then
+// multiplied by both neighbouring tasks).
+void BlockConvForward(ffi::ThreadPool& pool, Sgemm gemm, const float* x, const float* kernel,
+                      const ConvShape& s, float* out) {
+  const BlockShape b = Blocks(s);
+  std::vector<float> kernel_blocks(b.cb * b.zc);  // W' (cb, zc)
+  for (int64_t kh = 0; kh < s.k; ++kh) {
+    for (int64_t kw = 0; kw < s.k; ++kw) {
+      for (int64_t ci = 0; ci < s.cin; ++ci) {
+        for (int64_t co = 0; co < s.cout; ++co) {
+          kernel_blocks[BlockKernelIndex(s, b, kh, kw, ci, co)] =
+              kernel[((kh * s.k + kw) * s.cin + ci) * s.cout + co];
+        }
+      }
+    }
+  }
+  const float* w = kernel_blocks.data();
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t chunks = std::clamp<int64_t>((threads + s.n - 1) / std::max<int64_t>(s.n, 1), 1,
+                                             std::max<int64_t>(s.ho, 1));
+  const int64_t rows_per_tile = BlockRowsPerTile(b);
+  const int64_t pixel = s.cout, row = s.wo * s.cout;
+  ParallelFor(pool, s.n * chunks, [=](int64_t task) {
+    const int64_t n = task / chunks, chunk = task % chunks;
+    const int64_t o0 = chunk * s.ho / chunks, o1 = (chunk + 1) * s.ho / chunks;
+    float* image = out + n * s.ho * row;
+    std::fill(image + o0 * row, image + o1 * row, 0.0f);
+    // Block rows that reach output rows [o0, o1): q = oh - first + i, 0 <= i < m.
+    const int64_t q_begin = std::max<int64_t>(0, o0 - b.first);
+    const int64_t q_end = std::min<int64_t>(b.hb, o1 - b.first + b.m - 1);
+    std::vector<float> blocks(rows_per_tile * b.wb * b.cb), z(rows_per_tile * b.wb * b.zc);
+    for (int64_t q0 = q_begin; q0 < q_end; q0 += rows_per_tile) {
+      const int64_t q1 = std::min(q_end, q0 + rows_per_tile);
+      GatherBlocks(x, s, b, n, q0, q1, blocks.data());
+      gemm(kRowMajor, kNoTrans, kNoTrans, static_cast<int>((q1 - q0) * b.wb),
+           static_cast<int>(b.zc), static_cast<int>(b.cb), 1.0f, blocks.data(),
+           static_cast<int>(b.cb), w, static_cast<int>(b.zc), 0.0f, z.data(),
+           static_cast<int>(b.zc));
+      for (int64_t q = q0; q < q1; ++q) {
+        for (int64_t i = 0; i < b.m; ++i) {
+          const int64_t oh = q + b.first - i;
+          if (oh < o0 || oh >= o1) continue;
+          for (int64_t bw = 0; bw < b.wb; ++bw) {
+            const PixelRun run = RunOf(s, b, bw);
+            const float* from = z.data() + ((q - q0) * b.wb + bw) * b.zc +
+                                (i * b.m + run.lo) * s.cout;
+            float* to = image + oh * row + (run.ow0 + run.lo) * pixel;
+            const int64_t count = (run.hi - run.lo) * s.cout;
+#pragma omp simd
+            for (int64_t c = 0; c < count; ++c) to[c] += from[c];
+          }
+        }
+      }
+    }
+  });
+}
+
+// d_kernel from the blocks of x: d_W' (cb, zc) = sum over blocks of x'^T g', g'[(q, bw), (i, j)]
+// = grad[q + first - i, bw + first - j] (zeros outside grad), per task a partial sum over tiles
+// of (image, block rows), then the partial sums in task order.
+void BlockConvKernelGradient(ffi::ThreadPool& pool, Sgemm gemm, const float* x, const float* grad,
+                             const ConvShape& s, float* d_kernel) {
+  const BlockShape b = Blocks(s);
+  const int64_t rows_per_tile = BlockRowsPerTile(b);
+  const int64_t tiles_per_image = (b.hb + rows_per_tile - 1) / rows_per_tile;
+  const int64_t size = b.cb * b.zc;
+  const TaskRanges ranges =
+      SplitRanges(s.n * tiles_per_image, std::max<int64_t>(pool.num_threads(), 1));
+  std::vector<float> partial_sums(ranges.count * size, 0.0f);
+  float* partial_data = partial_sums.data();
+  ParallelFor(pool, ranges.count, [=](int64_t task) {
+    std::vector<float> blocks(rows_per_tile * b.wb * b.cb), g(rows_per_tile * b.wb * b.zc);
+    for (int64_t tile = ranges.begin(task); tile < ranges.end(task); ++tile) {
+      const int64_t n = tile / tiles_per_image;
+      const int64_t q0 = tile % tiles_per_image * rows_per_tile;
+      const int64_t q1 = std::min(b.hb, q0 + rows_per_tile);
+      GatherBlocks(x, s, b, n, q0, q1, blocks.data());
+      for (int64_t q = q0; q < q1; ++q) {
+        for (int64_t bw = 0; bw < b.wb; ++bw) {
+          const PixelRun run = RunOf(s, b, bw);
+          for (int64_t i = 0; i < b.m; ++i) {
+            const int64_t oh = q + b.first - i;
+            float* to = g.data() + ((q - q0) * b.wb + bw) * b.zc + i * b.m * s.cout;
+            if (oh < 0 || oh >= s.ho) {
+              std::fill(to, to + b.m * s.cout, 0.0f);
+              continue;
+            }
+            const float* from = grad + ((n * s.ho + oh) * s.wo + run.ow0 + run.lo) * s.cout;
+            std::fill(to, to + run.lo * s.cout, 0.0f);
+            std::copy(from, from + (run.hi - run.lo) * s.cout, to + run.lo * s.cout);
+            std::fill(to + run.hi * s.cout, to + b.m * s.cout, 0.0f);
+          }
+        }
+      }
+      gemm(kRowMajor, kTrans, kNoTrans, static_cast<int>(b.cb), static_cast<int>(b.zc),
+           static_cast<int>((q1 - q0) * b.wb), 1.0f, blocks.data(), static_cast<int>(b.cb),
+           g.data(), static_cast<int>(b.zc), 1.0f, partial_data + task * size,
+           static_cast<int>(b.zc));
+    }
+  });
+  std::vector<float> d_kernel_blocks(size);
+  SumPartials(partial_data, ranges.count, size, d_kernel_blocks.data());
+  for (int64_t kh = 0; kh < s.k; ++kh) {
+    for (int64_t kw = 0; kw < s.k; ++kw) {
+      for (int64_t ci = 0; ci < s.cin; ++ci) {
+        for (int64_t co = 0; co < s.cout; ++co) {
+          d_kernel[((kh * s.k + kw) * s.cin + ci) * s.cout + co] =
+              d_kernel_blocks[BlockKernelIndex(s, b, kh, kw, ci, co)];
+        }
+      }
+    }
   }
 }
 
@@ -573,36 +755,29 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* x_data = x.typed_data();
   const float* kernel_data = kernel.typed_data();
   float* out_data = out->typed_data();
-  const bool thin = IsThin(s);
-  std::vector<float> kernel_t(thin ? s.patch() * s.cout : 0);  // (Cout, k*k*Cin)
-  if (thin) Transpose(kernel_data, s.patch(), s.cout, kernel_t.data());
-  const float* kernel_t_data = kernel_t.data();
+  if (UsesBlocks(s)) {
+    BlockConvForward(pool, gemm, x_data, kernel_data, s, out_data);
+    return ffi::Error::Success();
+  }
   const int64_t tiles = (s.pixels() + kTilePixels - 1) / kTilePixels;
   const TaskRanges ranges = SplitRanges(tiles, TaskCount(pool, tiles));
   ParallelFor(pool, ranges.count, [=](int64_t task) {
     std::vector<float> patches(kTilePixels * s.patch());
-    std::vector<float> out_t(thin ? kTilePixels * s.cout : 0);  // (Cout, pixels)
     for (int64_t tile = ranges.begin(task); tile < ranges.end(task); ++tile) {
       const int64_t first = tile * kTilePixels;
-      const int pixels = static_cast<int>(std::min(kTilePixels, s.pixels() - first));
-      const int patch = static_cast<int>(s.patch()), cout = static_cast<int>(s.cout);
+      const int64_t pixels = std::min(kTilePixels, s.pixels() - first);
       GatherPatches(x_data, s, first, pixels, patches.data());
-      if (thin) {
-        gemm(kRowMajor, kNoTrans, kTrans, cout, pixels, patch, 1.0f, kernel_t_data, patch,
-             patches.data(), patch, 0.0f, out_t.data(), pixels);
-        Transpose(out_t.data(), cout, pixels, out_data + first * s.cout);
-      } else {
-        gemm(kRowMajor, kNoTrans, kNoTrans, pixels, cout, patch, 1.0f, patches.data(), patch,
-             kernel_data, cout, 0.0f, out_data + first * s.cout, cout);
-      }
+      gemm(kRowMajor, kNoTrans, kNoTrans, static_cast<int>(pixels), static_cast<int>(s.cout),
+           static_cast<int>(s.patch()), 1.0f, patches.data(), static_cast<int>(s.patch()),
+           kernel_data, static_cast<int>(s.cout), 0.0f, out_data + first * s.cout,
+           static_cast<int>(s.cout));
     }
   });
   return ffi::Error::Success();
 }
 
 // d_kernel (k, k, Cin, Cout) = sum over output pixels of patch^T grad: per task a partial sum over
-// its tiles (patches^T @ grad tile, or its transpose grad^T @ patches for thin outputs), then the
-// partial sums in task order.
+// its tiles (patches^T @ grad tile), then the partial sums in task order.
 ffi::Error ConvKernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> grad, int64_t stride, int64_t padding,
                               ffi::ResultBuffer<ffi::F32> d_kernel) {
@@ -622,10 +797,13 @@ ffi::Error ConvKernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* x_data = x.typed_data();
   const float* grad_data = grad.typed_data();
   float* d_kernel_data = d_kernel->typed_data();
-  const bool thin = IsThin(s);
+  if (UsesBlocks(s)) {
+    BlockConvKernelGradient(pool, gemm, x_data, grad_data, s, d_kernel_data);
+    return ffi::Error::Success();
+  }
   const int64_t size = s.patch() * s.cout;
   const int64_t tiles = (s.pixels() + kTilePixels - 1) / kTilePixels;
-  // One task per thread: each holds a whole partial kernel gradient ((Cout, k*k*Cin) when thin).
+  // One task per thread: each holds a whole partial kernel gradient.
   const TaskRanges ranges = SplitRanges(tiles, std::max<int64_t>(pool.num_threads(), 1));
   std::vector<float> partial_sums(ranges.count * size, 0.0f);
   float* partial_data = partial_sums.data();
@@ -633,25 +811,15 @@ ffi::Error ConvKernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::vector<float> patches(kTilePixels * s.patch());
     for (int64_t tile = ranges.begin(task); tile < ranges.end(task); ++tile) {
       const int64_t first = tile * kTilePixels;
-      const int pixels = static_cast<int>(std::min(kTilePixels, s.pixels() - first));
-      const int patch = static_cast<int>(s.patch()), cout = static_cast<int>(s.cout);
+      const int64_t pixels = std::min(kTilePixels, s.pixels() - first);
       GatherPatches(x_data, s, first, pixels, patches.data());
-      if (thin) {
-        gemm(kRowMajor, kTrans, kNoTrans, cout, patch, pixels, 1.0f, grad_data + first * s.cout,
-             cout, patches.data(), patch, 1.0f, partial_data + task * size, patch);
-      } else {
-        gemm(kRowMajor, kTrans, kNoTrans, patch, cout, pixels, 1.0f, patches.data(), patch,
-             grad_data + first * s.cout, cout, 1.0f, partial_data + task * size, cout);
-      }
+      gemm(kRowMajor, kTrans, kNoTrans, static_cast<int>(s.patch()), static_cast<int>(s.cout),
+           static_cast<int>(pixels), 1.0f, patches.data(), static_cast<int>(s.patch()),
+           grad_data + first * s.cout, static_cast<int>(s.cout), 1.0f,
+           partial_data + task * size, static_cast<int>(s.cout));
     }
   });
-  if (thin) {
-    std::vector<float> d_kernel_t(size);
-    SumPartials(partial_data, ranges.count, size, d_kernel_t.data());
-    Transpose(d_kernel_t.data(), s.cout, s.patch(), d_kernel_data);
-  } else {
-    SumPartials(partial_data, ranges.count, size, d_kernel_data);
-  }
+  SumPartials(partial_data, ranges.count, size, d_kernel_data);
   return ffi::Error::Success();
 }
 

@@ -11,7 +11,8 @@
   pair at a time, reading q, k, v from the qkv layer's output in place (no head-major transposes).
 - `layer_norm`: LayerNorm forward and backward in one pass over each row.
 - `conv`, `conv_kernel_gradient`: the strided convolutions of the cross-scale embeddings, as MKL
-  products over tiles of gathered patches (transposed for few output channels and long patches).
+  products over tiles of gathered patches, or, for the embeddings' few output channels and
+  kernels that are whole multiples of the stride, over stride x stride blocks of the input.
 
 Each has the same formulas in plain JAX, used for other dtypes, on GPU/TPU and without MKL; the
 tests check one against the other.
@@ -514,7 +515,8 @@ def _conv_output_shape(x_shape, kernel_size: int, features: int, stride: int, pa
 def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """x (N, H, W, Cin) convolved with kernel (k, k, Cin, Cout), zero padding on every side ->
     (N, Ho, Wo, Cout). On CPU in float32 a custom call (patches of 128 output pixels gathered
-    into a buffer, then an MKL product), else XLA's convolution. Not differentiable by itself:
+    into a buffer, then an MKL product; for Cout < 64 and k a multiple of the stride, products
+    over stride x stride blocks of x), else XLA's convolution. Not differentiable by itself:
     `crossformer.strided_conv` defines its gradient, with `conv_kernel_gradient`."""
     square_kernel = kernel.ndim == 4 and kernel.shape[0] == kernel.shape[1]
     if x.ndim != 4 or not square_kernel or x.shape[-1] != kernel.shape[2]:

@@ -261,19 +261,22 @@ def test_layer_norm_rejects_bad_operands_and_uses_xla_when_switched_off(monkeypa
         )
 
 
-# (x shape, features, kernel, stride, padding): a merge (k = 2s), the stride-4 embeddings with
-# 3 input channels, sizes that leave clipped patches, no padding; the thin products (few
-# features, long patches: the 16x16 and 32x32 embeddings) over more than one 128-pixel tile with
-# a partial last one; and wide outputs (>= 64 features) with short and with long patches.
+# (x shape, features, kernel, stride, padding). Block products (< 64 features, kernel m >= 2
+# strides): a merge-like k = 2s, the stride-4 embeddings with 3 input channels, clipped blocks,
+# one image (its output rows split between the threads) over several tiles of block rows, and
+# m = 3. Patch products: a kernel of one stride (m = 1, no padding) and wide outputs (>= 64
+# features) with short and long patches, over two 128-pixel tiles with a partial last one.
 CONV_CASES = [
     ((2, 12, 10, 8), 6, 4, 2, 1),
     ((1, 32, 32, 3), 5, 8, 4, 2),
     ((1, 32, 28, 3), 4, 16, 4, 6),
     ((2, 40, 36, 3), 12, 32, 4, 14),
+    ((1, 100, 60, 3), 8, 16, 4, 6),
     ((3, 13, 9, 5), 7, 6, 2, 2),
     ((2, 9, 9, 4), 3, 3, 3, 0),
     ((1, 10, 10, 16), 64, 4, 2, 1),
     ((2, 9, 9, 40), 70, 4, 2, 1),
+    ((2, 24, 20, 8), 64, 4, 2, 1),
 ]
 
 
