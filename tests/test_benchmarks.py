@@ -286,3 +286,33 @@ def test_conv_benchmark_against_the_same_source():
     # the same source gives the same numbers.
     assert len(rows) == 12, out
     assert all(float(difference) == 0.0 for _, difference in rows), out
+
+
+@pytest.mark.timeout(300)
+def test_ab_benchmark_same_code_gives_the_same_gradients():
+    model_file = 'crossformer_jax/crossformer.py'
+    out = run_script(
+        [
+            'benchmarks/ab_benchmark.py',
+            *('--a', model_file, '--b', model_file, '--mode', 'train'),
+            *('--batch', '2', '--image-size', '64'),
+            *INTERLEAVED_SMOKE,
+        ]
+    )
+    span = rf'{NUMBER} \[{NUMBER}-{NUMBER}\]'
+    for side in 'AB':
+        assert re.search(rf'^{side}: {span} img/s, compile {NUMBER} s$', out, re.MULTILINE), out
+    assert re.search(rf'^B/A speed: {span}x   per round: {NUMBER} {NUMBER}$', out, re.MULTILINE)
+    # Two imports of one model file compute the same loss and gradients, bit for bit.
+    assert re.search(r'^largest relative difference A vs B: 0\.00e\+00 \(', out, re.MULTILINE), out
+
+
+def test_ab_benchmark_loads_a_git_revision_of_the_model_code():
+    from benchmarks.ab_benchmark import load_model_module
+
+    module = load_model_module('HEAD', 'crossformer_at_head')
+    assert callable(module.create_model) and 'crossformer_small' in module.VARIANTS
+    with pytest.raises(
+        SystemExit, match=r"'no-such-revision' is neither a file nor a git revision"
+    ):
+        load_model_module('no-such-revision', 'crossformer_nowhere')
