@@ -4,7 +4,7 @@
   shared out over XLA's own intra-op thread pool, so no second thread pool competes with XLA's.
   On Intel CPUs XLA:CPU's YNNPACK and Eigen products run CrossFormer's dense layers at 0.4-0.9x
   MKL's speed (benchmarks/README.md, "Matmuls"); on other CPUs MKL takes its generic path and
-  XLA's dot is the faster, so `matmul` is XLA's dot there. `crossformer.linear` uses it when it
+  XLA's dot is faster, so `matmul` is XLA's dot there. `crossformer.linear` uses it when it
   is not differentiated (inference), as XLA fuses a train step's elementwise work into its own
   dots.
 - `group_attention`: softmax attention inside groups, forward and backward, one (group, head)
@@ -572,6 +572,8 @@ def main() -> None:
     print(f'extension: {build_extension()}')
     print(f'MKL: {find_mkl_runtime()}')
     print(f'CPU kernels: {"MKL custom calls" if mkl_kernels_enabled() else "XLA"}')
+    vendor = cpu_vendor() or 'unknown'
+    print(f'inference matmuls: {"MKL" if mkl_matmul_enabled() else "XLA dots"} (CPU: {vendor})')
 
 
 if __name__ == '__main__':

@@ -326,3 +326,17 @@ def test_conv_kernels_take_an_empty_batch():
     assert out.shape == (0, 4, 4, 5)
     gradient = cpu_kernels.conv_kernel_gradient(x, np.zeros((0, 4, 4, 5), np.float32), 4, 2, 1)
     np.testing.assert_array_equal(gradient, np.zeros((4, 4, 3, 5)))
+
+
+def test_main_reports_the_paths_in_use(capsys, monkeypatch):
+    require_mkl_kernels()
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, 'mkl')  # what main sets when unset; restored after
+    for vendor, matmuls in (('GenuineIntel', 'MKL'), ('AuthenticAMD', 'XLA dots')):
+        on_cpu_of(monkeypatch, vendor)
+        cpu_kernels.main()
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == f'extension: {cpu_kernels.build_extension()}'
+        assert lines[2:] == [
+            'CPU kernels: MKL custom calls',
+            f'inference matmuls: {matmuls} (CPU: {vendor})',
+        ]
