@@ -510,6 +510,14 @@ ffi::Error CheckConv(ffi::Span<const int64_t> x, ffi::Span<const int64_t> out, i
 // buffer that stays in cache for the product that reads them.
 constexpr int64_t kTilePixels = 128;
 
+// out[0, size) = in[0, end - begin) at [begin, end), zeros elsewhere: a row of a gathered buffer
+// whose part outside the source is zero padding.
+void CopyWithZeros(const float* in, int64_t begin, int64_t end, int64_t size, float* out) {
+  std::fill(out, out + begin, 0.0f);
+  std::copy(in, in + (end - begin), out + begin);
+  std::fill(out + end, out + size, 0.0f);
+}
+
 // Writes the patches of output pixels [first, first + count) (flattened over N, Ho, Wo) into
 // patches (count, k*k*Cin): pixel (n, oh, ow) gets x[n, s*oh + kh - p, s*ow + kw - p, :] in
 // (kh, kw, Cin) order, zeros outside x. Each kernel row is one contiguous copy.
@@ -530,9 +538,7 @@ void GatherPatches(const float* x, const ConvShape& s, int64_t first, int64_t co
         continue;
       }
       const float* in = x + ((n * s.h + ih) * s.w + w0 + lo) * s.cin;
-      std::fill(out, out + lo * s.cin, 0.0f);
-      std::copy(in, in + (hi - lo) * s.cin, out + lo * s.cin);
-      std::fill(out + hi * s.cin, out + row, 0.0f);
+      CopyWithZeros(in, lo * s.cin, hi * s.cin, row, out);
     }
   }
 }
@@ -590,9 +596,7 @@ void GatherBlocks(const float* x, const ConvShape& s, const BlockShape& b, int64
           continue;
         }
         const float* in = x + ((n * s.h + ih) * s.w + w0 + lo) * s.cin;
-        std::fill(out, out + lo * s.cin, 0.0f);
-        std::copy(in, in + (hi - lo) * s.cin, out + lo * s.cin);
-        std::fill(out + hi * s.cin, out + strip, 0.0f);
+        CopyWithZeros(in, lo * s.cin, hi * s.cin, strip, out);
       }
     }
   }
@@ -710,9 +714,7 @@ void BlockConvKernelGradient(ffi::ThreadPool& pool, Sgemm gemm, const float* x, 
               continue;
             }
             const float* from = grad + ((n * s.ho + oh) * s.wo + run.ow0 + run.lo) * s.cout;
-            std::fill(to, to + run.lo * s.cout, 0.0f);
-            std::copy(from, from + (run.hi - run.lo) * s.cout, to + run.lo * s.cout);
-            std::fill(to + run.hi * s.cout, to + b.m * s.cout, 0.0f);
+            CopyWithZeros(from, run.lo * s.cout, run.hi * s.cout, b.m * s.cout, to);
           }
         }
       }
