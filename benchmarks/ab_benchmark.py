@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -32,6 +31,7 @@ from cpu_benchmark import (
     pin_to_cpus,
     set_malloc,
     summarize,
+    version_of,
 )
 
 MODEL_FILE = 'crossformer_jax/crossformer.py'
@@ -55,24 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_model_module(spec: str, label: str):
     """Imports a version of the model code (file path or git revision) as module `label`."""
-    if os.path.isfile(spec):
-        path = spec
-    else:
-        try:
-            source = subprocess.run(
-                ['git', 'show', f'{spec}:{MODEL_FILE}'], check=True, capture_output=True, text=True
-            ).stdout
-        except subprocess.CalledProcessError as error:
-            raise SystemExit(
-                f'{spec!r} is neither a file nor a git revision: {error.stderr}'
-            ) from error
-        with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as handle:
-            handle.write(source)
-        path = handle.name
-    module_spec = importlib.util.spec_from_file_location(label, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[label] = module
-    module_spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as directory:
+        path = version_of(spec, MODEL_FILE, directory)
+        module_spec = importlib.util.spec_from_file_location(label, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[label] = module
+        module_spec.loader.exec_module(module)
     return module
 
 

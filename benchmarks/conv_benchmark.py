@@ -18,14 +18,20 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cpu_benchmark import add_malloc_argument, fmt, interleave, pin_to_cpus, set_malloc, spread
+from cpu_benchmark import (
+    add_malloc_argument,
+    fmt,
+    interleave,
+    pin_to_cpus,
+    set_malloc,
+    spread,
+    version_of,
+)
 
 SOURCE_FILE = 'crossformer_jax/cpu_kernels.cc'
 SUFFIX = '_against'
@@ -43,23 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--overrides', default=None, help='JSON dict of model overrides')
     add_malloc_argument(parser)
     return parser.parse_args(argv)
-
-
-def other_source(spec: str, directory: str) -> Path:
-    """The other version of the kernels' source: a file, or a git revision's copy of it."""
-    if os.path.isfile(spec):
-        return Path(spec)
-    result = subprocess.run(
-        ['git', 'show', f'{spec}:{SOURCE_FILE}'], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        raise SystemExit(
-            f'--against {spec!r} is neither a file nor a git revision with '
-            f'{SOURCE_FILE}: {result.stderr.strip()}'
-        )
-    path = Path(directory) / 'cpu_kernels.cc'
-    path.write_text(result.stdout)
-    return path
 
 
 def conv_shapes(model, images) -> list[tuple]:
@@ -137,7 +126,7 @@ def main(argv=None) -> None:
     os.environ[cpu_kernels.ENV_VAR] = 'mkl'
     cpu_kernels.mkl_kernels_enabled()
     with tempfile.TemporaryDirectory() as directory:
-        source = other_source(args.against, directory)
+        source = version_of(args.against, SOURCE_FILE, directory)
         cpu_kernels.register_extension(cpu_kernels.build_extension(source), SUFFIX)
     overrides = json.loads(args.overrides) if args.overrides else {}
     model = crossformer.create_model(args.model, **overrides)

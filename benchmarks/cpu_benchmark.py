@@ -26,8 +26,10 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 MODES = ('inference', 'train')
 DEFAULT_BATCH = {'inference': 32, 'train': 16}
@@ -74,6 +76,21 @@ def set_malloc(choice: str) -> None:
         from crossformer_jax.host_memory import keep_freed_memory
 
         keep_freed_memory()
+
+
+def version_of(spec: str, path: str, directory: str) -> Path:
+    """A version of the repository file `path` (for the A/B benchmarks): the file `spec`, or git
+    revision spec's copy of `path`, written into `directory`."""
+    if os.path.isfile(spec):
+        return Path(spec)
+    result = subprocess.run(['git', 'show', f'{spec}:{path}'], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(
+            f'{spec!r} is neither a file nor a git revision with {path}: {result.stderr.strip()}'
+        )
+    copy = Path(directory) / Path(path).name
+    copy.write_text(result.stdout)
+    return copy
 
 
 def pin_to_cpus(threads: int) -> list[int]:
