@@ -35,7 +35,7 @@ test-slow: install
 	$(PY) -m pytest -m slow
 
 report: install
-	$(PY) -m crossformer_jax.complexity
+	$(PY) -m crossformer_jax.models.complexity
 
 benchmark: install
 	$(PY) benchmarks/cpu_benchmark.py --model crossformer_tiny

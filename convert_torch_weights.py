@@ -3,12 +3,12 @@
 
     python convert_torch_weights.py --checkpoint crossformer-s.pth --output weights/small [--verify]
 
-See `python convert_torch_weights.py --help`. The logic lives in crossformer_jax.convert.
+See `python convert_torch_weights.py --help` (crossformer_jax.cli.convert).
 """
 
 import sys
 
-from crossformer_jax.convert import main
+from crossformer_jax.cli.convert import main
 
 if __name__ == '__main__':
     sys.exit(main())

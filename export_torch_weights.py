@@ -3,12 +3,12 @@
 
     python export_torch_weights.py --weights weights/small --output crossformer-s.pth
 
-See `python export_torch_weights.py --help`. The logic lives in crossformer_jax.export.
+See `python export_torch_weights.py --help` (crossformer_jax.cli.export).
 """
 
 import sys
 
-from crossformer_jax.export import main
+from crossformer_jax.cli.export import main
 
 if __name__ == '__main__':
     sys.exit(main())

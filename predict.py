@@ -3,12 +3,12 @@
 
     python predict.py --weights weights/small photo.jpg photos/ [--json]
 
-See `python predict.py --help`. The logic lives in crossformer_jax.predict.
+See `python predict.py --help` (crossformer_jax.cli.predict).
 """
 
 import sys
 
-from crossformer_jax.predict import main
+from crossformer_jax.cli.predict import main
 
 if __name__ == '__main__':
     sys.exit(main())

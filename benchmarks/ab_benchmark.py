@@ -1,6 +1,8 @@
-"""A/B speed of two versions of the model code (crossformer_jax/crossformer.py), in one process.
+"""A/B speed of two versions of the model code (crossformer_jax/models/crossformer.py), in one
+process.
 
-Each side is a version of `crossformer_jax/crossformer.py`: a file path, or a git revision whose
+Each side is a version of `crossformer_jax/models/crossformer.py`: a file path, or a git revision
+whose
 copy of that file is used (`HEAD`, `main`, a commit). Both versions are imported side by side
 under their own module names, build the same variant with the same parameters and batch, and
 are timed in alternating rounds (the order flips every round), so load from other processes hits
@@ -8,7 +10,7 @@ both. Reported: median images/s with min and max per side, the per-round B/A spe
 (median, min, max; > 1: B is faster), compile times, and the largest difference between the two
 sides' outputs (inference logits, or train-step loss and gradients) as a parity check.
 
-    python benchmarks/ab_benchmark.py --a HEAD --b crossformer_jax/crossformer.py \
+    python benchmarks/ab_benchmark.py --a HEAD --b crossformer_jax/models/crossformer.py \
         --model crossformer_tiny --mode train --batch 16 --rounds 9
 """
 
@@ -24,17 +26,19 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cpu_benchmark import (
+    add_cpu_kernels_argument,
     add_malloc_argument,
     flax_forward,
     fmt,
     interleave,
     pin_to_cpus,
+    set_cpu_kernels,
     set_malloc,
     summarize,
     version_of,
 )
 
-MODEL_FILE = 'crossformer_jax/crossformer.py'
+MODEL_FILE = 'crossformer_jax/models/crossformer.py'
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,18 +54,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--overrides', default=None, help='JSON dict of model overrides')
     add_malloc_argument(parser)
+    add_cpu_kernels_argument(parser)
     return parser.parse_args(argv)
 
 
 def load_model_module(spec: str, label: str):
-    """Imports a version of the model code (file path or git revision) as module `label`."""
+    """Imports a version of the model code (file path or git revision) as module `label`, without
+    adding its variants to the model registry (the package's own copy registered them)."""
+    from crossformer_jax.models import registry
+
     with tempfile.TemporaryDirectory() as directory:
         path = version_of(spec, MODEL_FILE, directory)
         module_spec = importlib.util.spec_from_file_location(label, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[label] = module
-        module_spec.loader.exec_module(module)
+        register = registry.register_model
+        registry.register_model = lambda *args, **kwargs: None
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            registry.register_model = register
     return module
+
+
+def build_classifier(module, name: str, **overrides):
+    """The classifier `name` of a loaded version of the model code (older versions named their
+    builder create_model)."""
+    build = getattr(module, 'build_classifier', None) or module.create_model
+    return build(name, **overrides)
 
 
 def make_step(model, params, images, labels, mode: str):
@@ -99,13 +119,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cpus = pin_to_cpus(args.threads)
     set_malloc(args.malloc)
+    set_cpu_kernels(args.cpu_kernels)
     overrides = json.loads(args.overrides) if args.overrides else {}
 
     import jax
     import numpy as np
 
     modules = {'A': load_model_module(args.a, 'model_a'), 'B': load_model_module(args.b, 'model_b')}
-    models = {side: m.create_model(args.model, **overrides) for side, m in modules.items()}
+    models = {side: build_classifier(m, args.model, **overrides) for side, m in modules.items()}
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch, args.image_size, args.image_size, 3), np.float32)
     labels = rng.integers(0, models['A'].num_classes, (args.batch,))

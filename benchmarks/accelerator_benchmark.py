@@ -9,7 +9,8 @@ For each model it measures, in `--dtype` (bfloat16 by default, parameters float3
   eagerly and, where it compiles, under `torch.compile`.
 
 MFU = model FLOPs per step / step time / (device peak dense bf16 FLOP/s x devices). Model FLOPs
-are 2 x `crossformer_jax.complexity.count_macs` per image (x 3 for forward + backward in a train
+are 2 x `crossformer_jax.models.complexity.count_macs` per image (x 3 for forward + backward in a
+train
 step). Peak memory is the device's `peak_bytes_in_use` (process-wide high-water mark so far,
 where `memory_stats()` exists) and XLA's own estimate for the compiled step (arguments + outputs
 + temporaries). Only the model code is imported (no TensorFlow), so this runs on machines that
@@ -124,7 +125,7 @@ def init_flax_params(name: str, args, overrides: dict):
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from crossformer_jax.crossformer import create_model
+    from crossformer_jax.models import create_model
 
     replicated = NamedSharding(Mesh(np.array(jax.local_devices()), ('data',)), PartitionSpec())
     model = create_model(name, dtype=jnp.dtype(args.dtype), **overrides)
@@ -139,7 +140,7 @@ def bench_flax(name: str, mode: str, remat: bool, params, args, overrides: dict)
     import optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from crossformer_jax.crossformer import create_model
+    from crossformer_jax.models import create_model
 
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ('data',))
@@ -197,7 +198,7 @@ def bench_torch(name: str, mode: str, use_compile: bool, args, overrides: dict) 
     import torch
     import torch.nn.functional as F
 
-    from crossformer_jax.torch_reference import create_torch_model
+    from crossformer_jax.reference.crossformer import create_torch_model
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     amp_dtype = getattr(torch, args.dtype)
@@ -254,7 +255,7 @@ def main(argv=None) -> None:
 
     import jax
 
-    from crossformer_jax.complexity import count_macs
+    from crossformer_jax.models.complexity import count_macs
 
     device = jax.local_devices()[0]
     peak = peak_flops(device.device_kind)

@@ -1,6 +1,6 @@
 """A/B speed of the convolution custom calls: this checkout's kernels against another version.
 
-The other side is another version of `crossformer_jax/cpu_kernels.cc` (a file path, or a git
+The other side is another version of `crossformer_jax/cpu/kernels.cc` (a file path, or a git
 revision whose copy is used), built beside this one and registered under its own FFI target
 names. The shapes are the convolutions a variant's forward pass runs at the given batch (read
 from its jaxpr: the cross-scale embeddings and the merges). Per shape, the forward convolution
@@ -33,7 +33,7 @@ from cpu_benchmark import (
     version_of,
 )
 
-SOURCE_FILE = 'crossformer_jax/cpu_kernels.cc'
+SOURCE_FILE = 'crossformer_jax/cpu/kernels.cc'
 SUFFIX = '_against'
 
 
@@ -56,7 +56,7 @@ def conv_shapes(model, images) -> list[tuple]:
     in the model's forward pass, in the order the model runs them."""
     import jax
 
-    from crossformer_jax import cpu_kernels
+    from crossformer_jax.cpu import kernels as cpu_kernels
 
     params = jax.eval_shape(model.init, jax.random.key(0), images)
     closed = jax.make_jaxpr(model.apply)(params, images)
@@ -90,12 +90,12 @@ def conv_calls(suffix: str, kernel_size: int, stride: int, padding: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from crossformer_jax import cpu_kernels
+    from crossformer_jax.cpu import kernels as cpu_kernels
 
     attributes = {'stride': np.int64(stride), 'padding': np.int64(padding)}
 
     def forward(x, kernel):
-        shape = cpu_kernels._conv_output_shape(
+        shape = cpu_kernels.conv_output_shape(
             x.shape, kernel_size, kernel.shape[-1], stride, padding
         )
         out = jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -121,15 +121,15 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from crossformer_jax import cpu_kernels, crossformer
+    from crossformer_jax import cpu, models
+    from crossformer_jax.cpu import kernels as cpu_kernels
 
-    os.environ[cpu_kernels.ENV_VAR] = 'mkl'
-    cpu_kernels.mkl_kernels_enabled()
+    cpu.enable(strict=True)
     with tempfile.TemporaryDirectory() as directory:
         source = version_of(args.against, SOURCE_FILE, directory)
         cpu_kernels.register_extension(cpu_kernels.build_extension(source), SUFFIX)
     overrides = json.loads(args.overrides) if args.overrides else {}
-    model = crossformer.create_model(args.model, **overrides)
+    model = models.create_model(args.model, **overrides)
     images = jnp.zeros((args.batch, args.image_size, args.image_size, 3), jnp.float32)
     print(
         f'{args.model}, batch {args.batch}, {args.image_size}x{args.image_size}, {len(cpus)} '

@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='JSON dict of model overrides (e.g. a tiny config for tests), given to both models',
     )
     add_malloc_argument(parser)
+    add_cpu_kernels_argument(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f'--rounds must be >= 1, found {args.rounds}')
@@ -65,15 +66,33 @@ def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
         '--malloc',
         choices=('keep', 'default'),
         default='keep',
-        help='keep: glibc keeps freed memory for reuse (crossformer_jax.host_memory), for both '
+        help='keep: glibc keeps freed memory for reuse (crossformer_jax.cpu.host_memory), for both '
         "sides; default: glibc's own behaviour",
     )
 
 
+def add_cpu_kernels_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        '--cpu-kernels',
+        choices=('on', 'off'),
+        default='on',
+        help='on: the Flax side runs with the XLA:CPU plug-in (crossformer_jax.cpu.enable); off: '
+        'plain JAX',
+    )
+
+
+def set_cpu_kernels(choice: str) -> None:
+    """Applies --cpu-kernels before any model is traced (a failed build is an error here)."""
+    if choice == 'on':
+        from crossformer_jax import cpu
+
+        cpu.enable(strict=True)
+
+
 def set_malloc(choice: str) -> None:
-    """Applies --malloc; call before JAX or torch starts (see crossformer_jax/host_memory.py)."""
+    """Applies --malloc; call before JAX or torch starts (crossformer_jax/cpu/host_memory.py)."""
     if choice == 'keep':
-        from crossformer_jax.host_memory import keep_freed_memory
+        from crossformer_jax.cpu.host_memory import keep_freed_memory
 
         keep_freed_memory()
 
@@ -167,7 +186,7 @@ def flax_forward(model):
     that the trainer's evaluation and predict.py use."""
     import jax
 
-    from crossformer_jax.compile_options import inference_compiler_options
+    from crossformer_jax.runtime.compile_options import inference_compiler_options
 
     return jax.jit(
         lambda params, images: model.apply({'params': params}, images),
@@ -229,7 +248,7 @@ def benchmark(name: str, mode: str, batch: int, args, overrides: dict) -> dict[s
     import torch
 
     from crossformer_jax import convert_torch_state_dict, create_model
-    from crossformer_jax.torch_reference import create_torch_model
+    from crossformer_jax.reference.crossformer import create_torch_model
 
     torch.manual_seed(0)
     torch_model = create_torch_model(name, **overrides)
@@ -264,6 +283,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cpus = pin_to_cpus(args.threads)  # before JAX and torch create their thread pools
     set_malloc(args.malloc)  # for both frameworks
+    set_cpu_kernels(args.cpu_kernels)
     overrides = json.loads(args.overrides) if args.overrides else {}
     modes = MODES if args.mode == 'both' else (args.mode,)
 
@@ -275,6 +295,7 @@ def main(argv=None) -> None:
     print(
         f'{args.image_size}x{args.image_size} float32, {len(cpus)} threads (CPUs {cpus}), '
         f'{args.rounds} rounds alternating Flax and PyTorch, malloc {args.malloc}, '
+        f'CPU kernels {args.cpu_kernels}, '
         f'jax {jax.__version__}, '
         f'torch {torch.__version__}, {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}'
     )

@@ -41,21 +41,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RECIPE = dict(
-    image_size=224,
-    eval_crop_fraction=0.875,
-    rrc_scale=(0.08, 1.0),
-    rrc_ratio=(3 / 4, 4 / 3),
-    hflip=True,
-    randaugment='rand-m9-mstd0.5-inc1',
-    random_erasing_prob=0.25,
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-    shuffle_buffer=1024,
-    num_parallel_calls=-1,
-    prefetch=2,
-)
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -117,9 +102,17 @@ def make_folder(root: str, num_train: int) -> str:
 
 
 def data_config(args, root: str, **overrides):
+    """The training recipe's data config (DATA_DEFAULTS), smaller TFDS shuffle groups."""
     import ml_collections
 
-    cfg = dict(RECIPE, train_split=args.train_split, eval_split=args.eval_split)
+    from crossformer_jax.data.config import DATA_DEFAULTS
+
+    cfg = dict(
+        DATA_DEFAULTS,
+        shuffle_buffer=1024,
+        train_split=args.train_split,
+        eval_split=args.eval_split,
+    )
     if args.tfds:
         cfg.update(dataset=args.tfds, data_dir=args.tfds_data_dir)
     else:
@@ -132,7 +125,7 @@ def decode_only_batches(args, root: str, cores: int):
     """Iterator over batches of decoded images' sizes (decode work only, no augmentation)."""
     import tensorflow as tf
 
-    from crossformer_jax import preprocess_ops as ops
+    from crossformer_jax.data import preprocess_ops as ops
 
     if args.tfds:
         import tensorflow_datasets as tfds
@@ -157,7 +150,7 @@ def decode_only_batches(args, root: str, cores: int):
 
 
 def train_batches(args, root: str, cores: int, **overrides):
-    from crossformer_jax import input_pipeline as ip
+    from crossformer_jax.data import pipeline as ip
 
     cfg = data_config(args, root, private_threadpool_size=cores, **overrides)
     return ip.create_train_iterator(cfg, local_batch_size=args.batch_size, seed=0)
@@ -166,7 +159,7 @@ def train_batches(args, root: str, cores: int, **overrides):
 def eval_batches(args, root: str, cores: int):
     import itertools
 
-    from crossformer_jax import input_pipeline as ip
+    from crossformer_jax.data import pipeline as ip
 
     cfg = data_config(args, root, private_threadpool_size=cores)
 
@@ -183,7 +176,7 @@ def device_ops_batches(args, **overrides):
     import jax
     import numpy as np
 
-    from crossformer_jax import batch_ops
+    from crossformer_jax.augment import batch_ops
 
     cfg = data_config(args, '', **overrides)
     images = np.random.RandomState(0).randint(0, 256, (args.batch_size, 224, 224, 3), np.uint8)
@@ -198,9 +191,9 @@ def device_ops_batches(args, **overrides):
 
 def folder_files(root: str, split: str) -> list[tuple[str, int]]:
     """(path, class index) of an image folder's split: the files the input pipeline reads."""
-    from crossformer_jax import input_pipeline as ip
+    from crossformer_jax.data import sources
 
-    paths, labels, _ = ip._list_folder(root, split, None)
+    paths, labels, _ = sources.list_folder(root, split, None)
     return list(zip(paths, labels.tolist()))
 
 

@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def dense_layers(config: dict, batch: int, image_size: int) -> list[dict]:
     """Per stage and dense layer: stage, layer, depth (blocks), m (rows), k (in), n (out)."""
-    from crossformer_jax.crossformer import CrossFormer
+    from crossformer_jax.models.crossformer import CrossFormer
 
     layers = []
     for stage, depth in enumerate(config['depths']):
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     import numpy as np
     import torch
 
-    from crossformer_jax.crossformer import model_config
+    from crossformer_jax.models.crossformer import model_config
 
     torch.set_num_threads(len(cpus))
     torch.set_num_interop_threads(1)

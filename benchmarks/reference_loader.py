@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from crossformer_jax.randaugment import INCREASING_OPS
+from crossformer_jax.augment.randaugment import INCREASING_OPS
+from crossformer_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-FILL = tuple(round(255 * m) for m in MEAN)
+FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 BICUBIC = Image.Resampling.BICUBIC
 
 
@@ -141,8 +140,8 @@ class TrainTransform:
 
     def __init__(self, size: int = 224):
         self.size = size
-        self.mean = torch.tensor(MEAN).view(3, 1, 1)
-        self.std = torch.tensor(STD).view(3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = random_resized_crop(image, self.size)

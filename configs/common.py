@@ -7,10 +7,8 @@ what differs. Any field can be overridden from the command line, e.g.
 
 import ml_collections
 
-from crossformer_jax.crossformer import VARIANTS
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from crossformer_jax.data.config import DATA_DEFAULTS
+from crossformer_jax.models.crossformer import VARIANTS
 
 
 def get_config(model_name: str) -> ml_collections.ConfigDict:
@@ -28,28 +26,13 @@ def get_config(model_name: str) -> ml_collections.ConfigDict:
     config.model.dtype = 'bfloat16'  # compute dtype; parameters and optimizer state stay float32
     config.model.remat = False  # rematerialise every block (less memory, ~1/3 more compute)
 
-    # A converted (or earlier) checkpoint directory written by crossformer_jax.pretrained to start
-    # from; a head of another size is re-initialised. '' trains from scratch.
+    # A converted (or earlier) checkpoint directory written by crossformer_jax.weights.pretrained
+    # to start from; a head of another size is re-initialised. '' trains from scratch.
     config.init_from = ''
 
-    # Input pipeline (crossformer_jax.input_pipeline).
-    config.data = ml_collections.ConfigDict()
-    config.data.dataset = 'imagenet2012'  # TFDS name, or 'image_folder' (DATA_DIR/<split>/<class>/)
-    config.data.data_dir = ''  # TFDS data dir ('' = TFDS default) or image-folder root
-    config.data.train_split = 'train'
-    config.data.eval_split = 'validation'
-    config.data.image_size = 224
-    config.data.eval_crop_fraction = 0.875  # resize the short side to 224 / 0.875 = 256, crop 224
-    config.data.rrc_scale = (0.08, 1.0)  # random resized crop (bicubic)
-    config.data.rrc_ratio = (3 / 4, 4 / 3)
-    config.data.hflip = True
-    config.data.randaugment = 'rand-m9-mstd0.5-inc1'
-    config.data.random_erasing_prob = 0.25
-    config.data.mean = IMAGENET_MEAN
-    config.data.std = IMAGENET_STD
-    config.data.shuffle_buffer = 16 * 1024
-    config.data.num_parallel_calls = -1  # -1: tf.data AUTOTUNE
-    config.data.prefetch = 2
+    # Input pipeline (crossformer_jax.data): ImageNet-2012 from TFDS with the paper's
+    # augmentation; every field and its meaning in crossformer_jax.data.config.DATA_DEFAULTS.
+    config.data = ml_collections.ConfigDict(dict(DATA_DEFAULTS))
 
     # Mixup / CutMix on device, label smoothing folded into the mixed targets.
     config.mixup = ml_collections.ConfigDict()

@@ -4,12 +4,17 @@ create_model(name, num_classes=1000, features_only=False, **overrides) -> flax.l
 convert_torch_state_dict(state_dict, name)  -> Flax variables of a PyTorch state dict
 save_pretrained / load_pretrained            -> converted weights on disk
 count_params / count_macs                    -> model size and cost
+
+The models compute in plain JAX on every backend; $CROSSFORMER_CPU_KERNELS=1 switches on the
+XLA:CPU plug-in at import (`crossformer_jax.cpu`).
 """
 
-from crossformer_jax.complexity import count_macs, count_params
-from crossformer_jax.convert import convert_torch_state_dict
-from crossformer_jax.crossformer import VARIANTS, CrossFormer, create_model, list_models
-from crossformer_jax.pretrained import load_pretrained, save_pretrained
+from crossformer_jax import cpu
+from crossformer_jax.models import create_model, list_models
+from crossformer_jax.models.complexity import count_macs, count_params
+from crossformer_jax.models.crossformer import VARIANTS, CrossFormer
+from crossformer_jax.weights.convert import convert_torch_state_dict
+from crossformer_jax.weights.pretrained import load_pretrained, save_pretrained
 
 __all__ = [
     'VARIANTS',
@@ -22,3 +27,5 @@ __all__ = [
     'load_pretrained',
     'save_pretrained',
 ]
+
+cpu.enable_from_environment()

@@ -2,12 +2,12 @@
 
 import pytest
 
-from crossformer_jax import input_pipeline
+from crossformer_jax.data import pipeline
 
 
 @pytest.fixture(autouse=True)
 def fresh_corrupt_image_count():
     """The corrupt-image counter is per process: reset it so no test sees another's count."""
-    input_pipeline.reset_corrupt_image_count()
+    pipeline.reset_corrupt_image_count()
     yield
-    input_pipeline.reset_corrupt_image_count()
+    pipeline.reset_corrupt_image_count()

@@ -1,6 +1,6 @@
 """Helpers shared by the tests: random images, a synthetic image folder, readers of a workdir's
-metrics, checkpoint steps and saved parameters, the CPU kernels switch, and the plain-JAX group
-attention the kernels are checked against."""
+metrics, checkpoint steps and saved parameters, the primitives switch (plain JAX or the CPU
+plug-in), and the plain-JAX group attention the kernels are checked against."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from crossformer_jax import cpu_kernels
-from crossformer_jax.crossformer import MASKED_LOGIT
+from crossformer_jax.cpu import kernels as cpu_kernels
+from crossformer_jax.models import ops
+from crossformer_jax.models.crossformer import MASKED_LOGIT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = 3
@@ -29,17 +30,17 @@ CLASSES = 3
 TRAIN_SUBPROCESS_XLA_FLAGS = '--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0'
 
 
+PRIMITIVES = ('plain', 'cpu')
+
+
 @contextlib.contextmanager
-def cpu_kernels_choice(monkeypatch, choice: str):
-    """$CROSSFORMER_CPU_KERNELS = choice inside the block, for code traced there; the environment
-    and the cached decision are restored on exit, so later code sees the real setting again."""
-    with monkeypatch.context() as patch:
-        patch.setenv(cpu_kernels.ENV_VAR, choice)
-        cpu_kernels.mkl_kernels_enabled.cache_clear()
-        try:
-            yield
-        finally:
-            cpu_kernels.mkl_kernels_enabled.cache_clear()
+def primitives(name: str):
+    """Traces inside the block with the plain primitives or with the CPU plug-in's kernels (which
+    the test extra installs: a failed build fails the test); the previous ones come back after."""
+    if name == 'cpu':
+        cpu_kernels.load()
+    with ops.using(cpu_kernels.CPU_OPS if name == 'cpu' else ops.PLAIN):
+        yield
 
 
 def plain_group_attention(qkv, position_bias, key_bias, keep, num_heads):
@@ -130,3 +131,8 @@ def _assert_same_params(a, b, **tolerance):
 def random_image(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
     """Uniformly random uint8 (h, w, 3) pixels, the same for the same seed."""
     return np.random.RandomState(seed).randint(0, 256, (h, w, 3)).astype(np.uint8)
+
+
+def init_params(model, rng, image_size: int):
+    """Fresh parameters of a model for square images of image_size."""
+    return model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))['params']

@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from crossformer_jax import batch_ops, randaugment
+from crossformer_jax.augment import batch_ops, randaugment
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -93,8 +93,8 @@ def test_cpu_benchmark_tiny_interleaved():
 def test_accelerator_benchmark_imports_no_tensorflow():
     code = (
         'import sys\n'
-        'import crossformer_jax.complexity, crossformer_jax.crossformer\n'
-        'import crossformer_jax.torch_reference\n'
+        'import crossformer_jax.models.complexity, crossformer_jax.models.crossformer\n'
+        'import crossformer_jax.reference.crossformer\n'
         'sys.path.insert(0, "benchmarks")\n'
         'import accelerator_benchmark\n'
         'print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))\n'
@@ -176,7 +176,7 @@ def test_reference_loader_batches_follow_the_recipe(tmp_path):
 
 def test_matmul_benchmark_shapes_follow_the_variant():
     from benchmarks.matmul_benchmark import dense_layers
-    from crossformer_jax.crossformer import model_config
+    from crossformer_jax.models.crossformer import model_config
 
     layers = dense_layers(model_config('crossformer_small'), batch=16, image_size=224)
     assert len(layers) == 16
@@ -246,7 +246,7 @@ def test_conv_benchmark_shapes_follow_the_variant():
     import jax.numpy as jnp
 
     from benchmarks.conv_benchmark import conv_shapes
-    from crossformer_jax.crossformer import create_model
+    from crossformer_jax.models import create_model
 
     images = jnp.zeros((2, 224, 224, 3), jnp.float32)
     # crossformer_small: the first embedding's overlapping kernels (the 4x4 one is a patch
@@ -267,7 +267,7 @@ def test_conv_benchmark_against_the_same_source():
         [
             'benchmarks/conv_benchmark.py',
             '--against',
-            'crossformer_jax/cpu_kernels.cc',
+            'crossformer_jax/cpu/kernels.cc',
             '--batch',
             '1',
             '--image-size',
@@ -290,7 +290,7 @@ def test_conv_benchmark_against_the_same_source():
 
 @pytest.mark.timeout(300)
 def test_ab_benchmark_same_code_gives_the_same_gradients():
-    model_file = 'crossformer_jax/crossformer.py'
+    model_file = 'crossformer_jax/models/crossformer.py'
     out = run_script(
         [
             'benchmarks/ab_benchmark.py',

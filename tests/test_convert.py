@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from crossformer_jax import convert as C
-from crossformer_jax import pretrained as P
-from crossformer_jax.crossformer import VARIANTS, create_model
-from crossformer_jax.torch_reference import create_torch_model, randomize_parameters
+from crossformer_jax.cli import convert as convert_cli
+from crossformer_jax.models import create_model
+from crossformer_jax.models.crossformer import VARIANTS
+from crossformer_jax.reference.crossformer import create_torch_model, randomize_parameters
+from crossformer_jax.weights import convert as C
+from crossformer_jax.weights import pretrained as P
+from crossformer_jax.weights import torch_io, verify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'convert_torch_weights.py')
@@ -81,11 +84,11 @@ def test_v1_classifier_converts_and_skips_derived_buffers(v1_classifier):
     assert len(derived) == 2 * sum(overrides['depths'])  # biases + relative_position_index
     variables, report = C.convert_with_report(v1_classifier, name, **overrides)
     assert report.features_only is False and report.num_classes == 10
-    assert report.skipped_buffers == sorted(derived, key=C._natural_key)
+    assert report.skipped_buffers == sorted(derived, key=torch_io.natural_key)
     params = variables['params']
     assert params['head']['kernel'].shape == (512, 10)
     assert params['patch_embed']['projs_0']['kernel'].shape == (4, 4, 3, 32)
-    assert all(v.dtype == np.float32 for v in C._leaves(variables))
+    assert all(v.dtype == np.float32 for v in jax.tree.leaves(variables))
     assert_matches_state_dict(variables, v1_classifier)
     # Exact layout transforms of one Linear and one conv.
     np.testing.assert_array_equal(
@@ -121,7 +124,7 @@ def test_numpy_values_and_module_prefix(v1_classifier):
     reference = C.convert_torch_state_dict(v1_classifier, name, **overrides)
     prefixed = {f'module.{k}': v.numpy() for k, v in v1_classifier.items()}
     converted = C.convert_torch_state_dict(prefixed, name, **overrides)
-    for a, b in zip(C._leaves(reference), C._leaves(converted)):
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(converted)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -184,11 +187,13 @@ def test_non_array_value_is_reported(v1_classifier):
 
 
 def test_extract_state_dict_layouts(v1_classifier, pp_backbone):
-    sd, skipped = C.extract_state_dict({'model': v1_classifier, 'optimizer': {}, 'epoch': 3})
+    sd, skipped = torch_io.extract_state_dict({'model': v1_classifier, 'optimizer': {}, 'epoch': 3})
     assert sd.keys() == v1_classifier.keys() and skipped == []
-    sd, skipped = C.extract_state_dict(dict(v1_classifier))
+    sd, skipped = torch_io.extract_state_dict(dict(v1_classifier))
     assert sd.keys() == v1_classifier.keys() and skipped == []
-    sd, _ = C.extract_state_dict({'model': {f'module.{k}': v for k, v in v1_classifier.items()}})
+    sd, _ = torch_io.extract_state_dict(
+        {'model': {f'module.{k}': v for k, v in v1_classifier.items()}}
+    )
     assert sd.keys() == v1_classifier.keys()
     assert all(sd[k] is v1_classifier[k] for k in sd)
 
@@ -205,7 +210,7 @@ def test_extract_state_dict_layouts(v1_classifier, pp_backbone):
             'state_dict': {prefix + k: v for k, v in detection.items()},
             'optimizer': {},
         }
-        sd, skipped = C.extract_state_dict(checkpoint)
+        sd, skipped = torch_io.extract_state_dict(checkpoint)
         assert sd.keys() == pp_backbone.keys()
         assert skipped == ['decode_head.conv_seg.bias', 'neck.lateral_convs.0.conv.weight']
     name, overrides = SMALL_PP
@@ -222,8 +227,8 @@ def test_extract_state_dict_layouts(v1_classifier, pp_backbone):
     ],
 )
 def test_extract_state_dict_rejects(checkpoint, match):
-    with pytest.raises(C.CheckpointError, match=match):
-        C.extract_state_dict(checkpoint)
+    with pytest.raises(torch_io.CheckpointError, match=match):
+        torch_io.extract_state_dict(checkpoint)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -269,13 +274,13 @@ def _write_bad_files(directory):
 def test_read_torch_checkpoint_errors(tmp_path):
     files, marker = _write_bad_files(str(tmp_path))
     for label, (path, message) in files.items():
-        with pytest.raises(C.CheckpointError) as info:
-            C.read_torch_checkpoint(path)
+        with pytest.raises(torch_io.CheckpointError) as info:
+            torch_io.read_torch_checkpoint(path)
         text = str(info.value)
         assert path in text and message in text, (label, text)
         assert '\n' not in text, (label, text)
     assert not os.path.exists(marker)
-    good = C.read_torch_checkpoint(os.path.join(str(tmp_path), 'good.pth'))
+    good = torch_io.read_torch_checkpoint(os.path.join(str(tmp_path), 'good.pth'))
     assert good['model']['w'].shape == (4,)
 
 
@@ -298,7 +303,7 @@ def test_infer_model_name_and_key_sets_of_every_variant(name):
         for k, v in classifier.items()
         if not k.startswith(('head.', 'norm.'))
     }
-    backbone, _ = C.extract_state_dict({'state_dict': detection})
+    backbone, _ = torch_io.extract_state_dict({'state_dict': detection})
     assert C.infer_model_name(backbone) == name
     assert C.infer_model_name(detection) == name
 
@@ -341,7 +346,7 @@ def test_save_load_round_trip(tmp_path, pp_backbone):
     assert metadata['num_params'] == sum(v.numel() for v in pp_backbone.values())
     model, restored = P.load_pretrained(target)
     assert model.features_only and tuple(model.depths) == overrides['depths']
-    assert all(str(v.dtype) == 'float32' for v in C._leaves(restored))
+    assert all(str(v.dtype) == 'float32' for v in jax.tree.leaves(restored))
     assert_matches_state_dict(restored, pp_backbone)
     refs, outs = forward_pair(pp_backbone, restored, name, overrides, True, 1000)
     for r, o in zip(refs, outs):
@@ -501,7 +506,7 @@ def test_cli_in_process_model_errors_and_failed_verification(
 ):
     out = tmp_path / 'out'
     assert (
-        C.main(
+        convert_cli.main(
             [
                 '--checkpoint',
                 str(tiny_checkpoint),
@@ -515,7 +520,7 @@ def test_cli_in_process_model_errors_and_failed_verification(
     )
     assert "unknown model 'crossformer_huge'" in capsys.readouterr().err
     assert (
-        C.main(
+        convert_cli.main(
             [
                 '--checkpoint',
                 str(tiny_checkpoint),
@@ -532,11 +537,11 @@ def test_cli_in_process_model_errors_and_failed_verification(
     assert 'the weights look like crossformer_tiny' in err
 
     def failing_comparison(*args, **kwargs):
-        return [C.Comparison('logits', (1, 1000), 1.0, 2.0)]
+        return [verify.Comparison('logits', (1, 1000), 1.0, 2.0)]
 
-    monkeypatch.setattr(C, 'compare_with_torch', failing_comparison)
+    monkeypatch.setattr(verify, 'compare_with_torch', failing_comparison)
     assert (
-        C.main(
+        convert_cli.main(
             [
                 '--checkpoint',
                 str(tiny_checkpoint),
@@ -563,7 +568,10 @@ def test_cli_verify_fails_for_real_at_a_tiny_tolerance_and_overwrite_replaces(
     replaces an existing conversion."""
     out = tmp_path / 'tiny'
     convert = ['--checkpoint', str(tiny_checkpoint), '--output', str(out)]
-    assert C.main([*convert, '--verify', '--image-size', '64x96', '--tolerance', '1e-12']) == 1
+    assert (
+        convert_cli.main([*convert, '--verify', '--image-size', '64x96', '--tolerance', '1e-12'])
+        == 1
+    )
     captured = capsys.readouterr()
     assert 'verifying against the PyTorch reference at 64x96' in captured.out
     line = next(s for s in captured.out.splitlines() if s.strip().startswith('logits (1, 1000)'))
@@ -571,7 +579,7 @@ def test_cli_verify_fails_for_real_at_a_tiny_tolerance_and_overwrite_replaces(
     assert 1e-12 < relative < 5e-6 and 'FAILED (tolerance 1e-12)' in line
     assert 'verification failed' in captured.err and not os.path.exists(out)
 
-    assert C.main(convert) == 0
+    assert convert_cli.main(convert) == 0
     assert 'wrote ' in capsys.readouterr().out
     assert P.read_metadata(out)['source_file'] == str(tiny_checkpoint)
 
@@ -579,9 +587,9 @@ def test_cli_verify_fails_for_real_at_a_tiny_tolerance_and_overwrite_replaces(
     other = tmp_path / 'copy.pth'
     other.write_bytes(tiny_checkpoint.read_bytes())
     replace = ['--checkpoint', str(other), '--output', str(out)]
-    assert C.main(replace) == 2
+    assert convert_cli.main(replace) == 2
     assert 'already exists; pass --overwrite' in capsys.readouterr().err
     assert P.read_metadata(out)['source_file'] == str(tiny_checkpoint)
-    assert C.main([*replace, '--overwrite']) == 0
+    assert convert_cli.main([*replace, '--overwrite']) == 0
     assert P.read_metadata(out)['source_file'] == str(other)
     assert sorted(os.listdir(tmp_path)) == ['copy.pth', 'tiny']  # no temporary left behind

@@ -1,4 +1,5 @@
-"""The CPU custom calls (crossformer_jax/cpu_kernels.py): matmul, group attention, LayerNorm.
+"""The CPU plug-in's custom calls (crossformer_jax/cpu/kernels.py): matmul, group attention,
+LayerNorm, convolutions.
 
 The test extra installs MKL and CI machines have a C++ compiler, so the custom calls must be
 available here: the tests fail (with the reason) rather than skip when they are not. Each kernel
@@ -11,18 +12,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import attention_inputs, cpu_kernels_choice, plain_group_attention
+from helpers import attention_inputs, plain_group_attention
 
-from crossformer_jax import cpu_kernels
-from crossformer_jax import crossformer as flax_crossformer
+from crossformer_jax.cpu import kernels as cpu_kernels
+from crossformer_jax.models import ops
 
 
 def require_mkl_kernels() -> None:
     try:
-        cpu_kernels._load()
+        cpu_kernels.load()
     except cpu_kernels.CpuKernelsUnavailable as error:
         pytest.fail(f'the MKL custom call is not available: {error}')
-    assert cpu_kernels.mkl_kernels_enabled()
+    assert cpu_kernels.kernels_loaded()
+
+
+@pytest.fixture(autouse=True)
+def loaded_kernels():
+    """Every test here starts with the custom calls loaded (load is once per process)."""
+    require_mkl_kernels()
+
+
+def without_kernels(monkeypatch) -> None:
+    """Makes `cpu_kernels` behave as before a successful `load`, for code traced afterwards."""
+    monkeypatch.setattr(cpu_kernels, '_loaded', False)
 
 
 # (M, K, N): row blocks, column blocks (N > M), one block, a long contraction, and sizes that do
@@ -57,16 +69,11 @@ def test_matmul_uses_xla_for_other_dtypes_and_when_switched_off(monkeypatch):
     assert cpu_kernels.MATMUL_TARGET not in jax.jit(cpu_kernels.matmul).lower(a, b).as_text()
     np.testing.assert_array_equal(cpu_kernels.matmul(a, b), np.full((4, 2), 3.0))
 
-    with cpu_kernels_choice(monkeypatch, 'xla'):
-        a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
-        assert not cpu_kernels.mkl_kernels_enabled()
-        hlo = jax.jit(cpu_kernels.matmul).lower(a32, b32).as_text()
-        assert cpu_kernels.MATMUL_TARGET not in hlo
-    with (
-        cpu_kernels_choice(monkeypatch, 'fast'),
-        pytest.raises(ValueError, match=r"must be auto, mkl or xla, found 'fast'"),
-    ):
-        cpu_kernels.mkl_kernels_enabled()
+    without_kernels(monkeypatch)
+    a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+    assert not cpu_kernels.mkl_matmul_enabled()
+    hlo = jax.jit(cpu_kernels.matmul).lower(a32, b32).as_text()
+    assert cpu_kernels.MATMUL_TARGET not in hlo
 
 
 def test_matmul_is_xla_dot_off_intel(monkeypatch):
@@ -118,18 +125,18 @@ def test_linear_uses_mkl_only_when_not_differentiated(monkeypatch):
         want_out, want_vjp = jax.vjp(lambda x, w, b: x @ w + b, *args64)
         wants = want_vjp(jnp.asarray(cotangent, jnp.float64))
 
-    forward = jax.jit(flax_crossformer.linear)
+    forward = jax.jit(cpu_kernels.linear)
     assert forward.lower(*args).as_text().count(cpu_kernels.MATMUL_TARGET) == 1
     np.testing.assert_allclose(forward(*args), want_out, rtol=1e-5, atol=2e-5)
-    batched = jax.vmap(flax_crossformer.linear, in_axes=(0, None, None))(*args)
+    batched = jax.vmap(cpu_kernels.linear, in_axes=(0, None, None))(*args)
     np.testing.assert_allclose(batched, want_out, rtol=1e-5, atol=2e-5)
 
-    outputs, vjp = jax.vjp(flax_crossformer.linear, *args)
+    outputs, vjp = jax.vjp(cpu_kernels.linear, *args)
     np.testing.assert_allclose(outputs, want_out, rtol=1e-5, atol=2e-5)
     for found, want in zip(vjp(cotangent), wants):
         assert found.shape == want.shape
         np.testing.assert_allclose(found, want, rtol=1e-5, atol=1e-4)
-    loss = jax.value_and_grad(lambda *a: flax_crossformer.linear(*a).sum(), argnums=(0, 1, 2))
+    loss = jax.value_and_grad(lambda *a: cpu_kernels.linear(*a).sum(), argnums=(0, 1, 2))
     assert cpu_kernels.MATMUL_TARGET not in jax.jit(loss).lower(*args).as_text()
 
 
@@ -146,9 +153,7 @@ def test_build_reuses_the_cached_library_and_reports_a_missing_compiler(tmp_path
     with pytest.raises(cpu_kernels.CpuKernelsUnavailable, match='no C\\+\\+ compiler .*no-such'):
         cpu_kernels.build_extension()
     monkeypatch.setenv('CXX', 'false')  # a "compiler" that fails
-    with pytest.raises(
-        cpu_kernels.CpuKernelsUnavailable, match='compiling .*cpu_kernels.cc failed'
-    ):
+    with pytest.raises(cpu_kernels.CpuKernelsUnavailable, match='compiling .*kernels.cc failed'):
         cpu_kernels.build_extension()
     assert [p.name for p in tmp_path.iterdir()] == [library.name]
 
@@ -250,15 +255,15 @@ def test_layer_norm_rejects_bad_operands_and_uses_xla_when_switched_off(monkeypa
     args = (x, np.ones(8, np.float32), np.zeros(8, np.float32))
     loss = jax.jit(jax.grad(lambda *a: cpu_kernels.layer_norm(*a, 1e-5).sum() ** 2))
     with_kernels = loss(*args)
-    with cpu_kernels_choice(monkeypatch, 'xla'):
-        hlo = jax.jit(jax.grad(lambda *a: cpu_kernels.layer_norm(*a, 1e-5).sum() ** 2)).lower(*args)
-        assert 'crossformer_' not in hlo.as_text()
-        np.testing.assert_allclose(
-            jax.grad(lambda *a: cpu_kernels.layer_norm(*a, 1e-5).sum() ** 2)(*args),
-            with_kernels,
-            rtol=1e-5,
-            atol=1e-5,
-        )
+    without_kernels(monkeypatch)
+    hlo = jax.jit(jax.grad(lambda *a: cpu_kernels.layer_norm(*a, 1e-5).sum() ** 2)).lower(*args)
+    assert 'crossformer_' not in hlo.as_text()
+    np.testing.assert_allclose(
+        jax.grad(lambda *a: cpu_kernels.layer_norm(*a, 1e-5).sum() ** 2)(*args),
+        with_kernels,
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 # (x shape, features, kernel, stride, padding). Block products (< 64 features, kernel m >= 2
@@ -291,7 +296,7 @@ def test_conv_kernels_equal_the_float64_convolution(case):
     kernel = (0.1 * rng.standard_normal((k, k, shape[-1], features))).astype(np.float32)
     with jax.enable_x64(True):
         x64, kernel64 = jnp.asarray(x, jnp.float64), jnp.asarray(kernel, jnp.float64)
-        want_out, vjp = jax.vjp(lambda w: cpu_kernels._xla_conv(x64, w, stride, padding), kernel64)
+        want_out, vjp = jax.vjp(lambda w: ops.strided_conv(x64, w, stride, padding), kernel64)
         cotangent = rng.standard_normal(want_out.shape)
         (want_grad,) = vjp(jnp.asarray(cotangent))
         want_out, want_grad = np.asarray(want_out), np.asarray(want_grad)
@@ -330,13 +335,9 @@ def test_conv_kernels_take_an_empty_batch():
 
 def test_main_reports_the_paths_in_use(capsys, monkeypatch):
     require_mkl_kernels()
-    monkeypatch.setenv(cpu_kernels.ENV_VAR, 'mkl')  # what main sets when unset; restored after
     for vendor, matmuls in (('GenuineIntel', 'MKL'), ('AuthenticAMD', 'XLA dots')):
         on_cpu_of(monkeypatch, vendor)
         cpu_kernels.main()
         lines = capsys.readouterr().out.splitlines()
         assert lines[0] == f'extension: {cpu_kernels.build_extension()}'
-        assert lines[2:] == [
-            'CPU kernels: MKL custom calls',
-            f'inference matmuls: {matmuls} (CPU: {vendor})',
-        ]
+        assert lines[2:] == [f'inference matmuls: {matmuls} (CPU: {vendor})']

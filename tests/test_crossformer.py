@@ -8,8 +8,8 @@ from flax.traverse_util import flatten_dict
 from published_figures import PUBLISHED_GMACS, PUBLISHED_PARAM_COUNTS
 
 import crossformer_jax
-from crossformer_jax.complexity import count_macs, count_params
-from crossformer_jax.crossformer import (
+from crossformer_jax.models.complexity import count_macs, count_params
+from crossformer_jax.models.crossformer import (
     MASKED_LOGIT,
     VARIANTS,
     GroupLayout,

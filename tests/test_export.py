@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from crossformer_jax import convert, export
-from crossformer_jax import pretrained as P
-from crossformer_jax.crossformer import create_model
-from crossformer_jax.torch_reference import create_torch_model, randomize_parameters
+from crossformer_jax.cli import export as export_cli
+from crossformer_jax.models import create_model
+from crossformer_jax.reference.crossformer import create_torch_model, randomize_parameters
+from crossformer_jax.weights import convert, export, torch_io
+from crossformer_jax.weights import pretrained as P
 
 # Reduced variants: every v1 block kind (SDA, LDA, the small-map stage 3) and a ++ ACL block.
 SMALL_V1 = ('crossformer_tiny', dict(embed_dim=32, depths=(1, 2, 2, 1)))
@@ -103,7 +104,7 @@ def test_backbone_layout_round_trip(variant, tmp_path):
         checkpoint['state_dict'], {export.BACKBONE_PREFIX + k: v for k, v in learned.items()}
     )
     # The converter reads the detection/segmentation layout back to the same parameters.
-    back, _ = convert.extract_state_dict(checkpoint)
+    back, _ = torch_io.extract_state_dict(checkpoint)
     again = convert.convert_torch_state_dict(back, name, **overrides)
     for key, value in convert.flax_to_torch_state_dict(again).items():
         np.testing.assert_array_equal(value, learned[key].numpy(), err_msg=key)
@@ -141,7 +142,7 @@ def test_cli_writes_loadable_file_and_refuses_to_overwrite(pretrained_dir, tmp_p
     directory, variables = pretrained_dir
     name, overrides = SMALL_V1
     output = str(tmp_path / 'out.pth')
-    assert export.main(['--weights', directory, '--output', output]) == 0
+    assert export_cli.main(['--weights', directory, '--output', output]) == 0
     assert "{'model': " in capsys.readouterr().out
     checkpoint = torch.load(output, weights_only=True)
     torch_model = create_torch_model(name, num_classes=10, **overrides)
@@ -150,12 +151,13 @@ def test_cli_writes_loadable_file_and_refuses_to_overwrite(pretrained_dir, tmp_p
         np.testing.assert_array_equal(checkpoint['model'][key].numpy(), value, err_msg=key)
 
     before = open(output, 'rb').read()
-    assert export.main(['--weights', directory, '--output', output, '--backbone']) == 2
+    assert export_cli.main(['--weights', directory, '--output', output, '--backbone']) == 2
     assert 'already exists; pass --overwrite' in capsys.readouterr().err
     assert open(output, 'rb').read() == before
 
     assert (
-        export.main(['--weights', directory, '--output', output, '--backbone', '--overwrite']) == 0
+        export_cli.main(['--weights', directory, '--output', output, '--backbone', '--overwrite'])
+        == 0
     )
     assert list(torch.load(output, weights_only=True)) == ['state_dict']
     assert sorted(os.listdir(tmp_path)) == ['out.pth']  # no temporary file left behind
@@ -164,7 +166,7 @@ def test_cli_writes_loadable_file_and_refuses_to_overwrite(pretrained_dir, tmp_p
 def test_cli_error_leaves_existing_file_untouched(tmp_path, capsys):
     output = tmp_path / 'keep.pth'
     output.write_bytes(b'precious')
-    code = export.main(
+    code = export_cli.main(
         ['--weights', str(tmp_path / 'missing'), '--output', str(output), '--overwrite']
     )
     assert code == 2
@@ -172,13 +174,13 @@ def test_cli_error_leaves_existing_file_untouched(tmp_path, capsys):
     assert output.read_bytes() == b'precious'
     assert sorted(os.listdir(tmp_path)) == ['keep.pth']
 
-    assert export.main(['--weights', str(tmp_path), '--output', str(tmp_path)]) == 2
+    assert export_cli.main(['--weights', str(tmp_path), '--output', str(tmp_path)]) == 2
     assert 'is a directory' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('name', ['upernet_crossformer_small', 'fpn_crossformer_pp_small'])
 def test_segmentation_model_round_trip_in_the_mmsegmentation_layout(name, tmp_path):
-    from crossformer_jax.torch_segmentation import (
+    from crossformer_jax.reference.segmentation import (
         create_torch_segmentation_model,
         randomize_batch_norm_statistics,
     )

@@ -1,9 +1,10 @@
 """Gradient parity: the whole backward pass of the Flax model against PyTorch autograd on the
-reference, parameter by parameter (float32, stochastic depth off), and `check_grads` in float64 on
-the hand-written VJPs (LayerNorm, group attention, the space-to-depth patch convolution, the
-dense layers' `linear`).
+reference, parameter by parameter (float32, stochastic depth off), with the plain primitives and
+with the CPU plug-in's, and `check_grads` in float64 on the plug-in's hand-written VJPs (LayerNorm,
+group attention, the space-to-depth patch convolution, the dense layers' `linear`).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -11,14 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import attention_inputs, plain_group_attention
+from helpers import PRIMITIVES, attention_inputs, plain_group_attention, primitives
 from jax.test_util import check_grads
 
-import crossformer_jax.crossformer as flax_crossformer
-from crossformer_jax import cpu_kernels
-from crossformer_jax.convert import convert_torch_state_dict, flax_to_torch_state_dict
-from crossformer_jax.crossformer import PatchConv, create_model
-from crossformer_jax.torch_reference import create_torch_model, randomize_parameters
+import crossformer_jax.models.crossformer as flax_crossformer
+from crossformer_jax.cpu import kernels as cpu_kernels
+from crossformer_jax.models import create_model, ops
+from crossformer_jax.reference.crossformer import create_torch_model, randomize_parameters
+from crossformer_jax.weights.convert import convert_torch_state_dict, flax_to_torch_state_dict
 
 # Narrow models at 64x96: padded SDA windows, non-square LDA groups and padded small-map groups
 # (v1); padded LDA regions and an ACL (++). Stages 2-3 are small maps (LDA = SDA there). Width 48
@@ -92,9 +93,11 @@ def gradient_error(version):
     return errors
 
 
+@pytest.mark.parametrize('kernels', PRIMITIVES)
 @pytest.mark.parametrize('version', sorted(MODELS))
-def test_gradients_match_torch(version):
-    errors = gradient_error(version)
+def test_gradients_match_torch(version, kernels):
+    with primitives(kernels):
+        errors = gradient_error(version)
     bad = {k: e for k, e in errors.items() if e > GRADIENT_TOLERANCE}
     assert not bad, bad
     # The floor constrains most gradients to 1% of their own size: they are far above it.
@@ -116,12 +119,15 @@ def dropped_term_layer_norm_bwd(eps, residuals, grad):
 
 
 def plant_wrong_layer_norm_gradient(monkeypatch):
+    """Plants the wrong gradient in the plug-in's `layer_norm` and returns the plug-in's primitives
+    with it."""
     wrong = jax.custom_vjp(
         lambda x, scale, bias, eps: cpu_kernels._layer_norm_fwd(x, scale, bias, eps)[0],
         nondiff_argnums=(3,),
     )
     wrong.defvjp(cpu_kernels._layer_norm_fwd, dropped_term_layer_norm_bwd)
     monkeypatch.setattr(cpu_kernels, 'layer_norm', wrong)
+    return dataclasses.replace(cpu_kernels.CPU_OPS, layer_norm=wrong)
 
 
 def layer_norm(x, scale, bias):
@@ -129,8 +135,8 @@ def layer_norm(x, scale, bias):
 
 
 def test_planted_layer_norm_gradient_is_caught(monkeypatch):
-    plant_wrong_layer_norm_gradient(monkeypatch)
-    errors = gradient_error('v1')
+    with ops.using(plant_wrong_layer_norm_gradient(monkeypatch)):
+        errors = gradient_error('v1')
     assert max(errors.values()) > GRADIENT_TOLERANCE
 
 
@@ -161,17 +167,17 @@ def test_planted_layer_norm_vjp_fails_check_grads(monkeypatch):
 
 @pytest.mark.parametrize('kernel', [2, 4])
 def test_patch_conv_matches_convolution_and_passes_check_grads(kernel):
-    """PatchConv (space-to-depth + matmul) = a stride-k, k x k convolution, values and grads."""
+    """patch_conv (space-to-depth + matmul) = a stride-k, k x k convolution, values and grads."""
     with jax.enable_x64(True):
         rng = np.random.default_rng(kernel)
         x = jnp.asarray(rng.standard_normal((2, 4 * kernel, 2 * kernel, 3)), jnp.float64)
-        module = PatchConv(features=5, kernel=kernel, dtype=jnp.float64)
-        params = jax.tree.map(
-            lambda p: jnp.asarray(p, jnp.float64), module.init(jax.random.key(0), x)['params']
-        )
+        params = {
+            'kernel': jnp.asarray(rng.standard_normal((kernel, kernel, 3, 5)), jnp.float64),
+            'bias': jnp.asarray(rng.standard_normal(5), jnp.float64),
+        }
 
         def patch_conv(x, kernel_weights, bias):
-            return module.apply({'params': {'kernel': kernel_weights, 'bias': bias}}, x)
+            return cpu_kernels.patch_conv(x, kernel_weights) + bias
 
         def convolution(x, kernel_weights, bias):
             out = jax.lax.conv_general_dilated(
@@ -238,11 +244,11 @@ def test_linear_equals_autodiff_of_the_plain_product_and_passes_check_grads():
             jnp.asarray(rng.standard_normal(shape), jnp.float64)
             for shape in ((2, 3, 5, 4), (4, 6), (6,))  # N, groups, T, Cin; Cin, Cout; Cout
         )
-        np.testing.assert_array_equal(flax_crossformer.linear(*args), plain_linear(*args))
+        np.testing.assert_array_equal(cpu_kernels.linear(*args), plain_linear(*args))
         cotangent = jnp.asarray(rng.standard_normal((2, 3, 5, 6)), jnp.float64)
-        found = jax.vjp(flax_crossformer.linear, *args)[1](cotangent)
+        found = jax.vjp(cpu_kernels.linear, *args)[1](cotangent)
         want = jax.vjp(plain_linear, *args)[1](cotangent)
         for f, w in zip(found, want):
             assert f.shape == w.shape
             np.testing.assert_allclose(f, w, rtol=1e-12, atol=1e-12)
-        check_grads(flax_crossformer.linear, args, order=1, modes=['rev'])
+        check_grads(cpu_kernels.linear, args, order=1, modes=['rev'])

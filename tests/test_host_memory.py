@@ -1,4 +1,4 @@
-"""crossformer_jax.host_memory: glibc keeps freed blocks for reuse, and the CPU-run detection."""
+"""crossformer_jax.cpu.host_memory: glibc keeps freed blocks for reuse; the CPU-run detection."""
 
 import ctypes
 import json
@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from crossformer_jax import host_memory
+from crossformer_jax.cpu import host_memory
 
 # A worker thread (as XLA's are) allocates and touches a 256 MiB block, frees it, and does it
 # again; the child prints the page faults of the second round.
 REUSE_SCRIPT = r"""
 import ctypes, json, resource, sys, threading
-from crossformer_jax import host_memory
+from crossformer_jax.cpu import host_memory
 kept = host_memory.keep_freed_memory() if sys.argv[1] == 'keep' else None
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

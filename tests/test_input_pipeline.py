@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from crossformer_jax import input_pipeline as ip
+from crossformer_jax.data import pipeline as ip
+from crossformer_jax.data import sources
 
 CLASSES = ('cat', 'dog', 'eel')
 CORRUPT_TRAIN = ('dog/trunc.jpg', 'eel/garbage.jpg', 'eel/empty.png')
@@ -105,8 +106,8 @@ def _take(it, n):
 
 
 def test_dataset_info(folder):
-    info = ip.get_dataset_info(_cfg(folder))
-    assert info == ip.DatasetInfo(
+    info = sources.get_dataset_info(_cfg(folder))
+    assert info == sources.DatasetInfo(
         num_classes=3, num_train_examples=15, num_eval_examples=7, class_names=CLASSES
     )
 
@@ -295,7 +296,7 @@ def test_tfds_imagenet2012(tmp_path, file_format):
     cfg = _cfg(
         tmp_path, dataset='imagenet2012', data_dir=data_dir, randaugment='', shuffle_buffer=4
     )
-    info = ip.get_dataset_info(cfg)
+    info = sources.get_dataset_info(cfg)
     assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 12, 5)
     assert info.class_names[:2] == ('tench, Tinca tinca', 'goldfish, Carassius auratus')
     kw = dict(local_batch_size=3, seed=1, return_ids=True)
@@ -341,7 +342,7 @@ def _numbered(*seqs):
 
 def test_numbered_batches_regroup_by_number():
     # 2 and 5 dropped (5 is the last of its range: found missing only when 6 comes), a marker
-    batches = ip._NumberedBatches(_numbered([0, 1, 3], [4, -1, 6], [7, 8, 9]))
+    batches = ip.NumberedBatches(_numbered([0, 1, 3], [4, -1, 6], [7, 8, 9]))
     taken = [batches.take(stop) for stop in (3, 6, 9, 12)]
     np.testing.assert_array_equal(taken[0]['seq'], [0, 1])
     np.testing.assert_array_equal(taken[1]['seq'], [3, 4])
@@ -350,14 +351,14 @@ def test_numbered_batches_regroup_by_number():
     np.testing.assert_array_equal(taken[3]['seq'], [9])
     assert batches.exhausted and batches.take(15) is None
     # a whole range missing
-    batches = ip._NumberedBatches(_numbered([0, 1], [6, 7]))
+    batches = ip.NumberedBatches(_numbered([0, 1], [6, 7]))
     assert batches.take(2)['seq'].tolist() == [0, 1]
     assert batches.take(4) is None
     assert batches.take(8)['seq'].tolist() == [6, 7]
 
 
 def test_numbered_batches_raise_on_an_epoch_without_examples():
-    batches = ip._NumberedBatches(_numbered([0, 1, -1], [-1, -1]))
+    batches = ip.NumberedBatches(_numbered([0, 1, -1], [-1, -1]))
     assert batches.take(2)['seq'].tolist() == [0, 1]
     with pytest.raises(RuntimeError, match='whole epoch'):
         batches.take(4)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from crossformer_jax.mixup import mix_batch, smooth_one_hot
+from crossformer_jax.augment.mixup import mix_batch, smooth_one_hot
 
 NUM_CLASSES = 10
 LS = 0.1

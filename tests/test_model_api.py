@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from random_weights import random_variables
 
-from crossformer_jax.crossformer import create_model
+from crossformer_jax.models import create_model
 
 TINY = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4))
 IMAGES = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))

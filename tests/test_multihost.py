@@ -8,7 +8,7 @@ the 4 devices (FSDP) and keeps the small ones replicated, so both layouts go thr
 multi-process saves and restores (test_training checks that FSDP does not change the numbers).
 
 Each process reads only its own shard of the training set, shuffled and augmented with its
-process index (input_pipeline), so the global batches of a two-process run differ by design from
+process index (input pipeline), so the global batches of a two-process run differ by design from
 those of a single process with 4 devices. The reference is therefore an uninterrupted two-process
 run, which the interrupted ones must reproduce exactly. It compiles every program once; the
 later runs load them from a persistent compilation cache shared by the module's runs.
@@ -37,7 +37,7 @@ from helpers import (
     _write_image_folder,
 )
 
-from crossformer_jax import distributed
+from crossformer_jax.runtime import distributed
 
 NUM_STEPS = 8
 EVERY = 4  # evaluation, best and periodic checkpoints all fall on steps 4 and 8
@@ -243,7 +243,9 @@ import sys
 import jax
 import numpy as np
 
-from crossformer_jax import checkpointing, distributed, sharding
+from crossformer_jax.training import checkpointing
+from crossformer_jax.runtime import distributed
+from crossformer_jax.runtime import sharding
 
 process_id, address, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 distributed.initialize(distributed.Setup(address, 2, process_id), heartbeat_timeout_s=10)
@@ -446,7 +448,7 @@ def test_best_checkpoint_by_any_metric_with_saves_in_flight(tmp_path):
     being written, and a reopened workdir knows its best value."""
     import jax.numpy as jnp
 
-    from crossformer_jax import checkpointing
+    from crossformer_jax.training import checkpointing
 
     checkpoints = checkpointing.Checkpoints(str(tmp_path), keep=2, best_metric='miou')
     saved = []

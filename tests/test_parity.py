@@ -14,13 +14,17 @@ import jax
 import numpy as np
 import pytest
 import torch
-from helpers import cpu_kernels_choice
+from helpers import PRIMITIVES, primitives
 
-import crossformer_jax.crossformer as flax_crossformer
-from crossformer_jax.compile_options import CPU_INFERENCE_OPTIONS, inference_compiler_options
-from crossformer_jax.convert import convert_torch_state_dict
-from crossformer_jax.crossformer import VARIANTS, create_model, group_layout
-from crossformer_jax.torch_reference import create_torch_model, randomize_parameters
+import crossformer_jax.models.crossformer as flax_crossformer
+from crossformer_jax.models import create_model
+from crossformer_jax.models.crossformer import VARIANTS, group_layout
+from crossformer_jax.reference.crossformer import create_torch_model, randomize_parameters
+from crossformer_jax.runtime.compile_options import (
+    CPU_INFERENCE_OPTIONS,
+    inference_compiler_options,
+)
+from crossformer_jax.weights.convert import convert_torch_state_dict
 
 # Float32 with the same operations in another order agrees to max|diff|/max|ref| <= 1.6e-6 on
 # every output measured here (1e-6 typical: rounding of sums over hundreds to thousands of
@@ -93,10 +97,12 @@ FAST_VARIANTS = ('crossformer_tiny',)
 @pytest.mark.parametrize(
     'name', [n if n in FAST_VARIANTS else pytest.param(n, marks=pytest.mark.slow) for n in VARIANTS]
 )
-def test_classifier_logits_at_224(name, record_property):
+@pytest.mark.parametrize('kernels', PRIMITIVES)
+def test_classifier_logits_at_224(name, kernels, record_property):
     torch_model, flax_model, variables = build_pair(name, seed=1)
-    references, outputs = run_both(torch_model, flax_model, variables, 224, 224, seed=2)
-    ratios = check_close(f'{name} logits 224', references, outputs)
+    with primitives(kernels):
+        references, outputs = run_both(torch_model, flax_model, variables, 224, 224, seed=2)
+    ratios = check_close(f'{name} logits 224 ({kernels})', references, outputs)
     record_property('parity_ratio', max(ratios))
 
 
@@ -106,11 +112,11 @@ def _fusions_with_dot_and_erf(hlo_text: str) -> int:
     return sum(' dot(' in c and ' erf(' in c for c in computations)
 
 
-def test_inference_compiler_options_keep_parity(monkeypatch):
+def test_inference_compiler_options_keep_parity():
     """The forward-only programs (evaluation, predict, throughput) compile with
     inference_compiler_options: on CPU the matmuls that XLA computes (all of them without the MKL
-    custom call) leave YNNPACK unfused (no fused computation holds a matmul and the GELU's erf
-    any more), and the logits keep the parity bound."""
+    custom call of the CPU plug-in) leave YNNPACK unfused (no fused computation holds a matmul and
+    the GELU's erf any more), and the logits keep the parity bound."""
     options = inference_compiler_options()
     assert options == CPU_INFERENCE_OPTIONS  # this CPU's XLA knows the option
     assert inference_compiler_options('gpu') == {} and inference_compiler_options('tpu') == {}
@@ -121,9 +127,8 @@ def test_inference_compiler_options_keep_parity(monkeypatch):
     check_close('crossformer_tiny logits 224, inference options', references, outputs)
     images = jax.ShapeDtypeStruct((BATCH, 224, 224, 3), np.float32)
     forward = lambda v, x: flax_model.apply(v, x)  # noqa: E731
-    with cpu_kernels_choice(monkeypatch, 'xla'):
-        default = jax.jit(forward).lower(variables, images).compile().as_text()
-        unfused = jax.jit(forward, compiler_options=options).lower(variables, images).compile()
+    default = jax.jit(forward).lower(variables, images).compile().as_text()
+    unfused = jax.jit(forward, compiler_options=options).lower(variables, images).compile()
     assert _fusions_with_dot_and_erf(default) > 0
     assert _fusions_with_dot_and_erf(unfused.as_text()) == 0
 
@@ -186,16 +191,18 @@ def test_backbone_rules_are_covered():
     assert {'LDA with padding', 'ACL'} <= pp
 
 
+@pytest.mark.parametrize('kernels', PRIMITIVES)
 @pytest.mark.parametrize('version', sorted(BACKBONES))
-def test_backbone_maps_non_square(version, record_property):
+def test_backbone_maps_non_square(version, kernels, record_property):
     name, overrides = BACKBONES[version]
     torch_model, flax_model, variables = build_pair(name, features_only=True, seed=3, **overrides)
     ratios = []
     # One model, both sizes in turn: nothing about the first input may be remembered.
     for k, (height, width) in enumerate(SIZES):
-        references, outputs = run_both(
-            torch_model, flax_model, variables, height, width, seed=4 + k
-        )
+        with primitives(kernels):
+            references, outputs = run_both(
+                torch_model, flax_model, variables, height, width, seed=4 + k
+            )
         expected_shapes = [
             (BATCH, 64 * 2**s, height // 2 ** (s + 2), width // 2 ** (s + 2)) for s in range(4)
         ]

@@ -17,10 +17,12 @@ from PIL import Image
 from random_weights import random_variables
 
 from configs import digits_demo
-from crossformer_jax import predict, training
-from crossformer_jax import pretrained as P
-from crossformer_jax.crossformer import create_model
-from crossformer_jax.weights import load_weights
+from crossformer_jax.cli import predict as predict_cli
+from crossformer_jax.inference import predict
+from crossformer_jax.models import create_model
+from crossformer_jax.training import trainer
+from crossformer_jax.weights import pretrained as P
+from crossformer_jax.weights.loading import load_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
@@ -52,7 +54,7 @@ def digits_run(tmp_path_factory):
     config.eval_every_steps = 60
     config.checkpoint_every_steps = 60
     workdir = str(root / 'workdir')
-    training.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
     return data_dir, workdir
 
 
@@ -75,7 +77,7 @@ def test_predict_names_most_validation_digits(digits_run, tmp_path, capsys):
     corrupt = tmp_path / 'corrupt.png'
     corrupt.write_bytes(b'not an image')
     missing = str(tmp_path / 'missing.png')
-    code = predict.main(
+    code = predict_cli.main(
         ['--weights', workdir, '--json', '--batch-size', '64', validation, str(corrupt), missing]
     )
     out, err = capsys.readouterr()
@@ -108,7 +110,7 @@ def test_predict_text_output_and_an_older_workdir(digits_run, tmp_path, capsys):
     image = os.path.join(
         data_dir, 'validation', '7', sorted(os.listdir(f'{data_dir}/validation/7'))[0]
     )
-    assert predict.main(['--weights', older, '--top-k', '3', image]) == 0
+    assert predict_cli.main(['--weights', older, '--top-k', '3', image]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == image and len(lines) == 4
     assert all(line.split()[-1] in [str(d) for d in range(10)] for line in lines[1:])
@@ -158,7 +160,7 @@ def test_older_pretrained_directory_loads_with_imagenet_defaults(imagenet_dir, t
 
     photo = tmp_path / 'photo.jpg'
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (180, 240, 3), np.uint8)).save(photo)
-    assert predict.main(['--weights', older, '--json', str(photo)]) == 0
+    assert predict_cli.main(['--weights', older, '--json', str(photo)]) == 0
     (result,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert all(t['label'] == weights.label_names[t['index']] for t in result['top'])
 
@@ -196,16 +198,16 @@ def test_a_backbone_has_nothing_to_predict(tmp_path, capsys):
         features_only=True,
         model_overrides=TINY,
     )
-    assert predict.main(['--weights', directory, str(tmp_path)]) == 2
+    assert predict_cli.main(['--weights', directory, str(tmp_path)]) == 2
     assert 'holds a backbone model, which has no predictions' in capsys.readouterr().err
 
 
 def test_evaluate_names_config_fields_that_differ_from_the_weights():
     config = digits_demo.get_config()  # 32 px, crop 1.0, mean/std 0.5
-    problems = training.preprocessing_differences(config, {})  # older: ImageNet defaults
+    problems = trainer.preprocessing_differences(config, {})  # older: ImageNet defaults
     assert [p.split('=')[0] for p in problems] == ['input_size', 'crop_pct', 'mean', 'std']
     stored = P.Preprocessing((32, 32), 1.0, 'bicubic', (0.5,) * 3, (0.5,) * 3).to_metadata()
-    assert training.preprocessing_differences(config, stored) == []
+    assert trainer.preprocessing_differences(config, stored) == []
 
 
 def test_segmentation_model_writes_a_colour_coded_mask_per_image(tmp_path, capsys):
@@ -227,7 +229,9 @@ def test_segmentation_model_writes_a_colour_coded_mask_per_image(tmp_path, capsy
     photo = tmp_path / 'street.jpg'
     Image.fromarray(np.random.RandomState(2).randint(0, 255, (32, 64, 3), np.uint8)).save(photo)
     masks = tmp_path / 'masks'
-    code = predict.main(['--weights', directory, '--json', '--mask-dir', str(masks), str(photo)])
+    code = predict_cli.main(
+        ['--weights', directory, '--json', '--mask-dir', str(masks), str(photo)]
+    )
     assert code == 0
     (result,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert result['mask'] == str(masks / 'street.png')

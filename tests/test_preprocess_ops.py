@@ -8,7 +8,7 @@ import tensorflow as tf
 from helpers import random_image
 from PIL import Image
 
-from crossformer_jax import preprocess_ops as ops
+from crossformer_jax.data import preprocess_ops as ops
 
 SEED = tf.constant([3, 7], tf.int64)
 

@@ -7,7 +7,7 @@ import pytest
 from helpers import random_image
 from PIL import Image, ImageEnhance, ImageOps
 
-from crossformer_jax import randaugment as ra
+from crossformer_jax.augment import randaugment as ra
 
 FILL = (128, 128, 128)
 

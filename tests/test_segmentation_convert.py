@@ -12,14 +12,16 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict
 
-from crossformer_jax import convert as C
-from crossformer_jax import pretrained as P
-from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
-from crossformer_jax.torch_reference import randomize_parameters
-from crossformer_jax.torch_segmentation import (
+from crossformer_jax.cli import convert as convert_cli
+from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS
+from crossformer_jax.reference.crossformer import randomize_parameters
+from crossformer_jax.reference.segmentation import (
     create_torch_segmentation_model,
     randomize_batch_norm_statistics,
 )
+from crossformer_jax.weights import convert as C
+from crossformer_jax.weights import pretrained as P
+from crossformer_jax.weights import torch_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'convert_torch_weights.py')
@@ -65,7 +67,7 @@ def test_conversion_and_its_inverse_are_bitwise_exact(name, fixture, request):
     assert set(variables) == {'params', 'batch_stats'}
     assert report.num_classes == 7 and not report.features_only
     assert report.skipped_buffers == sorted(
-        (k for k in state_dict if C.is_derived_buffer(k)), key=C._natural_key
+        (k for k in state_dict if C.is_derived_buffer(k)), key=torch_io.natural_key
     )
     assert any(k.endswith('.num_batches_tracked') for k in report.skipped_buffers)
     assert report.num_params == sum(
@@ -118,11 +120,13 @@ def test_reference_state_dicts_of_every_model_match_the_flax_models(name):
     assert C.infer_model_name({f'module.{k}': v for k, v in state_dict.items()}) == name
     report = C.check_torch_state_dict(state_dict, name)
     assert report.num_classes == 150 and report.overrides == {}
-    sd, skipped = C.extract_state_dict({'state_dict': state_dict, 'meta': {}}, keep_heads=True)
+    sd, skipped = torch_io.extract_state_dict(
+        {'state_dict': state_dict, 'meta': {}}, keep_heads=True
+    )
     assert sd.keys() == state_dict.keys() and skipped == []
     # Without keep_heads (and for --model <backbone>): the backbone alone, as for detection.
-    backbone, skipped = C.extract_state_dict({'state_dict': state_dict, 'meta': {}})
-    assert skipped and all(k.startswith(C.SEGMENTATION_PREFIXES) for k in skipped)
+    backbone, skipped = torch_io.extract_state_dict({'state_dict': state_dict, 'meta': {}})
+    assert skipped and all(k.startswith(torch_io.SEGMENTATION_PREFIXES) for k in skipped)
     assert C.check_torch_state_dict(backbone, SEGMENTATION_VARIANTS[name]['backbone']).features_only
 
 
@@ -213,7 +217,7 @@ def test_cli_converts_a_segmentation_checkpoint_and_load_pretrained_restores_it(
     # --model with a backbone name keeps today's behaviour: the backbone alone.
     backbone_out = tmp_path / 'backbone'
     assert (
-        C.main(
+        convert_cli.main(
             [
                 '--checkpoint',
                 str(path),
@@ -235,7 +239,7 @@ def test_cli_reports_every_bad_key_and_writes_nothing(tmp_path, fpn_checkpoint, 
     path = tmp_path / 'bad.pth'
     torch.save({'state_dict': bad}, path)
     out = tmp_path / 'out'
-    assert C.main(['--checkpoint', str(path), '--output', str(out)]) == 2
+    assert convert_cli.main(['--checkpoint', str(path), '--output', str(out)]) == 2
     err = capsys.readouterr().err
     assert 'neck.fpn_convs.2.conv.bias  expected (256)' in err
     assert 'decode_head.conv_seg.weight  expected (150, 128, 1, 1), found (150, 7, 1, 1)' in err

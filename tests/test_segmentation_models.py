@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from random_weights import random_variables
 
 import crossformer_jax
-from crossformer_jax import segmentation as S
+from crossformer_jax.models import segmentation as S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -261,7 +261,7 @@ def test_global_batch_statistics_over_a_sharded_batch():
         """
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from crossformer_jax.segmentation import UPerHead
+        from crossformer_jax.models.segmentation import UPerHead
         assert jax.device_count() == 2, jax.devices()
         head = UPerHead(num_classes=3, channels=8)
         # The two halves of the batch differ, so per-device statistics would not be global ones.
@@ -408,7 +408,7 @@ def _conv_macs_in_jaxpr(jaxpr) -> int:
 
 @pytest.mark.parametrize('name', ['upernet_crossformer_small', 'fpn_crossformer_pp_small'])
 def test_head_macs_equal_the_convolutions_the_model_runs(name):
-    from crossformer_jax.complexity import count_macs, count_segmentation_macs
+    from crossformer_jax.models.complexity import count_macs, count_segmentation_macs
 
     size = (64, 96)
     model = crossformer_jax.create_model(name, num_classes=11, **TINY)

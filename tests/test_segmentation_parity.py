@@ -9,12 +9,12 @@ ACL) with narrow heads; the full-size models run with -m slow.
 import pytest
 import torch
 
-from crossformer_jax import convert as C
-from crossformer_jax.torch_reference import randomize_parameters
-from crossformer_jax.torch_segmentation import (
+from crossformer_jax.reference.crossformer import randomize_parameters
+from crossformer_jax.reference.segmentation import (
     create_torch_segmentation_model,
     randomize_batch_norm_statistics,
 )
+from crossformer_jax.weights import convert as C
 
 # Observed max|diff| / max|reference|: 1e-6 to 1.8e-6 (float32 rounding of the same sums taken in
 # a different order: XLA's convolutions and attention vs PyTorch's, ~20 layers deep); the bound

@@ -17,7 +17,8 @@ import tensorflow as tf
 from helpers import REPO, TRAIN_SUBPROCESS_XLA_FLAGS, _metrics, _saved_state
 from PIL import Image
 
-from crossformer_jax import input_pipeline, segmentation_ops
+from crossformer_jax import models
+from crossformer_jax.data import ade20k, pipeline, sources
 
 PALETTE = np.array(
     [[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10], [10, 250, 250]], np.uint8
@@ -80,14 +81,14 @@ def _palette_index(image):
 
 def test_training_examples_keep_image_and_labels_aligned(ade_dir):
     config = _data_config(ade_dir)
-    info = input_pipeline.get_dataset_info(config)
+    info = sources.get_dataset_info(config)
     assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (4, 8, 3)
-    iterator = input_pipeline.create_train_iterator(
+    iterator = pipeline.create_train_iterator(
         config,
         local_batch_size=4,
         seed=3,
-        decode=input_pipeline.decode_whole,
-        preprocess=segmentation_ops.train_preprocess(config, 3, 0),
+        decode=pipeline.decode_whole,
+        preprocess=ade20k.train_preprocess(config, 3, 0),
         return_ids=True,
     )
     agreement = []
@@ -109,13 +110,13 @@ def test_same_stream_after_restart(ade_dir):
     config = _data_config(ade_dir, photometric_distortion=True)
 
     def batches(start_step, count):
-        iterator = input_pipeline.create_train_iterator(
+        iterator = pipeline.create_train_iterator(
             config,
             local_batch_size=2,
             seed=0,
             start_step=start_step,
-            decode=input_pipeline.decode_whole,
-            preprocess=segmentation_ops.train_preprocess(config, 0, 0),
+            decode=pipeline.decode_whole,
+            preprocess=ade20k.train_preprocess(config, 0, 0),
         )
         return [next(iterator) for _ in range(count)]
 
@@ -128,7 +129,7 @@ def test_same_stream_after_restart(ade_dir):
 
 def test_resize_nearest_follows_opencv_rule():
     label = tf.constant(np.arange(35, dtype=np.uint8).reshape(5, 7))
-    out = segmentation_ops.resize_nearest(label, 8, 3).numpy()
+    out = ade20k.resize_nearest(label, 8, 3).numpy()
     rows = np.floor(np.arange(8) * 5 / 8).astype(int)
     cols = np.floor(np.arange(3) * 7 / 3).astype(int)
     np.testing.assert_array_equal(out, np.arange(35).reshape(5, 7)[rows][:, cols])
@@ -136,9 +137,9 @@ def test_resize_nearest_follows_opencv_rule():
 
 def test_rescale_size_fits_long_and_short_targets():
     # 1000x400 (h x w) into (2048, 512): min(2048/1000, 512/400) = 1.28 -> 1280 x 512.
-    h, w = segmentation_ops.rescale_size(1000, 400, (2048, 512))
+    h, w = ade20k.rescale_size(1000, 400, (2048, 512))
     assert (int(h), int(w)) == (1280, 512)
-    h, w = segmentation_ops.rescale_size(300, 500, (2048, 512), ratio=0.5)
+    h, w = ade20k.rescale_size(300, 500, (2048, 512), ratio=0.5)
     assert (int(h), int(w)) == (256, 427)  # factor min(1024/500, 256/300) = 0.8533
 
 
@@ -157,7 +158,7 @@ def test_crop_avoids_a_dominating_class():
     for k in range(20):
         seed = tf.constant([k, 7], tf.int64)
         for ratio in (0.75, 1.0):
-            _, crop = segmentation_ops.random_crop(
+            _, crop = ade20k.random_crop(
                 image, tf.constant(label), seed, size=32, cat_max_ratio=ratio
             )
             assert crop.shape == (32, 32)
@@ -170,9 +171,7 @@ def test_crop_avoids_a_dominating_class():
 
 def test_eval_examples_at_every_scale_and_original_labels(ade_dir):
     config = _data_config(ade_dir)
-    examples = list(
-        segmentation_ops.create_eval_examples(config, scales=(0.5, 1.0, 1.75), process_count=1)
-    )
+    examples = list(ade20k.create_eval_examples(config, scales=(0.5, 1.0, 1.75), process_count=1))
     assert len(examples) == 3
     for example in examples:
         assert example['label'].shape == (40, 56)
@@ -184,7 +183,7 @@ def test_eval_examples_at_every_scale_and_original_labels(ade_dir):
     shards = [
         [
             e['id']
-            for e in segmentation_ops.create_eval_examples(
+            for e in ade20k.create_eval_examples(
                 config, scales=(1.0,), process_index=i, process_count=2
             )
         ]
@@ -201,12 +200,12 @@ def test_corrupt_pairs_are_skipped_and_missing_annotations_named(ade_dir, tmp_pa
     with open(root / 'images' / 'validation' / '001.png', 'wb') as f:
         f.write(b'not an image')
     config = _data_config(root)
-    examples = segmentation_ops.create_eval_examples(config, scales=(1.0,))
+    examples = ade20k.create_eval_examples(config, scales=(1.0,))
     ids = [os.path.basename(e['id'].decode()) for e in examples]
     assert ids == ['000.png', '002.png'] and examples.corrupt_count == 1
     os.remove(root / 'annotations' / 'validation' / '002.png')
     with pytest.raises(ValueError, match=r'have no <stem>.png .* e.g. 002.png'):
-        segmentation_ops.create_eval_examples(config, scales=(1.0,))
+        ade20k.create_eval_examples(config, scales=(1.0,))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -318,7 +317,9 @@ def test_resumed_segmentation_run_is_exact(run_env, trained):
 
 
 def test_classifier_weights_initialise_the_backbone(tmp_path):
-    from crossformer_jax import crossformer, pretrained, training
+    from crossformer_jax.tasks.segmentation import SegmentationTask
+    from crossformer_jax.training import trainer
+    from crossformer_jax.weights import pretrained
 
     geometry = dict(
         embed_dim=16,
@@ -328,7 +329,7 @@ def test_classifier_weights_initialise_the_backbone(tmp_path):
         interval=(2, 1, 1, 1),
     )
     images = np.zeros((1, 64, 64, 3), np.float32)
-    classifier = crossformer.create_model('crossformer_small', num_classes=10, **geometry)
+    classifier = models.create_model('crossformer_small', num_classes=10, **geometry)
     shapes = jax.eval_shape(classifier.init, jax.random.key(0), images)['params']
     leaves, treedef = jax.tree.flatten(shapes)
     weights = jax.tree.unflatten(
@@ -342,12 +343,13 @@ def test_classifier_weights_initialise_the_backbone(tmp_path):
         features_only=False,
         model_overrides=geometry,
     )
-    model = crossformer.create_model(
+    model = models.create_model(
         'fpn_crossformer_small', num_classes=11, head_channels=16, neck_channels=16, **geometry
     )
     seg_shapes = jax.eval_shape(model.init, jax.random.key(0), images)['params']
     fresh = jax.tree.map(lambda x: np.full(x.shape, -1.0, x.dtype), seg_shapes)
-    loaded = training.load_pretrained_params(str(tmp_path / 'classifier'), fresh)
+    task = SegmentationTask(num_classes=11, image_size=64)
+    loaded = trainer.load_pretrained_params(str(tmp_path / 'classifier'), fresh, task)
     jax.tree.map(
         np.testing.assert_array_equal,
         loaded['backbone'],

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from crossformer_jax.sharding import DATA_AXIS, create_mesh, fsdp_spec, state_shardings
+from crossformer_jax.runtime.sharding import DATA_AXIS, create_mesh, fsdp_spec, state_shardings
 
 
 @pytest.mark.parametrize(

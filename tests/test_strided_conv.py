@@ -1,27 +1,21 @@
-"""`strided_conv`'s hand-written input gradient equals autodiff of the plain convolution."""
+"""The CPU plug-in's `strided_conv` (custom calls, hand-written input gradient) equals autodiff of
+the plain convolution."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crossformer_jax.crossformer import strided_conv
-
-
-def plain_conv(x, kernel, stride, padding):
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        (stride, stride),
-        ((padding, padding),) * 2,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-    )
+from crossformer_jax.cpu import kernels
+from crossformer_jax.cpu.kernels import strided_conv
+from crossformer_jax.models.ops import strided_conv as plain_conv
 
 
 @pytest.mark.parametrize(
     ('kernel_size', 'stride', 'height', 'width'), [(4, 2, 8, 12), (8, 4, 16, 8), (2, 2, 6, 4)]
 )
 def test_strided_conv_gradients_match_autodiff(kernel_size, stride, height, width):
+    kernels.load()
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, height, width, 3)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 3, 5)), jnp.float32)

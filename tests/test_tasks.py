@@ -9,8 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from crossformer_jax import checkpointing, tasks, training
+from crossformer_jax import tasks
 from crossformer_jax.tasks import classification, segmentation
+from crossformer_jax.training import checkpointing, optimizer, trainer
 
 
 def test_get_task_follows_config_task():
@@ -134,7 +135,7 @@ def _segmentation_recipe(name):
 
 def test_poly_schedule_with_warmup():
     config = _segmentation_recipe('upernet_crossformer_small')
-    schedule = training.create_learning_rate_schedule(config, 1263, config.num_train_steps)
+    schedule = optimizer.create_learning_rate_schedule(config, 1263, config.num_train_steps)
     total, peak = 160_000, 6e-5
     for step, expected in [
         (0, peak * 1e-6),
@@ -145,7 +146,7 @@ def test_poly_schedule_with_warmup():
     ]:
         np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5, atol=1e-15)
     config = _segmentation_recipe('fpn_crossformer_base')
-    schedule = training.create_learning_rate_schedule(config, 1263, config.num_train_steps)
+    schedule = optimizer.create_learning_rate_schedule(config, 1263, config.num_train_steps)
     np.testing.assert_allclose(float(schedule(0)), 1e-4, rtol=1e-6)
     np.testing.assert_allclose(float(schedule(40_000)), 1e-4 * 0.5**0.9, rtol=1e-5)
 
@@ -165,7 +166,7 @@ def test_upernet_decays_everything_but_the_norm_layers():
         },
         'decode_head': {'bottleneck': {'bn': {'scale': 0}, 'conv': {'kernel': 0}}},
     }
-    mask = training.DECAY_RULES['no_norm'](params)
+    mask = optimizer.DECAY_RULES['no_norm'](params)
     flat = {
         '/'.join(str(k.key) for k in path): v
         for path, v in jax.tree_util.tree_leaves_with_path(mask)
@@ -178,7 +179,7 @@ def test_upernet_decays_everything_but_the_norm_layers():
         'backbone/patch_embed/norm/bias',
         'backbone/patch_embed/norm/scale',
     ]
-    assert all(jax.tree.leaves(training.DECAY_RULES['all'](params)))
+    assert all(jax.tree.leaves(optimizer.DECAY_RULES['all'](params)))
 
 
 def test_every_segmentation_config_is_valid():
@@ -189,11 +190,11 @@ def test_every_segmentation_config_is_valid():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for path in sorted(glob.glob(os.path.join(repo, 'configs/segmentation/*_ade20k.py'))):
         config = _segmentation_recipe(os.path.basename(path)[: -len('_ade20k.py')])
-        training.validate_config(config, mode='throughput', device_count=8)
+        trainer.validate_config(config, mode='throughput', device_count=8)
         names.add(config.model.name)
         upernet = config.model.name.startswith('upernet')
         assert config.aux_loss_weight == (0.4 if upernet else 0.0)
         assert config.weight_decay_rule == ('no_norm' if upernet else 'all')
-    from crossformer_jax import segmentation
+    from crossformer_jax.models import segmentation
 
     assert names == set(segmentation.SEGMENTATION_VARIANTS)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from published_figures import PUBLISHED_PARAM_COUNTS
 
-from crossformer_jax.crossformer import VARIANTS
-from crossformer_jax.torch_reference import (
+from crossformer_jax.models.crossformer import VARIANTS
+from crossformer_jax.reference.crossformer import (
     create_torch_model,
     randomize_parameters,
     relative_offsets,

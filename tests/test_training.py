@@ -27,11 +27,13 @@ from helpers import (
     _metrics,
     _params,
     _write_image_folder,
+    init_params,
 )
 
-NUM_STEPS = 32
+from crossformer_jax import models, tasks
+from crossformer_jax.training import optimizer, trainer
 
-from crossformer_jax import training  # noqa: E402
+NUM_STEPS = 32
 
 # -------------------------------------------------------------------------------------------------
 # Fixtures: data, config, and one uninterrupted reference run.
@@ -233,10 +235,10 @@ def test_eight_devices_match_one_device(env, reference, fsdp):
 SIGNALLING_LAUNCHER = """
 import os, runpy, signal, sys
 
-from crossformer_jax import training
+from crossformer_jax.training import trainer
 
 signal_name, at_step, train_py = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-write = training.MetricWriter.write
+write = trainer.MetricWriter.write
 
 
 def write_then_signal(self, step, scalars):
@@ -245,7 +247,7 @@ def write_then_signal(self, step, scalars):
         os.kill(os.getpid(), getattr(signal, signal_name))
 
 
-training.MetricWriter.write = write_then_signal
+trainer.MetricWriter.write = write_then_signal
 sys.argv = [train_py, *sys.argv[4:]]
 runpy.run_path(train_py, run_name='__main__')
 """
@@ -335,14 +337,14 @@ def test_non_finite_parameters_stop_the_run(env, reference):
 
 
 def test_evaluate_workdir_and_converted_checkpoint(env, reference):
-    from crossformer_jax import pretrained
+    from crossformer_jax.weights import pretrained
 
     config = _load_config(env)
     last_eval = [m for m in _metrics(reference['workdir']) if 'eval/top1' in m][-1]
 
     # The workdir's latest checkpoint gives the final evaluation of the run.
     config.eval_checkpoint = 'latest'
-    metrics = training.evaluate(config, str(reference['workdir']))
+    metrics = trainer.evaluate(config, str(reference['workdir']))
     assert metrics['count'] == 3 * 4  # padded examples of the last batch are not counted
     assert metrics['top1'] == pytest.approx(last_eval['eval/top1'])
     assert metrics['loss'] == pytest.approx(last_eval['eval/loss'], rel=1e-4)
@@ -351,7 +353,7 @@ def test_evaluate_workdir_and_converted_checkpoint(env, reference):
     model_dir = str(env['root'] / 'converted')
     overrides = {
         k: v
-        for k, v in training.model_overrides(config).items()
+        for k, v in trainer.model_overrides(config).items()
         if k in ('embed_dim', 'depths', 'num_heads', 'group_size', 'interval')
     }
     pretrained.save_pretrained(
@@ -363,16 +365,16 @@ def test_evaluate_workdir_and_converted_checkpoint(env, reference):
         model_overrides=overrides,
     )
     config.init_from = model_dir
-    metrics = training.evaluate(config, None)
+    metrics = trainer.evaluate(config, None)
     assert metrics['count'] == 12
     assert metrics['top1'] == pytest.approx(last_eval['eval/top1'])
     assert metrics['loss'] == pytest.approx(last_eval['eval/loss'], rel=1e-4)
 
     # Fine-tuning start: a new number of classes keeps everything but a re-initialised head.
-    model = training.create_model(config, num_classes=5)
-    shapes = jax.eval_shape(lambda key: training.init_params(model, key, 32), jax.random.key(1))
+    model = trainer.create_model(config, num_classes=5)
+    shapes = jax.eval_shape(lambda key: init_params(model, key, 32), jax.random.key(1))
     fresh = jax.tree.map(lambda x: np.full(x.shape, 7.0, x.dtype), shapes)
-    loaded = training.load_pretrained_params(model_dir, fresh)
+    loaded = trainer.load_pretrained_params(model_dir, fresh, tasks.get_task(config, 5))
     source = _params(reference['workdir'], NUM_STEPS)
     np.testing.assert_array_equal(loaded['norm']['scale'], source['norm']['scale'])
     np.testing.assert_array_equal(
@@ -386,10 +388,10 @@ def test_gradient_accumulation_matches_one_big_batch():
     import optax
     from random_weights import random_variables
 
-    from crossformer_jax import crossformer, sharding
+    from crossformer_jax.runtime import sharding
     from crossformer_jax.tasks.classification import ClassificationTask
 
-    model = crossformer.create_model(
+    model = models.create_model(
         'crossformer_tiny',
         num_classes=4,
         embed_dim=16,
@@ -399,9 +401,9 @@ def test_gradient_accumulation_matches_one_big_batch():
         interval=(2, 1, 1, 1),
         drop_path_rate=0.0,
     )
-    params = random_variables(model, (32, 32))['params']  # compiling init_params is slow
+    params = random_variables(model, (32, 32))['params']  # compiling model.init is slow
     tx = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify round-off)
-    state = training.TrainState.create(params, tx)
+    state = trainer.TrainState.create(params, tx)
     rng = np.random.RandomState(0)
     batch = {
         'image': rng.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8),
@@ -416,7 +418,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     results = []
     for accum in (1, 4):
         step = jax.jit(
-            lambda s, b, r, accum=accum: training.train_step(
+            lambda s, b, r, accum=accum: trainer.train_step(
                 s,
                 b,
                 r,
@@ -438,21 +440,19 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 def test_config_errors(env, tmp_path):
     config = _load_config(env)
-    with pytest.raises(training.ConfigError, match="unknown model 'crossformer_tinyy'"):
-        training.validate_config(
+    with pytest.raises(trainer.ConfigError, match="unknown model 'crossformer_tinyy'"):
+        trainer.validate_config(
             _load_config(env, **{'model.name': 'crossformer_tinyy'}), mode='train', device_count=1
         )
-    with pytest.raises(training.ConfigError, match=r'not divisible by the number of devices \(3\)'):
-        training.validate_config(config, mode='train', device_count=3)
-    with pytest.raises(training.ConfigError, match='grad_accum_steps'):
-        training.validate_config(
-            _load_config(env, grad_accum_steps=3), mode='train', device_count=1
-        )
+    with pytest.raises(trainer.ConfigError, match=r'not divisible by the number of devices \(3\)'):
+        trainer.validate_config(config, mode='train', device_count=3)
+    with pytest.raises(trainer.ConfigError, match='grad_accum_steps'):
+        trainer.validate_config(_load_config(env, grad_accum_steps=3), mode='train', device_count=1)
     missing = str(tmp_path / 'no_such_dir')
-    with pytest.raises(training.ConfigError, match='does not exist'):
-        training.train_and_evaluate(_load_config(env, **{'data.data_dir': missing}), str(tmp_path))
-    with pytest.raises(training.ConfigError, match='unknown override'):
-        training.validate_config(
+    with pytest.raises(trainer.ConfigError, match='does not exist'):
+        trainer.train_and_evaluate(_load_config(env, **{'data.data_dir': missing}), str(tmp_path))
+    with pytest.raises(trainer.ConfigError, match='unknown override'):
+        trainer.validate_config(
             _load_config(env, **{'model.embed_dims': 8}), mode='train', device_count=1
         )
 
@@ -468,15 +468,15 @@ def test_config_errors(env, tmp_path):
 def test_every_config_is_valid_and_follows_the_recipe():
     import glob
 
-    from crossformer_jax import crossformer
+    from crossformer_jax.models import crossformer
 
     names = []
     for path in sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))):
         if os.path.basename(path) in ('__init__.py', 'common.py'):
             continue
         config = _load_config_file(path)
-        training.validate_config(config, mode='throughput', device_count=8)
-        crossformer.model_config(config.model.name, **training.model_overrides(config))
+        trainer.validate_config(config, mode='throughput', device_count=8)
+        crossformer.model_config(config.model.name, **trainer.model_overrides(config))
         names.append(config.model.name)
     assert set(crossformer.VARIANTS) <= set(names)
 
@@ -485,7 +485,7 @@ def test_every_config_is_valid_and_follows_the_recipe():
     config = _load_config_file(os.path.join(REPO, 'configs', 'crossformer_base.py'))
     steps_per_epoch = 1281167 // 1024
     total = 300 * steps_per_epoch
-    schedule = training.create_learning_rate_schedule(config, steps_per_epoch, total)
+    schedule = optimizer.create_learning_rate_schedule(config, steps_per_epoch, total)
     np.testing.assert_allclose(
         [schedule(0), schedule(20 * steps_per_epoch), schedule(total)],
         [1e-6, 1e-3, 1e-5],
@@ -493,7 +493,7 @@ def test_every_config_is_valid_and_follows_the_recipe():
     )
     assert config.model.drop_path_rate == 0.3 and config.weight_decay == 0.05
     assert config.grad_clip_norm == 5.0 and config.model.dtype == 'bfloat16'
-    mask = training.decay_mask(
+    mask = optimizer.decay_mask(
         {'dense': {'kernel': np.zeros((2, 2)), 'bias': np.zeros(2)}, 'norm': {'scale': np.zeros(2)}}
     )
     assert mask == {'dense': {'kernel': True, 'bias': False}, 'norm': {'scale': False}}

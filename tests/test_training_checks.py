@@ -7,11 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import init_params
 from random_weights import random_variables
 
 from configs import digits_demo
-from crossformer_jax import pretrained, training
-from crossformer_jax.crossformer import create_model
+from crossformer_jax import tasks
+from crossformer_jax.models import create_model
+from crossformer_jax.training import trainer
+from crossformer_jax.weights import pretrained
 
 # The digits demo model (width 32, depths 1-1-2-1, groups of 4) on 32x32 images.
 MODEL_FIELDS = ('embed_dim', 'depths', 'num_heads', 'group_size', 'interval')
@@ -27,7 +30,7 @@ def _config(**changes):
 
 
 def _init(model, image_size, seed):
-    """Random parameters of the model's shapes (training.init_params takes long to compile)."""
+    """Random parameters of the model's shapes (compiling model.init takes long)."""
     return random_variables(model, (image_size, image_size), seed)['params']
 
 
@@ -35,7 +38,7 @@ def _init(model, image_size, seed):
 def converted(tmp_path_factory):
     """A converted-checkpoint directory of the demo model with 3 classes, trained at 32x32."""
     config = _config()
-    overrides = {k: v for k, v in training.model_overrides(config).items() if k in MODEL_FIELDS}
+    overrides = {k: v for k, v in trainer.model_overrides(config).items() if k in MODEL_FIELDS}
     model = create_model('crossformer_tiny', num_classes=3, **overrides)
     params = _init(model, 32, seed=0)
     directory = str(tmp_path_factory.mktemp('converted') / 'demo')
@@ -51,16 +54,16 @@ def converted(tmp_path_factory):
 
 
 def test_throughput_mode_measures_a_rate():
-    rate = training.measure_throughput(_config())
+    rate = trainer.measure_throughput(_config())
     assert math.isfinite(rate) and rate > 0
 
 
 def test_fine_tuning_at_another_resolution_and_class_count(converted):
     directory, source = converted
     config = _config(**{'data.image_size': 64})
-    model = training.create_model(config, num_classes=5)
+    model = trainer.create_model(config, num_classes=5)
     fresh = _init(model, 64, seed=1)
-    loaded = training.load_pretrained_params(directory, fresh)
+    loaded = trainer.load_pretrained_params(directory, fresh, tasks.get_task(config, 5))
     flat_loaded = jax.tree_util.tree_leaves_with_path(loaded)
     flat_source = dict(jax.tree_util.tree_leaves_with_path(source))
     flat_fresh = dict(jax.tree_util.tree_leaves_with_path(fresh))
@@ -83,11 +86,12 @@ def test_fine_tuning_at_another_resolution_and_class_count(converted):
 )
 def test_fine_tuning_refuses_another_architecture(converted, change, message):
     directory, _ = converted
-    model = training.create_model(_config(**change), num_classes=3)
-    fresh = jax.eval_shape(lambda key: training.init_params(model, key, 32), jax.random.key(1))
+    config = _config(**change)
+    model = trainer.create_model(config, num_classes=3)
+    fresh = jax.eval_shape(lambda key: init_params(model, key, 32), jax.random.key(1))
     fresh = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), fresh)
-    with pytest.raises(training.ConfigError, match=message):
-        training.load_pretrained_params(directory, fresh)
+    with pytest.raises(trainer.ConfigError, match=message):
+        trainer.load_pretrained_params(directory, fresh, tasks.get_task(config, 3))
 
 
 def test_load_pretrained_in_bfloat16(converted):

@@ -13,8 +13,8 @@ on everything, poly power 0.9, no warm-up. Both: 512x512 crops of images rescale
 
 import ml_collections
 
-ADE20K_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255
-ADE20K_STD = (58.395, 57.12, 57.375)
+from crossformer_jax.data.config import ADE20K_MEAN, ADE20K_STD
+
 DROP_PATH = {'small': 0.2, 'base': 0.3, 'large': 0.5, 'pp_small': 0.2}
 
 

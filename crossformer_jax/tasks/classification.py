@@ -13,10 +13,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from crossformer_jax import batch_ops, crossformer, mixup
-from crossformer_jax import sharding as sharding_lib
-from crossformer_jax.compile_options import inference_compiler_options
-from crossformer_jax.tasks import Task, check_split_directories, model_overrides
+from crossformer_jax import models
+from crossformer_jax.augment import batch_ops, mixup
+from crossformer_jax.data import classification as classification_data
+from crossformer_jax.data import pipeline, sources
+from crossformer_jax.models import crossformer
+from crossformer_jax.runtime import sharding as sharding_lib
+from crossformer_jax.runtime.compile_options import inference_compiler_options
+from crossformer_jax.tasks.base import Task, check_split_directories, model_overrides
 
 
 def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -73,13 +77,11 @@ class ClassificationTask(Task):
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict, *, mode: str) -> None:
-        from crossformer_jax.training import _isdir
-
         name = config.model.name
         if name not in crossformer.VARIANTS:
             raise ValueError(
                 f'unknown model {name!r} (config.model.name); available: '
-                f'{", ".join(crossformer.list_models())}'
+                f'{", ".join(models.list_models("classification"))}'
             )
         try:
             crossformer.model_config(name, **model_overrides(config))
@@ -103,7 +105,7 @@ class ClassificationTask(Task):
                 raise ValueError("config.data.data_dir must be set for dataset 'image_folder'")
             check_split_directories(data, mode)
         elif data.dataset == 'imagenet2012':
-            if data.data_dir and not _isdir(data.data_dir):
+            if data.data_dir and not sources.isdir(data.data_dir):
                 raise ValueError(f'config.data.data_dir={data.data_dir!r} does not exist')
         else:
             raise ValueError(
@@ -121,7 +123,7 @@ class ClassificationTask(Task):
         )
 
     def create_model(self, config: ml_collections.ConfigDict) -> nn.Module:
-        return crossformer.create_model(
+        return models.create_model(
             config.model.name, num_classes=self.num_classes, **model_overrides(config)
         )
 
@@ -131,21 +133,18 @@ class ClassificationTask(Task):
 
     def train_decode(self, data_config, seed: int, process_index: int) -> Callable:
         """Decoded and cropped to their random resized crop window (before resizing)."""
-        from crossformer_jax import input_pipeline
-
         return functools.partial(
-            input_pipeline._train_decode, data_config, seed=seed, process_index=process_index
+            classification_data.train_decode,
+            data_config,
+            seed=seed,
+            process_index=process_index,
         )
 
     def train_preprocess(self, data_config, seed: int, process_index: int) -> Callable:
-        from crossformer_jax import input_pipeline
-
-        return input_pipeline._train_preprocess(data_config, seed, process_index)
+        return classification_data.train_preprocess(data_config, seed, process_index)
 
     def eval_preprocess(self, data_config) -> Callable:
-        from crossformer_jax import input_pipeline
-
-        return input_pipeline._eval_preprocess(data_config)
+        return classification_data.eval_preprocess(data_config)
 
     def transform_batch(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """{'image' uint8, 'label'} -> {'image' float32, 'target' (B, K)}: RandAugmented,
@@ -173,8 +172,6 @@ class ClassificationTask(Task):
 
     def make_evaluator(self, model, mesh, variables_sharding, config):
         """One pass of global, sharded batches; the jit's replicated sums cover every host."""
-        from crossformer_jax import input_pipeline, training
-
         p_eval_step = jax.jit(
             functools.partial(eval_step, model=model, data_config=self.data),
             in_shardings=(variables_sharding, sharding_lib.batch_sharding(mesh)),
@@ -183,7 +180,7 @@ class ClassificationTask(Task):
         )
 
         def evaluate(variables):
-            eval_iter = input_pipeline.create_eval_iterator(
+            eval_iter = pipeline.create_eval_iterator(
                 config.data,
                 local_batch_size=config.eval_batch_size // jax.process_count(),
                 process_index=jax.process_index(),
@@ -191,7 +188,7 @@ class ClassificationTask(Task):
                 preprocess=self.eval_preprocess(config.data),
             )
             totals = None
-            for batch in training.prefetch_to_device(eval_iter, mesh):
+            for batch in sharding_lib.prefetch_to_device(eval_iter, mesh):
                 sums = p_eval_step(variables, batch)
                 totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             if totals is None:
@@ -200,10 +197,20 @@ class ClassificationTask(Task):
 
         return evaluate
 
+    def pretrained_params(self, source, target):
+        """A classifier checkpoint as it is; its head (another number of classes) and, from a
+        backbone-only checkpoint, the final norm may start fresh."""
+        del target
+
+        def may_start_fresh(path: str, loaded) -> bool:
+            return path.startswith('head/') or (path.startswith('norm/') and loaded is None)
+
+        return source, may_start_fresh
+
     @classmethod
     def preprocessing(cls, config):
         """Resize to image_size / eval_crop_fraction, centre crop, mean/std (on 0..1 pixels)."""
-        from crossformer_jax import pretrained
+        from crossformer_jax.weights import pretrained
 
         data = config.data
         return pretrained.Preprocessing(

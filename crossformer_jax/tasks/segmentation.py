@@ -1,7 +1,7 @@
 """Semantic segmentation: per-pixel cross-entropy (+ auxiliary head), mIoU / aAcc / mAcc.
 
 Training batches are {'image' (B, S, S, 3), 'label' (B, S, S) int32 with IGNORE_INDEX}. Evaluation
-runs image by image at each image's own size ("whole" mode, crossformer_jax.segmentation_ops):
+runs image by image at each image's own size ("whole" mode, crossformer_jax.data.ade20k):
 logits of every scale (and flip) are resized to the original label size, softmax-averaged when
 there are several, and the argmax is counted into a (K, K) confusion matrix (rows: label, columns:
 prediction). The images of a host go round-robin to its local devices; the matrices are summed
@@ -22,12 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from crossformer_jax import segmentation_ops
-from crossformer_jax import sharding as sharding_lib
-from crossformer_jax.compile_options import inference_compiler_options
-from crossformer_jax.tasks import Task, check_split_directories, model_overrides
+from crossformer_jax import models
+from crossformer_jax.data import ade20k
+from crossformer_jax.runtime import sharding as sharding_lib
+from crossformer_jax.runtime.compile_options import inference_compiler_options
+from crossformer_jax.tasks.base import Task, check_split_directories, model_overrides
 
-IGNORE_INDEX = segmentation_ops.IGNORE_INDEX
+IGNORE_INDEX = ade20k.IGNORE_INDEX
 
 
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -116,7 +117,7 @@ class SegmentationTask(Task):
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict, *, mode: str) -> None:
-        from crossformer_jax import segmentation
+        from crossformer_jax.models import segmentation
 
         name = config.model.name
         try:
@@ -153,9 +154,7 @@ class SegmentationTask(Task):
         )
 
     def create_model(self, config: ml_collections.ConfigDict) -> nn.Module:
-        from crossformer_jax import crossformer
-
-        return crossformer.create_model(
+        return models.create_model(
             config.model.name, num_classes=self.num_classes, **model_overrides(config)
         )
 
@@ -164,10 +163,10 @@ class SegmentationTask(Task):
         return dict(flax.core.unfreeze(model.init(rng, images)))
 
     def train_preprocess(self, data_config, seed: int, process_index: int):
-        return segmentation_ops.train_preprocess(data_config, seed, process_index)
+        return ade20k.train_preprocess(data_config, seed, process_index)
 
     def eval_preprocess(self, data_config):
-        return segmentation_ops.eval_preprocess(data_config, self.eval_scales)
+        return ade20k.eval_preprocess(data_config, self.eval_scales)
 
     def loss(self, model, params, model_state, batch, rng):
         (logits, aux_logits), updates = model.apply(
@@ -197,7 +196,7 @@ class SegmentationTask(Task):
         def evaluate(variables):
             full = replicate(variables)
             copies = {d: jax.tree.map(lambda x, d=d: _on_device(x, d), full) for d in local_devices}
-            examples = segmentation_ops.create_eval_examples(
+            examples = ade20k.create_eval_examples(
                 config.data,
                 scales=self.eval_scales,
                 process_index=jax.process_index(),
@@ -228,11 +227,30 @@ class SegmentationTask(Task):
 
         return evaluate
 
+    def pretrained_params(self, source, target):
+        """A classifier checkpoint goes into the `backbone` (without its norm and head; the
+        segmentation heads start fresh); a segmentation checkpoint with another number of classes
+        keeps fresh `conv_seg` layers."""
+        del target
+        into_backbone = not any(path.startswith('backbone/') for path in source)
+        if into_backbone:
+            source = {
+                f'backbone/{path}': value
+                for path, value in source.items()
+                if not path.startswith(('head/', 'norm/'))
+            }
+
+        def may_start_fresh(path: str, loaded) -> bool:
+            new_head = into_backbone and not path.startswith('backbone/')
+            return new_head or ('/conv_seg/' in path and loaded is not None)
+
+        return source, may_start_fresh
+
     @classmethod
     def preprocessing(cls, config):
         """The whole image fitted into image_size (bilinear), mean/std of config (0..255) on the
         0..1 scale that pretrained.Preprocessing uses."""
-        from crossformer_jax import pretrained
+        from crossformer_jax.weights import pretrained
 
         data = config.data
         return pretrained.Preprocessing(

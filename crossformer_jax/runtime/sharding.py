@@ -14,6 +14,8 @@ The same code runs on one CPU, on simulated host devices
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -91,3 +93,14 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
         name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for name, value in local_batch.items()
     }
+
+
+def prefetch_to_device(iterator: Iterator[dict[str, np.ndarray]], mesh, size: int = 2):
+    """Yields global, sharded batches, keeping `size` of them in flight ahead of the consumer."""
+    queue = collections.deque()
+    for batch in iterator:
+        queue.append(global_batch(batch, mesh))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

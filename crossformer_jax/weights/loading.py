@@ -16,9 +16,13 @@ import json
 import os
 from typing import Any
 
-from crossformer_jax import pretrained
-from crossformer_jax.pretrained import Preprocessing, PretrainedError
-from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
+import orbax.checkpoint as ocp
+
+from crossformer_jax.models import create_model
+from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS
+from crossformer_jax.training import checkpointing
+from crossformer_jax.weights import pretrained
+from crossformer_jax.weights.pretrained import Preprocessing, PretrainedError
 
 CHECKPOINT_ITEM = 'default'  # orbax CheckpointManager's item directory inside a step
 
@@ -42,8 +46,6 @@ class LoadedWeights:
 
 
 def is_workdir(path: str) -> bool:
-    from crossformer_jax import checkpointing
-
     return any(
         os.path.isdir(os.path.join(path, d))
         for d in (checkpointing.LATEST_DIR, checkpointing.BEST_DIR)
@@ -87,8 +89,6 @@ def load_weights(path: str | os.PathLike, *, dtype: Any = None) -> LoadedWeights
 
 def _checkpoint_step_dir(workdir: str) -> tuple[str, str]:
     """(directory of the best checkpoint, else the latest, 'best'/'latest at step S')."""
-    from crossformer_jax import checkpointing
-
     for which in (checkpointing.BEST_DIR, checkpointing.LATEST_DIR):
         root = os.path.join(workdir, which)
         steps = (
@@ -135,8 +135,6 @@ def _workdir_description(workdir: str, checkpoint: str) -> dict[str, Any]:
     model = dict(config.get('model') or {})
     if 'name' not in model:
         raise PretrainedError(f'{config_path} lacks model.name')
-    import orbax.checkpoint as ocp
-
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.metadata(checkpoint).item_metadata.tree
     try:
@@ -159,12 +157,6 @@ def _workdir_description(workdir: str, checkpoint: str) -> dict[str, Any]:
 
 
 def _load_workdir(workdir: str, dtype: Any) -> LoadedWeights:
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-
-    from crossformer_jax.crossformer import create_model
-
     checkpoint, which = _checkpoint_step_dir(workdir)
     metadata = _workdir_description(workdir, checkpoint)
     overrides = {
@@ -180,28 +172,10 @@ def _load_workdir(workdir: str, dtype: Any) -> LoadedWeights:
         )
     except (KeyError, ValueError) as e:
         raise PretrainedError(f'{workdir}: cannot build the model: {e}') from e
-    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device),
-        {'params': jax.eval_shape(model.init, jax.random.PRNGKey(0), images)['params']},
-    )
     try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            variables = checkpointer.restore(
-                checkpoint,
-                args=ocp.args.PyTreeRestore(
-                    item=abstract,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                    partial_restore=True,
-                ),
-            )
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PretrainedError(
-            f'cannot restore the parameters of {metadata["model_name"]} from {checkpoint}: '
-            f'{first[:300]}'
-        ) from e
+        variables = checkpointing.restore_variables(checkpoint, model, ('params',))
+    except ValueError as e:
+        raise PretrainedError(f'{metadata["model_name"]}: {e}') from e
     return LoadedWeights(
         model=model,
         variables=variables,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossformer_jax.crossformer import VARIANTS
+from crossformer_jax.models.crossformer import VARIANTS
 
 PATCH_KERNELS = (4, 8, 16, 32)
 MERGE_KERNELS = (2, 4)

@@ -26,20 +26,28 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
-from crossformer_jax.crossformer import ARCHITECTURE_FIELDS, create_model
+from crossformer_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
+from crossformer_jax.models import create_model
+from crossformer_jax.models.crossformer import ARCHITECTURE_FIELDS
+from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS
+from crossformer_jax.training import checkpointing
+from crossformer_jax.weights.convert import CONVERTER_VERSION
 
 METADATA_FILE = 'metadata.json'
 VARIABLES_DIR = 'variables'
-FORMAT_NAME = 'crossformer_jax.pretrained'
+FORMAT_NAME = 'crossformer_jax.weights.pretrained'
 FORMAT_VERSION = 1
 
 # JSON-friendly create_model overrides that describe the architecture (dtype / remat are runtime
 # choices and are not stored).
 _STORABLE_OVERRIDES = (
     *ARCHITECTURE_FIELDS,
-    # Segmentation heads (crossformer_jax.segmentation).
+    # Segmentation heads (crossformer_jax.models.segmentation).
     'head_channels',
     'aux_channels',
     'neck_channels',
@@ -53,8 +61,6 @@ class PretrainedError(ValueError):
 # -------------------------------------------------------------------------------------------------
 # Preprocessing and class names stored with the weights.
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest')
 
 
@@ -86,8 +92,6 @@ class Preprocessing:
 def default_preprocessing(model_name: str) -> Preprocessing:
     """What the published weights of `model_name` expect: ImageNet's evaluation transform for
     classifiers and backbones; for segmentation models (ADE20K) the whole image at 512, bilinear."""
-    from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
-
     if model_name in SEGMENTATION_VARIANTS:
         return Preprocessing(input_size=(512, 512), crop_pct=1.0, interpolation='bilinear')
     return Preprocessing()
@@ -238,11 +242,6 @@ def save_pretrained(
     one name per class (default for a 1000-class head: the ImageNet-1K classes). Returns the
     absolute directory.
     """
-    import jax
-    import orbax.checkpoint as ocp
-
-    from crossformer_jax.convert import CONVERTER_VERSION
-
     directory = os.path.abspath(os.fspath(directory))
     if not isinstance(variables, Mapping) or 'params' not in variables:
         raise PretrainedError("variables must be a dict with a 'params' entry")
@@ -357,10 +356,6 @@ def load_pretrained(directory: str | os.PathLike, *, dtype: Any = None):
     Returns (model, variables) with variables {'params': ...} of float32 jax arrays (segmentation
     models also 'batch_stats', the BatchNorm running statistics).
     """
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-
     directory = os.path.abspath(os.fspath(directory))
     metadata = read_metadata(directory)
     overrides = {
@@ -380,19 +375,9 @@ def load_pretrained(directory: str | os.PathLike, *, dtype: Any = None):
         )
     except ValueError as e:
         raise PretrainedError(f'{directory}: cannot build the model: {e}') from e
-    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract
-    )
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(os.path.join(directory, VARIABLES_DIR), abstract)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PretrainedError(
-            f'cannot restore the variables in {directory} for '
-            f'{metadata["model_name"]}: {first[:300]}'
-        ) from e
+        restored = checkpointing.restore_variables(os.path.join(directory, VARIABLES_DIR), model)
+    except ValueError as e:
+        raise PretrainedError(f'{metadata["model_name"]}: {e}') from e
     variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jnp.float32), restored)
     return model, variables

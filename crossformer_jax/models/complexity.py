@@ -4,8 +4,9 @@
 matmul the Flax model runs (attention over padded groups included), one image at a time.
 Normalisations, activations and softmax are not counted, as in the paper's GMACs.
 
-    python -m crossformer_jax.complexity [--image-size 224] [--num-classes 1000]
-    python -m crossformer_jax.complexity --segmentation [--image-size 512] [--num-classes 150]
+    python -m crossformer_jax.models.complexity [--image-size 224] [--num-classes 1000]
+    python -m crossformer_jax.models.complexity --segmentation [--image-size 512]
+        [--num-classes 150]
 
 Segmentation models: backbone MACs as above plus the heads' convolutions counted analytically
 (inference: decode head only, as the auxiliary head runs in training only); pooling, resizing,
@@ -20,21 +21,22 @@ import math
 import jax
 import jax.numpy as jnp
 
-from crossformer_jax.crossformer import (
+from crossformer_jax.models.crossformer import (
     ARCHITECTURE_FIELDS,
     VARIANTS,
-    create_model,
+    CrossFormer,
     cross_scale_channels,
     group_layout,
+    model_config,
 )
+from crossformer_jax.models.registry import create_model
+from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS
 
 
-def count_params(
-    name: str, num_classes: int = 1000, features_only: bool = False, **overrides
-) -> int:
-    """Number of parameters of a registered variant (shapes only; nothing is allocated); for
-    segmentation models without the BatchNorm statistics."""
-    model = create_model(name, num_classes, features_only, **overrides)
+def count_params(name: str, num_classes: int | None = None, **kwargs) -> int:
+    """Number of parameters of a registered model (shapes only; nothing is allocated), built with
+    `create_model(name, num_classes, **kwargs)`; without BatchNorm statistics."""
+    model = create_model(name, num_classes, **kwargs)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes['params'])))
 
@@ -66,7 +68,7 @@ def count_macs(
     **overrides,
 ) -> int:
     """MACs of one forward pass of one image of `image_size` (H, W) through a registered variant."""
-    model = create_model(name, num_classes, features_only, **overrides)
+    model = CrossFormer(**model_config(name, num_classes, features_only, **overrides))
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     stride = model.patch_kernel_sizes[0]
     h, w = height // stride, width // stride
@@ -103,9 +105,7 @@ def count_segmentation_macs(
 ) -> int:
     """MACs of one inference pass (backbone + neck + decode head) of one image of `image_size`
     through a registered segmentation model."""
-    from crossformer_jax.segmentation import create_segmentation_model
-
-    model = create_segmentation_model(name, num_classes, **overrides)
+    model = create_model(name, num_classes, **overrides)
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     macs = count_macs(
         'crossformer_small',  # any variant: every architecture field is given
@@ -137,8 +137,6 @@ def count_segmentation_macs(
 
 def segmentation_report(image_sizes=(512, 1024), num_classes: int = 150) -> list[dict]:
     """Parameters and inference GMACs of every segmentation model at each square image size."""
-    from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
-
     return [
         dict(
             model=name,

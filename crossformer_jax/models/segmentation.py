@@ -33,39 +33,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossformer_jax.crossformer import (
+from crossformer_jax.models.crossformer import (
     ARCHITECTURE_FIELDS,
     VARIANTS,
     CrossFormer,
     normalize_backbone_fields,
 )
+from crossformer_jax.models.registry import register_model
 
 BATCH_NORM_MOMENTUM = 0.9  # running = 0.9 * running + 0.1 * batch (PyTorch's momentum 0.1)
 BATCH_NORM_EPS = 1e-5
 POOL_SCALES = (1, 2, 3, 6)
-
-# Backbone group geometry of the released configs: Semantic FPN S and L used larger groups.
-_GEOMETRY_7 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1))
-_GEOMETRY_14 = dict(group_size=(14, 14, 7, 7), interval=(16, 8, 2, 1))
-
-SEGMENTATION_VARIANTS: dict[str, dict[str, Any]] = {
-    'upernet_crossformer_small': dict(head='upernet', backbone='crossformer_small', **_GEOMETRY_7),
-    'upernet_crossformer_base': dict(head='upernet', backbone='crossformer_base', **_GEOMETRY_7),
-    'upernet_crossformer_large': dict(head='upernet', backbone='crossformer_large', **_GEOMETRY_7),
-    'upernet_crossformer_pp_small': dict(
-        head='upernet', backbone='crossformer_pp_small', **_GEOMETRY_7
-    ),
-    'fpn_crossformer_small': dict(head='fpn', backbone='crossformer_small', **_GEOMETRY_14),
-    'fpn_crossformer_base': dict(head='fpn', backbone='crossformer_base', **_GEOMETRY_7),
-    'fpn_crossformer_large': dict(head='fpn', backbone='crossformer_large', **_GEOMETRY_14),
-    'fpn_crossformer_pp_small': dict(head='fpn', backbone='crossformer_pp_small', **_GEOMETRY_7),
-}
-
-# Head widths of the released configs.
-HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
-    'upernet': dict(head_channels=512, aux_channels=256, dropout_rate=0.1),
-    'fpn': dict(head_channels=128, neck_channels=256, dropout_rate=0.1),
-}
 
 _BACKBONE_FIELDS = (*ARCHITECTURE_FIELDS, 'drop_path_rate', 'remat', 'dtype')
 
@@ -441,6 +419,29 @@ def segmentation_backbone(model: SegmentationModel, name: str | None = None) -> 
 # -------------------------------------------------------------------------------------------------
 # Registry.
 
+# Backbone group geometry of the released configs: Semantic FPN S and L used larger groups.
+_GEOMETRY_7 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1))
+_GEOMETRY_14 = dict(group_size=(14, 14, 7, 7), interval=(16, 8, 2, 1))
+
+SEGMENTATION_VARIANTS: dict[str, dict[str, Any]] = {
+    'upernet_crossformer_small': dict(head='upernet', backbone='crossformer_small', **_GEOMETRY_7),
+    'upernet_crossformer_base': dict(head='upernet', backbone='crossformer_base', **_GEOMETRY_7),
+    'upernet_crossformer_large': dict(head='upernet', backbone='crossformer_large', **_GEOMETRY_7),
+    'upernet_crossformer_pp_small': dict(
+        head='upernet', backbone='crossformer_pp_small', **_GEOMETRY_7
+    ),
+    'fpn_crossformer_small': dict(head='fpn', backbone='crossformer_small', **_GEOMETRY_14),
+    'fpn_crossformer_base': dict(head='fpn', backbone='crossformer_base', **_GEOMETRY_7),
+    'fpn_crossformer_large': dict(head='fpn', backbone='crossformer_large', **_GEOMETRY_14),
+    'fpn_crossformer_pp_small': dict(head='fpn', backbone='crossformer_pp_small', **_GEOMETRY_7),
+}
+
+# Head widths of the released configs.
+HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    'upernet': dict(head_channels=512, aux_channels=256, dropout_rate=0.1),
+    'fpn': dict(head_channels=128, neck_channels=256, dropout_rate=0.1),
+}
+
 _OVERRIDABLE = {
     'upernet': set(_BACKBONE_FIELDS) | {'head_channels', 'aux_channels', 'dropout_rate'},
     'fpn': set(_BACKBONE_FIELDS) | {'head_channels', 'neck_channels', 'dropout_rate'},
@@ -480,6 +481,12 @@ def segmentation_config(name: str, num_classes: int = 150, **overrides) -> dict[
     return kwargs
 
 
-def create_segmentation_model(name: str, num_classes: int = 150, **overrides) -> SegmentationModel:
+def build_segmentation_model(name: str, num_classes: int = 150, **overrides) -> SegmentationModel:
     """A registered segmentation model (see SEGMENTATION_VARIANTS) as a Flax module."""
+    if overrides.pop('features_only', False):
+        raise ValueError(f'{name} is a segmentation model; features_only does not apply')
     return SegmentationModel(**segmentation_config(name, num_classes, **overrides))
+
+
+for _name in SEGMENTATION_VARIANTS:
+    register_model(_name, task='segmentation', num_classes=150, build=build_segmentation_model)

@@ -10,7 +10,8 @@ config.task ('classification' or 'segmentation'). Read top to bottom:
 3. `train_and_evaluate`: the loop (resume, train, log, evaluate, checkpoint, preemption);
 4. `evaluate` and `measure_throughput`, the other two modes of train.py.
 
-Parallelism is explicit: one 1-D mesh with axis 'data' over all devices (crossformer_jax.sharding);
+Parallelism is explicit: one 1-D mesh with axis 'data' over all devices
+(crossformer_jax.runtime.sharding);
 batches are split along it, the state is replicated or (config.fsdp) split FSDP-style. Every random
 number of step s comes from fold_in(key(seed), s), and the input pipeline restarts at any step, so a
 resumed run repeats exactly what an uninterrupted one would have done.
@@ -18,14 +19,12 @@ resumed run repeats exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import math
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import flax
@@ -35,13 +34,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorflow as tf
 from absl import logging
 from flax import traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from crossformer_jax import checkpointing, tasks
-from crossformer_jax import sharding as sharding_lib
-from crossformer_jax.compile_options import inference_compiler_options
+from crossformer_jax import tasks
+from crossformer_jax.data import pipeline, sources
+from crossformer_jax.runtime import sharding as sharding_lib
+from crossformer_jax.runtime.compile_options import inference_compiler_options
+from crossformer_jax.training import checkpointing, optimizer
+from crossformer_jax.weights import pretrained
 
 
 class ConfigError(ValueError):
@@ -97,118 +101,13 @@ def validate_config(config: ml_collections.ConfigDict, *, mode: str, device_coun
                 f'devices ({device_count})'
             )
 
-    if config.init_from and not _isdir(config.init_from):
+    if config.init_from and not sources.isdir(config.init_from):
         raise ConfigError(f'config.init_from={config.init_from!r} is not a directory')
-
-
-def _is_remote(path: str) -> bool:
-    return '://' in path  # gs://, s3://...: go through tf.io.gfile
-
-
-def _isdir(path: str) -> bool:
-    if _is_remote(path):
-        import tensorflow as tf
-
-        return tf.io.gfile.isdir(path)
-    return os.path.isdir(path)
-
-
-model_overrides = tasks.model_overrides
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """The model of config.task and config.model with num_classes classes."""
     return tasks.get_task(config, num_classes).create_model(config)
-
-
-# -------------------------------------------------------------------------------------------------
-# Learning rate and optimizer.
-
-
-def create_learning_rate_schedule(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
-) -> optax.Schedule:
-    """The learning rate of every step; config.lr_schedule picks the shape.
-
-    'cosine' (default): linear warm-up from warmup_lr to base_lr, then cosine to min_lr. All three
-    rates are given for a batch of config.lr_reference_batch (512) and scaled linearly by
-    batch_size / 512. (The reference code evaluates the cosine at step / total from step 0, so
-    its rate just after warm-up is a hair below the peak; here the cosine starts at the peak.)
-
-    'poly': base_lr * (1 - step / total_steps) ** poly_power from step 0, multiplied during the
-    first warmup_steps by 1 - (1 - step / warmup_steps) * (1 - warmup_ratio) (the segmentation
-    recipe; warmup_steps 0 for none). Scaled by batch_size / lr_reference_batch too.
-    """
-    scale = config.batch_size / config.lr_reference_batch
-    if config.get('lr_schedule', 'cosine') == 'poly':
-        peak, power = config.base_lr * scale, config.poly_power
-        warmup_steps, warmup_ratio = config.warmup_steps, config.warmup_ratio
-
-        def poly(step):
-            t = jnp.asarray(step, jnp.float32)
-            rate = peak * (1.0 - jnp.minimum(t, total_steps) / total_steps) ** power
-            if warmup_steps > 0:
-                # 1 - (1 - t / W)(1 - ratio), written so that float32 keeps the ratio exact
-                factor = warmup_ratio + (1.0 - warmup_ratio) * (t / warmup_steps)
-                rate = jnp.where(t < warmup_steps, rate * factor, rate)
-            return rate
-
-        return poly
-    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=config.warmup_lr * scale,
-        peak_value=config.base_lr * scale,
-        warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1),
-        end_value=config.min_lr * scale,
-    )
-
-
-def decay_mask(params: Any) -> Any:
-    """True for parameters that get weight decay: everything but 1-D ones (biases, norm scales)."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
-# The LayerNorms whose PyTorch names contain 'norm' (patch_embed.norm, norm1, norm2,
-# downsample.norm); the DPB's pos{n}_norm, ACL's ex_ln and BatchNorms ('bn') are not among them.
-_NORM_MODULES = frozenset({'norm', 'norm1', 'norm2'})
-
-
-def decay_mask_except_norms(params: Any) -> Any:
-    """True for every parameter but those of the LayerNorms named norm / norm1 / norm2."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any(getattr(k, 'key', None) in _NORM_MODULES for k in path), params
-    )
-
-
-DECAY_RULES = {
-    'no_1d': decay_mask,
-    'no_norm': decay_mask_except_norms,
-    'all': lambda params: jax.tree.map(lambda _: True, params),
-}
-
-
-def create_optimizer(
-    config: ml_collections.ConfigDict, schedule: optax.Schedule
-) -> optax.GradientTransformation:
-    """Gradient-norm clipping (config.grad_clip_norm > 0), then AdamW with decoupled weight decay
-    on the parameters config.weight_decay_rule picks ('no_1d' default, 'no_norm', 'all')."""
-    rule = config.get('weight_decay_rule', 'no_1d')
-    if rule not in DECAY_RULES:
-        raise ConfigError(
-            f'config.weight_decay_rule must be one of {sorted(DECAY_RULES)}, got {rule!r}'
-        )
-    adamw = optax.adamw(
-        schedule,
-        b1=config.adam_b1,
-        b2=config.adam_b2,
-        eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-        mask=DECAY_RULES[rule],
-    )
-    if config.grad_clip_norm <= 0:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -312,16 +211,6 @@ def train_step(
 # Building blocks of the loop.
 
 
-def _input_pipeline():
-    from crossformer_jax import input_pipeline
-
-    return input_pipeline
-
-
-def init_params(model: nn.Module, rng: jax.Array, image_size: int) -> Any:
-    return model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))['params']
-
-
 def _init_state(
     task: tasks.Task, model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array
 ) -> TrainState:
@@ -331,35 +220,21 @@ def _init_state(
     return TrainState.create(params, tx, variables)
 
 
-def load_pretrained_params(directory: str, params: Any) -> Any:
+def load_pretrained_params(directory: str, params: Any, task: tasks.Task) -> Any:
     """Takes every parameter of a converted checkpoint whose path and shape match `params`.
 
     The Dynamic Position Bias makes every weight independent of the image size, so a checkpoint
-    loads at any resolution. A head of another shape (new num_classes) keeps its fresh
-    initialisation (as does a missing final norm, for a backbone-only checkpoint); any other
-    mismatch means a different architecture and is an error.
-
-    A classifier's checkpoint loads into the `backbone` of a segmentation model (its norm and
-    head are left out; the segmentation heads start fresh), and a segmentation checkpoint with
-    another number of classes keeps fresh `conv_seg` layers.
+    loads at any resolution. The task says how the checkpoint's names map into its model and which
+    parameters may keep their fresh initialisation (`Task.pretrained_params`: a new head, say);
+    any other mismatch means a different architecture and is an error.
     """
-    from crossformer_jax import pretrained
-
     _, variables = pretrained.load_pretrained(directory)
     logging.info(
         'Initialising from %s (%s).', directory, pretrained.read_metadata(directory)['model_name']
     )
     source = traverse_util.flatten_dict(flax.core.unfreeze(variables['params']), sep='/')
     target = traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
-    into_backbone = any(p.startswith('backbone/') for p in target) and not any(
-        p.startswith('backbone/') for p in source
-    )
-    if into_backbone:
-        source = {
-            f'backbone/{path}': value
-            for path, value in source.items()
-            if not path.startswith(('head/', 'norm/'))
-        }
+    source, may_start_fresh = task.pretrained_params(source, target)
     merged, fresh, problems = {}, [], []
     for path, value in target.items():
         loaded = source.get(path)
@@ -367,12 +242,7 @@ def load_pretrained_params(directory: str, params: Any) -> Any:
             merged[path] = jnp.asarray(loaded, value.dtype)
         else:
             merged[path] = value
-            # The classifier (norm + head) may be new: other classes, or a backbone checkpoint.
-            classifier = path.startswith('head/') or (path.startswith('norm/') and loaded is None)
-            new_head = (into_backbone and not path.startswith('backbone/')) or (
-                '/conv_seg/' in path and loaded is not None
-            )
-            (fresh if classifier or new_head else problems).append(
+            (fresh if may_start_fresh(path, loaded) else problems).append(
                 f'{path}: model {tuple(value.shape)}, checkpoint '
                 f'{None if loaded is None else tuple(loaded.shape)}'
             )
@@ -408,12 +278,12 @@ class MetricWriter:
         self.active = jax.process_index() == 0
         if not self.active:
             return
-        import tensorflow as tf
-
         self._tf = tf
         self._writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
         self._jsonl = (
-            None if _is_remote(workdir) else open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115 (closed in close())
+            None
+            if sources.is_remote(workdir)
+            else open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115 (closed in close())
         )
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -451,25 +321,12 @@ class PreemptionWatcher:
 
     def should_stop(self, step: int) -> bool:
         if self._multiprocess:
-            from jax.experimental import multihost_utils
-
             return multihost_utils.reached_preemption_sync_point(step)
         return self._received
 
     def close(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def prefetch_to_device(iterator: Iterator[dict[str, np.ndarray]], mesh, size: int = 2):
-    """Yields global, sharded batches, keeping `size` of them in flight ahead of the consumer."""
-    queue = collections.deque()
-    for batch in iterator:
-        queue.append(sharding_lib.global_batch(batch, mesh))
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
 
 
 def _format_eta(seconds: float) -> str:
@@ -479,8 +336,6 @@ def _format_eta(seconds: float) -> str:
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        import tensorflow as tf
-
         with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
@@ -494,20 +349,16 @@ def save_workdir_metadata(
     """WORKDIR/metadata.json: the model, the evaluation preprocessing (timm's pretrained-config
     fields) and the class names, so that predict.py and export_torch_weights.py can use the
     workdir's checkpoints without the config file."""
-    from crossformer_jax import pretrained
-
     if jax.process_index() != 0:
         return
     preprocessing = tasks.task_class(config).preprocessing(config)
     metadata = pretrained.workdir_metadata(
         model_name=config.model.name,
-        model_overrides=model_overrides(config),
+        model_overrides=tasks.model_overrides(config),
         num_classes=num_classes,
         preprocessing=preprocessing,
         label_names=class_names,
     )
-    import tensorflow as tf
-
     with tf.io.gfile.GFile(os.path.join(workdir, pretrained.METADATA_FILE), 'w') as f:
         f.write(json.dumps(metadata, indent=2, sort_keys=True) + '\n')
 
@@ -541,15 +392,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Trains (resuming from workdir if it holds a checkpoint), evaluates, checkpoints."""
     mesh = sharding_lib.create_mesh()
     validate_config(config, mode='train', device_count=mesh.size)
-    pipeline = _input_pipeline()
-    if _is_remote(workdir):
-        import tensorflow as tf
-
+    if sources.is_remote(workdir):
         tf.io.gfile.makedirs(workdir)
     else:
         os.makedirs(workdir, exist_ok=True)
 
-    info = pipeline.get_dataset_info(config.data)
+    info = sources.get_dataset_info(config.data)
     num_classes = info.num_classes
     steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
     total_steps = (
@@ -573,8 +421,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     task = tasks.get_task(config, num_classes)
     model = task.create_model(config)
-    schedule = create_learning_rate_schedule(config, steps_per_epoch, total_steps)
-    tx = create_optimizer(config, schedule)
+    schedule = optimizer.create_learning_rate_schedule(config, steps_per_epoch, total_steps)
+    tx = optimizer.create_optimizer(config, schedule)
 
     # Shapes first, then shardings, then the real arrays created directly in their layout.
     seed_rng = jax.random.key(config.seed)
@@ -616,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
         if config.init_from:
             params = jax.device_put(
-                load_pretrained_params(config.init_from, state.params), state_sharding.params
+                load_pretrained_params(config.init_from, state.params, task), state_sharding.params
             )
             state = jax.jit(
                 lambda s, p: TrainState.create(p, tx, s.model_state),
@@ -657,7 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         decode=task.train_decode(config.data, config.seed, jax.process_index()),
         preprocess=task.train_preprocess(config.data, config.seed, jax.process_index()),
     )
-    train_iter = prefetch_to_device(train_iter, mesh)
+    train_iter = sharding_lib.prefetch_to_device(train_iter, mesh)
 
     def run_eval() -> dict[str, float]:
         return task.final_metrics(evaluator(state.variables))
@@ -791,8 +639,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def preprocessing_differences(config: ml_collections.ConfigDict, metadata: dict) -> list[str]:
     """One line per preprocessing field where config (as its task reads it) differs from the
     preprocessing stored with weights (the ImageNet defaults for older directories)."""
-    from crossformer_jax import pretrained
-
     stored = pretrained.preprocessing_from_metadata(metadata)
     ours = tasks.task_class(config).preprocessing(config)
     return [
@@ -811,12 +657,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
     """
     mesh = sharding_lib.create_mesh()
     validate_config(config, mode='evaluate', device_count=mesh.size)
-    info = _input_pipeline().get_dataset_info(config.data)
+    info = sources.get_dataset_info(config.data)
     task = tasks.get_task(config, info.num_classes)
 
     ckpts = (
         checkpointing.Checkpoints(workdir, best_metric=task.best_metric)
-        if workdir and _isdir(os.path.join(workdir, checkpointing.LATEST_DIR))
+        if workdir and sources.isdir(os.path.join(workdir, checkpointing.LATEST_DIR))
         else None
     )
     has_ckpt = ckpts is not None and ckpts.latest_step() is not None
@@ -827,7 +673,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
             which = 'latest'
         model = task.create_model(config)
         steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
-        tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch, 1))
+        tx = optimizer.create_optimizer(
+            config, optimizer.create_learning_rate_schedule(config, steps_per_epoch, 1)
+        )
         abstract_state = jax.eval_shape(
             functools.partial(_init_state, task, model, tx), jax.random.key(0)
         )
@@ -840,8 +688,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
         source = f'{which} checkpoint of {workdir} (step {int(state.step)})'
         ckpts.close()
     elif config.init_from:
-        from crossformer_jax import pretrained
-
         model, variables = pretrained.load_pretrained(
             config.init_from, dtype=config.model.get('dtype')
         )

@@ -1,14 +1,11 @@
-"""Semantic segmentation data: the ADE20K folder source and the tf.data augmentation.
+"""Semantic segmentation examples (ADE20K): the tf.data augmentation and per-example functions.
 
-Layout (ADEChallengeData2016)::
+Images come from ``sources.ADE20KSource`` (DATA_DIR/{images,annotations}/<split>/; per-host
+sharding, deterministic epoch order, exact resume, corrupt files skipped and counted by
+crossformer_jax.data.pipeline); the functions below are the task's per-example preprocessing.
+The ``config.data`` fields read default as in ``ADE20K_DEFAULTS`` (crossformer_jax.data.config).
 
-    DATA_DIR/images/<split>/<stem>.jpg
-    DATA_DIR/annotations/<split>/<stem>.png     # one channel: 0 = other, 1..K = classes
-
-Labels are "reduce zero label": PNG value 0 becomes IGNORE_INDEX (255) and v becomes v - 1. The
-source plugs into crossformer_jax.input_pipeline (per-host sharding, deterministic epoch order,
-exact resume, corrupt files skipped and counted); the functions below are the task's per-example
-preprocessing.
+Labels are "reduce zero label": PNG value 0 becomes IGNORE_INDEX (255) and v becomes v - 1.
 
 Training (every random draw from one stateless seed per example, so image and labels see the same
 draws and resumed runs repeat them): random rescale with ratio r ~ U(ratio_range) to fit
@@ -25,83 +22,15 @@ original size (the task resizes the logits back to it).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
-import numpy as np
 import tensorflow as tf
 
-from crossformer_jax import input_pipeline
+from crossformer_jax.data import pipeline
+from crossformer_jax.data.config import ADE20K_DEFAULTS, data_field
+from crossformer_jax.data.sources import SEGMENTATION_AUGMENT_DOMAIN, element_key, shard_key
 
 IGNORE_INDEX = 255
-ADE20K_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255
-ADE20K_STD = (58.395, 57.12, 57.375)
-_SEG_AUGMENT_DOMAIN = 3
-
-
-# ----------------------------------------------------------------------------
-# Source
-
-
-def _list_ade20k(root: str, split: str) -> tuple[list[str], list[str]]:
-    """Sorted (image paths, annotation paths) of one split; every image needs its annotation."""
-    image_dir = os.path.join(root, 'images', split)
-    label_dir = os.path.join(root, 'annotations', split)
-    for path in (image_dir, label_dir):
-        if not tf.io.gfile.isdir(path):
-            raise FileNotFoundError(f'segmentation split folder not found: {path}')
-    labels = {
-        os.path.splitext(n)[0]: n for n in tf.io.gfile.listdir(label_dir) if n.endswith('.png')
-    }
-    images, annotations, missing = [], [], []
-    for name in sorted(tf.io.gfile.listdir(image_dir)):
-        if name.startswith('.') or not name.lower().endswith(input_pipeline.IMAGE_EXTENSIONS):
-            continue
-        stem = os.path.splitext(name)[0]
-        if stem not in labels:
-            missing.append(name)
-            continue
-        images.append(os.path.join(image_dir, name))
-        annotations.append(os.path.join(label_dir, labels[stem]))
-    if missing:
-        raise ValueError(
-            f'{len(missing)} image(s) of {image_dir} have no <stem>.png in {label_dir}, '
-            f'e.g. {missing[0]}'
-        )
-    return images, annotations
-
-
-class ADE20KSource(input_pipeline._FolderSource):
-    """Image + annotation pairs of DATA_DIR/{images,annotations}/<split>/; files i, i+n, ... of
-    the sorted list on process i of n, the epoch order and resume of the image-folder source."""
-
-    def __init__(self, cfg, split: str, process_index: int, process_count: int):
-        images, annotations = _list_ade20k(input_pipeline._get(cfg, 'data_dir'), split)
-        self.total_examples = len(images)
-        self.max_shard_examples = -(-len(images) // process_count)
-        self.paths = np.asarray(images, dtype=object)[process_index::process_count]
-        self.labels = np.asarray(annotations, dtype=object)[process_index::process_count]
-        self.num_examples = len(self.paths)
-
-    def _elements(self, index: tf.Tensor, paths: tf.Tensor, labels: tf.Tensor):
-        path = tf.gather(paths, index)
-        return {'data': path, 'label_data': tf.gather(labels, index), 'id': path}
-
-
-def ade20k_info(cfg) -> input_pipeline.DatasetInfo:
-    """config.data.num_classes classes; examples counted in both splits (0 if absent)."""
-    root = input_pipeline._get(cfg, 'data_dir')
-
-    def count(split):
-        if not tf.io.gfile.isdir(os.path.join(root, 'images', split)):
-            return 0
-        return len(_list_ade20k(root, split)[0])
-
-    return input_pipeline.DatasetInfo(
-        int(input_pipeline._get(cfg, 'num_classes')),
-        count(input_pipeline._get(cfg, 'train_split', 'training')),
-        count(input_pipeline._get(cfg, 'eval_split', 'validation')),
-    )
 
 
 # ----------------------------------------------------------------------------
@@ -272,21 +201,19 @@ def _round_up_32(x: tf.Tensor) -> tf.Tensor:
 def train_preprocess(cfg, seed: int, process_index: int):
     """Decoded element {'image', 'label' (PNG values), ...} -> {'image' (S, S, 3) float32,
     'label' (S, S) int32 with IGNORE_INDEX, 'id'}; S = config.data.image_size."""
-    get = input_pipeline._get
-    size = int(get(cfg, 'image_size'))
-    scale = tuple(get(cfg, 'scale'))
-    ratio_range = tuple(get(cfg, 'ratio_range', (0.5, 2.0)))
-    cat_max_ratio = float(get(cfg, 'cat_max_ratio', 0.75))
-    hflip = bool(get(cfg, 'hflip', True))
-    distort = bool(get(cfg, 'photometric_distortion', True))
-    reduce_zero = bool(get(cfg, 'reduce_zero_label', True))
-    mean, std = tuple(get(cfg, 'mean')), tuple(get(cfg, 'std'))
-    key = input_pipeline._shard_key(seed, process_index, _SEG_AUGMENT_DOMAIN)
+    size = int(data_field(cfg, 'image_size', ADE20K_DEFAULTS))
+    scale = tuple(data_field(cfg, 'scale', ADE20K_DEFAULTS))
+    ratio_range = tuple(data_field(cfg, 'ratio_range', ADE20K_DEFAULTS))
+    cat_max_ratio = float(data_field(cfg, 'cat_max_ratio', ADE20K_DEFAULTS))
+    hflip = bool(data_field(cfg, 'hflip'))
+    distort = bool(data_field(cfg, 'photometric_distortion', ADE20K_DEFAULTS))
+    reduce_zero = bool(data_field(cfg, 'reduce_zero_label', ADE20K_DEFAULTS))
+    mean = tuple(data_field(cfg, 'mean', ADE20K_DEFAULTS))
+    std = tuple(data_field(cfg, 'std', ADE20K_DEFAULTS))
+    key = shard_key(seed, process_index, SEGMENTATION_AUGMENT_DOMAIN)
 
     def fn(el):
-        s = tf.random.experimental.stateless_fold_in(
-            tf.random.experimental.stateless_fold_in(key, el['epoch']), el['position']
-        )
+        s = element_key(key, el)
         s_scale, s_crop, s_flip, s_photo = tf.unstack(tf.random.experimental.stateless_split(s, 4))
         image, label = el['image'], el['label']
         if reduce_zero:
@@ -312,10 +239,10 @@ def train_preprocess(cfg, seed: int, process_index: int):
 def eval_preprocess(cfg, scales: Sequence[float]):
     """Decoded element -> {'images': one (h_r, w_r, 3) float32 image per ratio r of scales,
     'label' (H, W) int32 at the original size with IGNORE_INDEX, 'id'}."""
-    get = input_pipeline._get
-    scale = tuple(get(cfg, 'scale'))
-    reduce_zero = bool(get(cfg, 'reduce_zero_label', True))
-    mean, std = tuple(get(cfg, 'mean')), tuple(get(cfg, 'std'))
+    scale = tuple(data_field(cfg, 'scale', ADE20K_DEFAULTS))
+    reduce_zero = bool(data_field(cfg, 'reduce_zero_label', ADE20K_DEFAULTS))
+    mean = tuple(data_field(cfg, 'mean', ADE20K_DEFAULTS))
+    std = tuple(data_field(cfg, 'std', ADE20K_DEFAULTS))
 
     def fn(el):
         image, label = el['image'], el['label']
@@ -340,47 +267,12 @@ def eval_preprocess(cfg, scales: Sequence[float]):
 
 def create_eval_examples(
     data_config, *, scales: Sequence[float], process_index: int = 0, process_count: int = 1
-):
+) -> pipeline.ExampleIterator:
     """One pass over this process's shard of the eval split, one example at a time (numpy
     dicts of eval_preprocess); corrupt files are skipped, counted and named."""
-    cfg = data_config
-    split = input_pipeline._get(cfg, 'eval_split', 'validation')
-    source = input_pipeline._make_source(cfg, split, process_index, process_count)
-    parallel = input_pipeline._parallel(cfg)
-    ds = input_pipeline.numbered_examples(
-        source.eval_stream(cfg),
-        input_pipeline.decode_whole(source.load),
-        eval_preprocess(cfg, scales),
-        parallel,
+    return pipeline.create_eval_examples(
+        data_config,
+        preprocess=eval_preprocess(data_config, scales),
+        process_index=process_index,
+        process_count=process_count,
     )
-    ds = ds.prefetch(int(input_pipeline._get(cfg, 'prefetch', 2)))
-    return _ExampleIterator(
-        ds.with_options(input_pipeline._options(cfg)),
-        input_pipeline._stream_ids(lambda seq: source.eval_stream(cfg).skip(seq)),
-        source.num_examples,
-    )
-
-
-class _ExampleIterator(input_pipeline._BaseIterator):
-    """The examples that decoded, in shard order (with ``seq``); the corrupt ones (numbers
-    missing between them, or after the last) are recorded like the batched iterators do."""
-
-    def __init__(self, ds, ids_at, num_examples: int):
-        super().__init__(ds, True, ids_at)
-        self._next = 0
-        self._num_examples = num_examples
-
-    def __next__(self):
-        try:
-            example = next(self._it)
-        except StopIteration:
-            self._skip_to(self._num_examples)
-            raise
-        self._skip_to(int(example['seq']))
-        self._next += 1
-        return example
-
-    def _skip_to(self, seq: int) -> None:
-        if seq > self._next:
-            self._record_corrupt(np.arange(self._next, seq))
-        self._next = max(self._next, seq)

@@ -1,7 +1,5 @@
-"""Flax weights back to PyTorch checkpoints in the original layouts: the logic of
-export_torch_weights.py.
-
-    python export_torch_weights.py --weights PATH --output model.pth [--backbone] [--overwrite]
+"""Flax weights back to PyTorch checkpoints in the original layouts (the command line is
+crossformer_jax.cli.export, run as export_torch_weights.py).
 
 Layouts written:
 
@@ -13,7 +11,8 @@ Layouts written:
 * backbone (a features_only model, or a classifier with --backbone): `{'state_dict':
   {'backbone.<key>': ...}}` as the detection / segmentation checkpoints (no norm, no head, no
   derived buffers);
-* segmentation model (crossformer_jax.segmentation): `{'state_dict': ...}` in MMSegmentation's
+* segmentation model (crossformer_jax.models.segmentation): `{'state_dict': ...}` in
+  MMSegmentation's
   names (`backbone.`, `decode_head.`, `auxiliary_head.` or `neck.`, BatchNorm running statistics
   and num_batches_tracked included); with --backbone only its `backbone.` part.
 
@@ -25,17 +24,16 @@ by a complete new one.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from crossformer_jax import convert
-from crossformer_jax.crossformer import group_layout, relative_offsets
+from crossformer_jax.models.crossformer import group_layout, relative_offsets
+from crossformer_jax.models.segmentation import SegmentationModel
+from crossformer_jax.weights import convert
 
 BUFFER_IMAGE_SIZE = 224  # the original classification code sizes its buffers for this input
 BACKBONE_PREFIX = 'backbone.'
@@ -69,8 +67,6 @@ def v1_derived_buffers(model) -> dict[str, np.ndarray]:
 
 def torch_checkpoint(model, variables: Mapping[str, Any], *, backbone: bool) -> dict[str, Any]:
     """The checkpoint dict (numpy arrays) of a Flax CrossFormer in the original layout."""
-    from crossformer_jax.segmentation import SegmentationModel
-
     state_dict = convert.flax_to_torch_state_dict(variables)
     if isinstance(model, SegmentationModel):
         if backbone:
@@ -134,59 +130,3 @@ def save_torch_checkpoint(checkpoint: Mapping[str, Any], output: str, *, overwri
             os.unlink(tmp)
         raise
     return output
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog='export_torch_weights.py',
-        description='Write crossformer_jax weights as a PyTorch checkpoint in the original '
-        "layouts ({'model': ...} for a classifier, {'state_dict': {'backbone.*': ...}} for a "
-        'backbone).',
-    )
-    parser.add_argument(
-        '--weights',
-        required=True,
-        help='a pretrained directory (convert_torch_weights.py) or a train.py workdir '
-        '(its best checkpoint is used)',
-    )
-    parser.add_argument('--output', required=True, help='the .pth file to write')
-    parser.add_argument(
-        '--backbone',
-        action='store_true',
-        help="write a classifier's backbone only, as a detection / segmentation checkpoint",
-    )
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
-    return parser
-
-
-def run_cli(args: argparse.Namespace, out=None) -> int:
-    from crossformer_jax.weights import load_weights
-
-    def say(text: str) -> None:
-        print(text, file=out or sys.stdout, flush=True)
-
-    check_output_path(args.output, args.overwrite)  # fail early, before loading
-    weights = load_weights(args.weights)
-    checkpoint = torch_checkpoint(weights.model, weights.variables, backbone=args.backbone)
-    (layout,) = checkpoint
-    state_dict = checkpoint[layout]
-    output = save_torch_checkpoint(checkpoint, args.output, overwrite=args.overwrite)
-    buffers = sum(key.endswith(convert.DERIVED_BUFFER_SUFFIXES) for key in state_dict)
-    say(f'weights: {weights.source} ({weights.model_name})')
-    say(
-        f"wrote {output}: {{'{layout}': {len(state_dict)} tensors"
-        + (f', {buffers} of them derived buffers' if buffers else '')
-        + '}'
-    )
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of export_torch_weights.py: 0 on success, 2 on a user error (message on
-    stderr, nothing written)."""
-    args = build_arg_parser().parse_args(argv)
-    try:
-        return run_cli(args)
-    except (ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        return 2

@@ -20,40 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crossformer_jax import cpu_kernels
-
-# -------------------------------------------------------------------------------------------------
-# Registry of variants.
-
-_V1 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1), version='v1')
-_PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), version='pp')
-
-VARIANTS: dict[str, dict[str, Any]] = {
-    'crossformer_tiny': dict(
-        embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.1, **_V1
-    ),
-    'crossformer_small': dict(
-        embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2, **_V1
-    ),
-    'crossformer_base': dict(
-        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_V1
-    ),
-    'crossformer_large': dict(
-        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_V1
-    ),
-    'crossformer_pp_small': dict(
-        embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.2, **_PP
-    ),
-    'crossformer_pp_base': dict(
-        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_PP
-    ),
-    'crossformer_pp_large': dict(
-        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_PP
-    ),
-    'crossformer_pp_huge': dict(
-        embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_PP
-    ),
-}
+from crossformer_jax.models import ops
+from crossformer_jax.models.registry import register_model
 
 LAYER_NORM_EPS = 1e-5  # PyTorch's default; Flax's is 1e-6.
 MASKED_LOGIT = (
@@ -87,7 +55,7 @@ def conv_bias_init(fan_in: int):
 
 class LayerNorm(nn.Module):
     """PyTorch's LayerNorm over the last axis (eps 1e-5, parameters 'scale' and 'bias' as in
-    nn.LayerNorm); statistics in float32 (`cpu_kernels.layer_norm`), output in `dtype`."""
+    nn.LayerNorm); statistics in float32, output in `dtype`."""
 
     dtype: Any = jnp.float32
 
@@ -95,7 +63,7 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), jnp.float32)
         bias = self.param('bias', nn.initializers.zeros, (x.shape[-1],), jnp.float32)
-        x = cpu_kernels.layer_norm(x.astype(jnp.float32), scale, bias, LAYER_NORM_EPS)
+        x = ops.current().layer_norm(x.astype(jnp.float32), scale, bias, LAYER_NORM_EPS)
         return x.astype(self.dtype)
 
 
@@ -103,40 +71,9 @@ def layer_norm(name: str, dtype) -> LayerNorm:
     return LayerNorm(dtype=dtype, name=name)
 
 
-@jax.custom_vjp
-def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """x (..., Cin) @ kernel (Cin, Cout) + bias (Cout,) -> (..., Cout).
-
-    Not differentiated (inference), the product is `cpu_kernels.matmul` over all tokens: MKL on
-    an Intel CPU, XLA's dot elsewhere.
-    """
-    x2 = x.reshape(-1, x.shape[-1])
-    return (cpu_kernels.matmul(x2, kernel) + bias).reshape(*x.shape[:-1], kernel.shape[-1])
-
-
-def _linear_fwd(x, kernel, bias):
-    # Differentiated, the products stay XLA dots, which XLA fuses with the elementwise work around
-    # them: MKL's products made the train step no faster (benchmarks/README.md, "MKL matmuls").
-    return x @ kernel + bias, (x, kernel)
-
-
-def _linear_bwd(residuals, grad):
-    # The kernel gradient as one 2-D matmul over all tokens and the bias gradient as a column
-    # sum. Autodiff of nn.Dense on the (N, groups, T, C) activations gives XLA:CPU the same
-    # products over N-D operands, and the train step ran 1.12x faster with this VJP (one-process
-    # A/B, crossformer_tiny and crossformer_small, batch 16; gradients within 3e-7 relative).
-    x, kernel = residuals
-    x2 = x.reshape(-1, x.shape[-1])
-    grad2 = grad.reshape(-1, grad.shape[-1])
-    d_kernel = jax.lax.dot_general(x2, grad2, (((0,), (0,)), ((), ())))
-    return grad @ kernel.T, d_kernel, jnp.sum(grad2, axis=0)
-
-
-linear.defvjp(_linear_fwd, _linear_bwd)
-
-
 class Dense(nn.Module):
-    """A dense layer (params 'kernel' (Cin, Cout), 'bias' (Cout,)) computed by `linear`."""
+    """A dense layer (params 'kernel' (Cin, Cout), 'bias' (Cout,)), nn.Dense's initialisation as
+    in the original code (truncated normal, zero bias)."""
 
     features: int
     dtype: Any = jnp.float32
@@ -146,7 +83,9 @@ class Dense(nn.Module):
         """x: (..., Cin) -> (..., features), in dtype."""
         kernel = self.param('kernel', trunc_normal_init(), (x.shape[-1], self.features))
         bias = self.param('bias', nn.initializers.zeros, (self.features,))
-        return linear(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+        return ops.current().linear(
+            x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        )
 
 
 def dense(features: int, name: str, dtype) -> Dense:
@@ -178,78 +117,14 @@ def conv(
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact GELU as x/2 * (1 + erf(x/sqrt 2)), PyTorch's formula; XLA:CPU evaluates erf much faster
-    than the erfc of `jax.nn.gelu` (stage-0 MLP of tiny, batch 32: 6.3 -> 2.3 ms forward)."""
+    """Exact GELU as x/2 * (1 + erf(x/sqrt 2)), PyTorch's formula."""
     return x * 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
-class PatchConv(nn.Module):
-    """A convolution whose kernel equals its stride and that has no padding (parameters as nn.Conv:
-    'kernel' (k, k, Cin, out), 'bias'), computed as space-to-depth plus one matmul: XLA:CPU runs
-    this several times faster than its convolution, mostly in the weight gradient (tiny, batch 16:
-    stride-2 merge at stage 0 30 -> 17 ms, first 4x4 embedding 10.5 -> 6 ms with gradient)."""
-
-    features: int
-    kernel: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (N, H, W, Cin) with H, W multiples of kernel -> (N, H/kernel, W/kernel, features)."""
-        n, h, w, c = x.shape
-        k = self.kernel
-        kernel = self.param('kernel', conv_kernel_init(), (k, k, c, self.features), jnp.float32)
-        bias = self.param('bias', conv_bias_init(k * k * c), (self.features,), jnp.float32)
-        x = x.reshape(n, h // k, k, w // k, k, c).transpose(0, 1, 3, 2, 4, 5)
-        x = x.reshape(n, h // k, w // k, k * k * c).astype(self.dtype)
-        return x @ kernel.reshape(k * k * c, self.features).astype(self.dtype) + bias.astype(
-            self.dtype
-        )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def strided_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Convolution of x (N, H, W, Cin) with kernel (k, k, Cin, out), k a multiple of the stride
-    (`cpu_kernels.conv`); the input gradient is computed by output phases (see
-    `_strided_conv_bwd`), the kernel gradient by `cpu_kernels.conv_kernel_gradient`."""
-    return cpu_kernels.conv(x, kernel, stride, padding)
-
-
-def _strided_conv_fwd(x, kernel, stride, padding):
-    return cpu_kernels.conv(x, kernel, stride, padding), (x, kernel)
-
-
-def _strided_conv_bwd(stride, padding, residuals, grad):
-    # Input gradient: with tap kh = stride * a + p, output row o writes to padded input row
-    # stride * (o + a) + p. So one matmul grad @ kernel^T gives every tap's contribution, and the
-    # k/stride shifted copies (one per a) summed and interleaved by phase p give the padded input
-    # gradient. XLA:CPU would otherwise run a dilated convolution, several times slower.
-    x, kernel = residuals
-    n, h, w, cin = x.shape
-    _n, ho, wo, cout = grad.shape
-    k = kernel.shape[0]
-    a = k // stride
-    taps = grad.reshape(-1, cout) @ kernel.transpose(3, 0, 1, 2).reshape(cout, k * k * cin)
-    taps = taps.reshape(n, ho, wo, a, stride, a, stride, cin)
-    padded = sum(
-        jnp.pad(
-            taps[:, :, :, ah, :, aw], ((0, 0), (ah, a - 1 - ah), (aw, a - 1 - aw)) + ((0, 0),) * 3
-        )
-        for ah in range(a)
-        for aw in range(a)
-    )  # (N, Ho + a - 1, Wo + a - 1, stride, stride, Cin)
-    padded = padded.transpose(0, 1, 3, 2, 4, 5)
-    padded = padded.reshape(n, (ho + a - 1) * stride, (wo + a - 1) * stride, cin)
-    grad_x = padded[:, padding : padding + h, padding : padding + w]
-    return grad_x, cpu_kernels.conv_kernel_gradient(x, grad, k, stride, padding)
-
-
-strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
-
-
-class StridedConv(nn.Module):
-    """A convolution with kernel k a multiple of its stride s > 1 and padding (k - s) / 2
-    (parameters as nn.Conv: 'kernel' (k, k, Cin, out), 'bias'), with `strided_conv`'s gradient."""
+class EmbeddingConv(nn.Module):
+    """One kernel of a cross-scale embedding: a convolution with stride s and kernel k, a multiple
+    of s, padded by (k - s) / 2 on every side (parameters as nn.Conv: 'kernel' (k, k, Cin, out),
+    'bias'), computed by `ops.current().strided_conv`."""
 
     features: int
     kernel: int
@@ -262,7 +137,7 @@ class StridedConv(nn.Module):
         k, c = self.kernel, x.shape[-1]
         kernel = self.param('kernel', conv_kernel_init(), (k, k, c, self.features), jnp.float32)
         bias = self.param('bias', conv_bias_init(k * k * c), (self.features,), jnp.float32)
-        y = strided_conv(
+        y = ops.current().strided_conv(
             x.astype(self.dtype), kernel.astype(self.dtype), self.stride, (k - self.stride) // 2
         )
         return y + bias.astype(self.dtype)
@@ -388,8 +263,8 @@ class DynamicPositionBias(nn.Module):
 
 
 class GroupAttention(nn.Module):
-    """Multi-head self-attention inside each group, with the dynamic position bias; the attention
-    itself is `cpu_kernels.group_attention` (custom calls on CPU, plain JAX elsewhere)."""
+    """Multi-head self-attention inside each group, with the dynamic position bias
+    (`ops.current().group_attention`)."""
 
     dim: int
     num_heads: int
@@ -411,9 +286,13 @@ class GroupAttention(nn.Module):
             keep_rate = 1.0 - self.dropout_rate
             shape = (n * g, self.num_heads, t, t)
             keep = jax.random.bernoulli(self.make_rng('dropout'), keep_rate, shape) / keep_rate
-        out = cpu_kernels.group_attention(
-            qkv.reshape(n * g, t, 3 * c), position_bias, key_bias, keep, self.num_heads
-        ).reshape(n, g, t, c)
+        out = (
+            ops.current()
+            .group_attention(
+                qkv.reshape(n * g, t, 3 * c), position_bias, key_bias, keep, self.num_heads
+            )
+            .reshape(n, g, t, c)
+        )
         out = dense(self.dim, 'proj', self.dtype)(out)
         return nn.Dropout(self.dropout_rate)(out, deterministic=not train)
 
@@ -517,9 +396,7 @@ class CrossScaleEmbedding(nn.Module):
         channels = cross_scale_channels(self.out_dim, len(self.kernel_sizes))
         x = jnp.concatenate(
             [
-                PatchConv(ch, k, self.dtype, name=f'{self.conv_name}_{i}')(x)
-                if k == self.stride
-                else StridedConv(ch, k, self.stride, self.dtype, name=f'{self.conv_name}_{i}')(x)
+                EmbeddingConv(ch, k, self.stride, self.dtype, name=f'{self.conv_name}_{i}')(x)
                 for i, (k, ch) in enumerate(zip(self.kernel_sizes, channels))
             ],
             axis=-1,
@@ -676,13 +553,6 @@ class CrossFormer(nn.Module):
         return (x, features) if return_features else x
 
 
-def list_models() -> list[str]:
-    """Names of the registered variants: classifiers, then segmentation models."""
-    from crossformer_jax.segmentation import SEGMENTATION_VARIANTS
-
-    return sorted(VARIANTS) + sorted(SEGMENTATION_VARIANTS)
-
-
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(CrossFormer)} - {'parent', 'name'}
 
 # The constructor fields that define the backbone's architecture (and so its parameter shapes);
@@ -713,12 +583,63 @@ def normalize_backbone_fields(kwargs: dict) -> None:
         kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
 
 
+def stage_indices(out_indices: Sequence[int], features_only: bool) -> tuple[int, ...]:
+    """out_indices as non-negative stage numbers (-1 is the last stage); ValueError when an index
+    is out of range, repeated, or given without features_only."""
+    if not features_only:
+        raise ValueError('out_indices selects feature maps and needs features_only=True')
+    indices = []
+    for index in out_indices:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise ValueError(f'out_indices must be integers, got {index!r} in {out_indices}')
+        if not -4 <= index < 4:
+            raise ValueError(f'out_indices entry {index} is out of range for 4 stages (-4..3)')
+        indices.append(int(index) % 4)
+    if not indices or len(set(indices)) != len(indices):
+        raise ValueError(f'out_indices must name distinct stages, got {tuple(out_indices)}')
+    return tuple(indices)
+
+
+# -------------------------------------------------------------------------------------------------
+# Registry.
+
+_V1 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1), version='v1')
+_PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), version='pp')
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    'crossformer_tiny': dict(
+        embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.1, **_V1
+    ),
+    'crossformer_small': dict(
+        embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2, **_V1
+    ),
+    'crossformer_base': dict(
+        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_V1
+    ),
+    'crossformer_large': dict(
+        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_V1
+    ),
+    'crossformer_pp_small': dict(
+        embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.2, **_PP
+    ),
+    'crossformer_pp_base': dict(
+        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_PP
+    ),
+    'crossformer_pp_large': dict(
+        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_PP
+    ),
+    'crossformer_pp_huge': dict(
+        embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_PP
+    ),
+}
+
+
 def model_config(
     name: str, num_classes: int = 1000, features_only: bool = False, **overrides
 ) -> dict[str, Any]:
     """The constructor arguments of a registered variant, with overrides applied."""
     if name not in VARIANTS:
-        raise ValueError(f'unknown model {name!r}; available: {", ".join(list_models())}')
+        raise ValueError(f'unknown classifier {name!r}; available: {", ".join(sorted(VARIANTS))}')
     unknown = sorted(set(overrides) - _MODEL_FIELDS)
     if unknown:
         raise ValueError(
@@ -738,37 +659,10 @@ def model_config(
     return kwargs
 
 
-def stage_indices(out_indices: Sequence[int], features_only: bool) -> tuple[int, ...]:
-    """out_indices as non-negative stage numbers (-1 is the last stage); ValueError when an index
-    is out of range, repeated, or given without features_only."""
-    if not features_only:
-        raise ValueError('out_indices selects feature maps and needs features_only=True')
-    indices = []
-    for index in out_indices:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise ValueError(f'out_indices must be integers, got {index!r} in {out_indices}')
-        if not -4 <= index < 4:
-            raise ValueError(f'out_indices entry {index} is out of range for 4 stages (-4..3)')
-        indices.append(int(index) % 4)
-    if not indices or len(set(indices)) != len(indices):
-        raise ValueError(f'out_indices must name distinct stages, got {tuple(out_indices)}')
-    return tuple(indices)
-
-
-def create_model(
-    name: str, num_classes: int = 1000, features_only: bool = False, **overrides
-) -> CrossFormer:
-    """A registered variant as a Flax module, timm-style.
-
-    num_classes=0: no head, the model returns the pooled, normed features (N, 8C).
-    features_only=True: the backbone; out_indices=(...) picks stages (negative indices count from
-    the last), e.g. create_model(name, features_only=True, out_indices=(-2, -1)).
-    Segmentation models (crossformer_jax.segmentation, e.g. 'upernet_crossformer_small') are
-    built by the same call; pass their num_classes (150 for ADE20K)."""
-    from crossformer_jax import segmentation
-
-    if name in segmentation.SEGMENTATION_VARIANTS:
-        if features_only:
-            raise ValueError(f'{name} is a segmentation model; features_only does not apply')
-        return segmentation.create_segmentation_model(name, num_classes, **overrides)
+def build_classifier(name: str, num_classes: int = 1000, features_only: bool = False, **overrides):
+    """A classifier variant (or its backbone, features_only) as a Flax module."""
     return CrossFormer(**model_config(name, num_classes, features_only, **overrides))
+
+
+for _name in VARIANTS:
+    register_model(_name, task='classification', num_classes=1000, build=build_classifier)

@@ -1,10 +1,9 @@
-"""What a trained or converted model sees in images: the logic of predict.py.
+"""What a trained or converted model sees in images (command line: crossformer_jax.cli.predict).
 
-    python predict.py --weights PATH IMAGE_OR_FOLDER... [--top-k 5] [--json] [--batch-size 32]
-
-PATH is a pretrained directory (convert_torch_weights.py, save_pretrained) or a train.py workdir
-(its best checkpoint). Each image goes through the evaluation transform recorded with the weights
-(resize the short side to size / crop_pct, centre crop, mean/std; see pretrained.Preprocessing),
+The weights are a pretrained directory (convert_torch_weights.py, save_pretrained) or a train.py
+workdir (its best checkpoint). Each image goes through the evaluation transform recorded with the
+weights (resize the short side to size / crop_pct, centre crop, mean/std; see
+pretrained.Preprocessing),
 images are run in fixed-size batches, sharded over the devices, and the top-k classes are printed
 with their probabilities, named by the labels stored with the weights (folder names of an image
 folder, ImageNet-1K class names) or by class index when there are none.
@@ -12,7 +11,7 @@ folder, ImageNet-1K class names) or by class index when there are none.
 Folders are searched recursively for image files (sorted). A missing or undecodable image gives
 one line naming it on stderr; the others are still predicted, and the exit status is then 1.
 
-Segmentation models (crossformer_jax.segmentation) instead write a colour-coded mask PNG per
+Segmentation models (crossformer_jax.models.segmentation) instead write a colour-coded mask PNG per
 image into --mask-dir (pixel value = class index, in a palette of class colours) and print the
 share of each class; their input is the whole image, resized so its long side is the stored
 input size and zero-padded to it.
@@ -23,22 +22,25 @@ results), so a new kind of head is a new entry there.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TextIO
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import tensorflow as tf
+from PIL import Image
 
-from crossformer_jax import batch_ops
-from crossformer_jax.convert import positive_int
-from crossformer_jax.pretrained import Preprocessing, PretrainedError
+from crossformer_jax.augment import batch_ops
+from crossformer_jax.data import preprocess_ops as ops
+from crossformer_jax.runtime import sharding
+from crossformer_jax.runtime.compile_options import inference_compiler_options
+from crossformer_jax.weights.pretrained import Preprocessing, PretrainedError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
@@ -82,7 +84,6 @@ def list_images(inputs: Sequence[str]) -> list[str | ImageError]:
 def preprocess_image(path: str, preprocessing: Preprocessing) -> np.ndarray:
     """The image file at `path` as the model input (H, W, 3) float32; the same TF operations as
     the evaluation input pipeline. Raises ValueError when the file cannot be read or decoded."""
-    from crossformer_jax import preprocess_ops as ops
 
     height, width = preprocessing.input_size
     if height != width:
@@ -96,9 +97,6 @@ def preprocess_image(path: str, preprocessing: Preprocessing) -> np.ndarray:
 
 def decode(path: str):
     """The image file as a uint8 (H, W, 3) tensor; ValueError when it cannot be read/decoded."""
-    import tensorflow as tf
-
-    from crossformer_jax import preprocess_ops as ops
 
     try:
         return ops.decode_image(tf.io.read_file(path))
@@ -136,7 +134,6 @@ def classification_prepare(path: str, preprocessing: Preprocessing) -> tuple[np.
 
 def classification_outputs(model, variables, images, *, top_k: int):
     """Device side of classification: (probabilities, indices), each (N, top_k)."""
-    import jax
 
     logits = model.apply(variables, images, train=False)
     return jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top_k)
@@ -193,7 +190,6 @@ def class_colours(num_classes: int) -> np.ndarray:
 def segmentation_prepare(path: str, preprocessing: Preprocessing):
     """The whole image, resized (aspect kept) so its long side is the input size, normalised and
     zero-padded at the bottom/right to input_size; info = (original H, W, resized H, W)."""
-    from crossformer_jax import preprocess_ops as ops
 
     size_h, size_w = preprocessing.input_size
     if size_h % 32 or size_w % 32:
@@ -211,7 +207,6 @@ def segmentation_prepare(path: str, preprocessing: Preprocessing):
 
 def segmentation_outputs(model, variables, images, *, top_k: int):
     """Device side of segmentation: the class of every pixel, (N, H, W) int32."""
-    import jax.numpy as jnp
 
     del top_k
     return jnp.argmax(model.apply(variables, images, train=False), axis=-1).astype(jnp.int32)
@@ -227,7 +222,6 @@ def _unique_path(directory: str, stem: str) -> str:
 def segmentation_results(outputs, paths, infos, label_names, options) -> list[MaskPrediction]:
     """Writes MASK_DIR/<image name>.png per image (palette PNG: pixel value = class index, shown
     in its class colour), at the image's own size."""
-    from PIL import Image
 
     os.makedirs(options['mask_dir'], exist_ok=True)
     colours = class_colours(options['num_classes'])
@@ -282,11 +276,6 @@ class Predictor:
     """
 
     def __init__(self, weights, *, batch_size: int = 32, top_k: int = 5, mask_dir: str = 'masks'):
-        import jax
-
-        from crossformer_jax import sharding
-        from crossformer_jax.compile_options import inference_compiler_options
-
         if weights.task not in TASKS:
             raise PretrainedError(
                 f'{weights.source} holds a {weights.task} model, which has no predictions to '
@@ -336,10 +325,6 @@ class Predictor:
 
     def run(self, inputs: Sequence[str | ImageError]) -> Iterator[Any]:
         """Yields, batch by batch, an ImageError per unusable input and then a result per image."""
-        import jax
-
-        from crossformer_jax import sharding
-
         for paths, infos, images, errors in self._batches(inputs):
             yield from errors
             if images is None:
@@ -349,64 +334,3 @@ class Predictor:
             yield from self.task.results(
                 outputs, paths, infos, self.weights.label_names, self.options
             )
-
-
-# -------------------------------------------------------------------------------------------------
-# Command line.
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog='predict.py',
-        description='Top-k classes of images with a converted checkpoint or a train.py workdir.',
-    )
-    parser.add_argument(
-        '--weights',
-        required=True,
-        help='a pretrained directory (convert_torch_weights.py) or a train.py workdir '
-        '(its best checkpoint is used)',
-    )
-    parser.add_argument('images', nargs='+', help='image files or folders (searched recursively)')
-    parser.add_argument('--top-k', type=positive_int, default=5, help='classes per image (5)')
-    parser.add_argument(
-        '--batch-size', type=positive_int, default=32, help='images per device batch (32)'
-    )
-    parser.add_argument('--json', action='store_true', help='one JSON object per line')
-    parser.add_argument(
-        '--mask-dir',
-        default='masks',
-        help='segmentation models: folder for the colour-coded mask PNGs (masks)',
-    )
-    return parser
-
-
-def run_cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from crossformer_jax.weights import load_weights
-
-    weights = load_weights(args.weights)
-    predictor = Predictor(
-        weights, batch_size=args.batch_size, top_k=args.top_k, mask_dir=args.mask_dir
-    )
-    failures = 0
-    for result in predictor.run(list_images(args.images)):
-        if isinstance(result, ImageError):
-            failures += 1
-            print(f'error: {result.path}: {result.message}', file=err, flush=True)
-        elif args.json:
-            print(json.dumps(result.to_json()), file=out, flush=True)
-        else:
-            print(result.to_text(), file=out, flush=True)
-    if failures:
-        print(f'{failures} image(s) could not be used', file=err, flush=True)
-    return 1 if failures else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of predict.py: 0 when every image was predicted, 1 when some could not be
-    read, 2 on a usage error or unusable weights (message on stderr)."""
-    args = build_arg_parser().parse_args(argv)
-    try:
-        return run_cli(args, sys.stdout, sys.stderr)
-    except (ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        return 2

@@ -2,29 +2,27 @@
 
 - `matmul`: a @ b with MKL's single-threaded cblas_sgemm on blocks of output rows (or columns)
   shared out over XLA's own intra-op thread pool, so no second thread pool competes with XLA's.
-  On Intel CPUs XLA:CPU's YNNPACK and Eigen products run CrossFormer's dense layers at 0.4-0.9x
-  MKL's speed (benchmarks/README.md, "Matmuls"); on other CPUs MKL takes its generic path and
-  XLA's dot is faster, so `matmul` is XLA's dot there. `crossformer.linear` uses it when it
-  is not differentiated (inference), as XLA fuses a train step's elementwise work into its own
-  dots.
+  On Intel CPUs XLA:CPU's products run CrossFormer's dense layers slower than MKL; elsewhere MKL
+  takes its generic path and `matmul` stays XLA's dot. `linear` uses it when it is not
+  differentiated (inference); differentiated, its products stay XLA dots, which XLA fuses with the
+  elementwise work around them, and its kernel gradient is one 2-D product over all tokens.
 - `group_attention`: softmax attention inside groups, forward and backward, one (group, head)
   pair at a time, reading q, k, v from the qkv layer's output in place (no head-major transposes).
 - `layer_norm`: LayerNorm forward and backward in one pass over each row.
-- `conv`, `conv_kernel_gradient`: the strided convolutions of the cross-scale embeddings, as MKL
-  products over tiles of gathered patches, or, for the embeddings' few output channels and
-  kernels that are whole multiples of the stride, over stride x stride blocks of the input.
+- `strided_conv`: the convolutions of the cross-scale embeddings. A kernel equal to its stride is
+  space-to-depth plus one product; the others are custom calls (MKL products over tiles of
+  gathered patches or, for few output channels, over stride x stride blocks of the input), with
+  the input gradient computed by output phases and the kernel gradient by `conv_kernel_gradient`.
 
-Each has the same formulas in plain JAX, used for other dtypes, on GPU/TPU and without MKL; the
-tests check one against the other.
+Each falls back to XLA formulas for other dtypes, on other platforms (`jax.lax.platform_dependent`)
+and before `load()` has succeeded; the tests check one against the other. These are the
+primitives of `crossformer_jax.models.ops` for a CPU run, installed by `crossformer_jax.cpu.enable`.
 
-The custom calls are crossformer_jax/cpu_kernels.cc, compiled with the C++ compiler (`$CXX`, else
-`c++`) against the FFI headers that jaxlib ships, once per source and jaxlib version, into
-`$CROSSFORMER_JAX_CACHE` (default `~/.cache/crossformer_jax`). MKL is the `mkl` package from
-PyPI (`pip install 'crossformer_jax[cpu]'`), loaded with its sequential threading layer.
-
-`CROSSFORMER_CPU_KERNELS=xla` turns the custom calls off (plain JAX everywhere);
-`CROSSFORMER_CPU_KERNELS=mkl` makes a missing MKL or compiler an error instead of a warning.
-`python -m crossformer_jax.cpu_kernels` builds the extension and says which path is used.
+The custom calls are kernels.cc, compiled with the C++ compiler (`$CXX`, else `c++`) against the
+FFI headers that jaxlib ships, once per source and jaxlib version, into `$CROSSFORMER_JAX_CACHE`
+(default `~/.cache/crossformer_jax`). MKL is the `mkl` package from PyPI
+(`pip install 'crossformer_jax[cpu]'`), loaded with its sequential threading layer.
+`python -m crossformer_jax.cpu.kernels` builds the extension and says which path is used.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
-import logging
 import os
 import subprocess
 import tempfile
@@ -44,7 +41,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-ENV_VAR = 'CROSSFORMER_CPU_KERNELS'
+from crossformer_jax.models import ops
+
 CACHE_ENV_VAR = 'CROSSFORMER_JAX_CACHE'
 MATMUL_TARGET = 'crossformer_matmul'
 ATTENTION_FORWARD = 'crossformer_attention_forward'
@@ -53,10 +51,8 @@ LAYER_NORM_FORWARD = 'crossformer_layer_norm_forward'
 LAYER_NORM_BACKWARD = 'crossformer_layer_norm_backward'
 CONV_FORWARD = 'crossformer_conv_forward'
 CONV_KERNEL_GRADIENT = 'crossformer_conv_kernel_gradient'
-SOURCE = Path(__file__).with_name('cpu_kernels.cc')
+SOURCE = Path(__file__).with_name('kernels.cc')
 MKL_SEQUENTIAL = 1  # MKL_Set_Threading_Layer's code for the sequential layer
-
-_log = logging.getLogger(__name__)
 
 
 class CpuKernelsUnavailable(RuntimeError):
@@ -83,7 +79,7 @@ def cache_dir() -> Path:
 
 
 def build_extension(source_file: Path = SOURCE) -> Path:
-    """Compiles cpu_kernels.cc, or another version of it (benchmarks/conv_benchmark.py), once per
+    """Compiles kernels.cc, or another version of it (benchmarks/conv_benchmark.py), once per
     source, jaxlib version and compiler, and returns the .so.
 
     The library is written to a temporary name and renamed into place, so processes that build at
@@ -95,9 +91,14 @@ def build_extension(source_file: Path = SOURCE) -> Path:
     library = cache_dir() / f'cpu_kernels-{key[:16]}.so'
     if library.exists():
         return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=library.parent, suffix='.so', delete=False) as handle:
-        partial = Path(handle.name)
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=library.parent, suffix='.so', delete=False) as handle:
+            partial = Path(handle.name)
+    except OSError as error:
+        raise CpuKernelsUnavailable(
+            f'cannot write the extension to {library.parent} ({error}); set ${CACHE_ENV_VAR}'
+        ) from error
     command = [
         compiler,
         '-O3',
@@ -153,32 +154,21 @@ def register_extension(library: Path, suffix: str = '') -> None:
         jax.ffi.register_ffi_target(target + suffix, jax.ffi.pycapsule(handler), platform='cpu')
 
 
-@functools.cache
-def _load() -> None:
-    """Loads MKL and the extension and registers the FFI targets; raises CpuKernelsUnavailable."""
-    register_extension(build_extension())
+_loaded = False
 
 
-@functools.cache
-def mkl_kernels_enabled() -> bool:
-    """Whether float32 work uses the custom calls (default backend CPU, MKL and compiler found).
+def load() -> None:
+    """Builds (or finds) the extension, loads MKL and registers the FFI targets, once; raises
+    CpuKernelsUnavailable when MKL, the compiler or the cache directory is missing."""
+    global _loaded
+    if not _loaded:
+        register_extension(build_extension())
+        _loaded = True
 
-    Without MKL or a compiler it warns once and returns False, unless $CROSSFORMER_CPU_KERNELS is
-    'mkl', which makes that an error; 'xla' returns False without trying.
-    """
-    choice = os.environ.get(ENV_VAR, 'auto')
-    if choice not in ('auto', 'mkl', 'xla'):
-        raise ValueError(f'${ENV_VAR} must be auto, mkl or xla, found {choice!r}')
-    if choice == 'xla' or (choice == 'auto' and jax.default_backend() != 'cpu'):
-        return False
-    try:
-        _load()
-    except CpuKernelsUnavailable as error:
-        if choice == 'mkl':
-            raise
-        _log.warning('CPU kernels stay on XLA (set %s=xla to silence this): %s', ENV_VAR, error)
-        return False
-    return True
+
+def kernels_loaded() -> bool:
+    """Whether float32 work on CPU uses the custom calls (`load` has succeeded)."""
+    return _loaded
 
 
 @functools.cache
@@ -197,10 +187,10 @@ def cpu_vendor(cpuinfo: str = '/proc/cpuinfo') -> str:
 
 
 def mkl_matmul_enabled() -> bool:
-    """Whether `matmul` runs float32 products on MKL: the custom calls are on and the CPU is
-    Intel's. On the AMD EPYC VMs MKL reports its generic code path and whole-model inference ran
-    1.03-1.08x faster on XLA's dots (benchmarks/README.md, "MKL matmuls off Intel")."""
-    return mkl_kernels_enabled() and cpu_vendor() == 'GenuineIntel'
+    """Whether `matmul` runs float32 products on MKL: the custom calls are loaded and the CPU is
+    Intel's (elsewhere MKL takes its generic code path; benchmarks/README.md, "MKL matmuls off
+    Intel")."""
+    return kernels_loaded() and cpu_vendor() == 'GenuineIntel'
 
 
 def _mkl_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -253,26 +243,11 @@ def _check_attention_operands(qkv, position_bias, key_bias, keep, num_heads) -> 
         )
 
 
-def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
-    """(B, T, S, heads * hd) -> (S, B, heads, T, hd)."""
-    b, t, s, c = x.shape
-    return jnp.transpose(x.reshape(b, t, s, num_heads, c // num_heads), (2, 0, 3, 1, 4))
-
-
 def _xla_attention_forward(qkv, position_bias, key_bias, keep, num_heads):
     """XLA's version of the forward custom call: (out (B, T, C), probs (B, heads, T, T))."""
     b, t, c3 = qkv.shape
-    q, k, v = _split_heads(qkv.reshape(b, t, 3, c3 // 3), num_heads)
-    scale = (c3 // 3 // num_heads) ** -0.5
-    # The softmax in float32 at least (bfloat16 activations), as its gradient below.
-    softmax_dtype = jnp.promote_types(qkv.dtype, jnp.float32)
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q * scale, k).astype(softmax_dtype) + position_bias
-    if key_bias is not None:
-        g = key_bias.shape[0]
-        logits = logits.reshape(b // g, g, num_heads, t, t) + key_bias[:, None, None, :]
-        logits = logits.reshape(b, num_heads, t, t)
-    unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    probs = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+    q, k, v = ops.split_heads(qkv.reshape(b, t, 3, c3 // 3), num_heads)
+    probs = ops.attention_probabilities(q, k, position_bias, key_bias)
     weights = (probs if keep is None else probs * keep).astype(qkv.dtype)
     out = jnp.einsum('bhqk,bhkd->bqhd', weights, v)
     return out.reshape(b, t, c3 // 3), probs
@@ -281,8 +256,8 @@ def _xla_attention_forward(qkv, position_bias, key_bias, keep, num_heads):
 def _xla_attention_backward(qkv, probs, keep, grad, num_heads):
     """XLA's version of the backward custom call: (d_qkv (B, T, 3C), d_position_bias)."""
     b, t, c3 = qkv.shape
-    q, k, v = _split_heads(qkv.reshape(b, t, 3, c3 // 3), num_heads)
-    (g,) = _split_heads(grad.reshape(b, t, 1, c3 // 3), num_heads)
+    q, k, v = ops.split_heads(qkv.reshape(b, t, 3, c3 // 3), num_heads)
+    (g,) = ops.split_heads(grad.reshape(b, t, 1, c3 // 3), num_heads)
     scale = (c3 // 3 // num_heads) ** -0.5
     weights = (probs if keep is None else probs * keep).astype(qkv.dtype)
     d_v = jnp.einsum('bhqk,bhqd->bhkd', weights, g)
@@ -302,7 +277,7 @@ def _xla_attention_backward(qkv, probs, keep, grad, num_heads):
 
 
 def _use_kernels(x: jax.Array) -> bool:
-    return x.dtype == jnp.float32 and mkl_kernels_enabled()
+    return x.dtype == jnp.float32 and kernels_loaded()
 
 
 def _keep_operand(keep) -> jax.Array:
@@ -402,10 +377,8 @@ group_attention.defvjp(_group_attention_fwd, _group_attention_bwd)
 
 
 def _xla_layer_norm_forward(x, scale, bias, eps):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centered = x - mean
-    rstd = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
-    return centered * rstd * scale + bias, mean[..., 0], rstd[..., 0]
+    mean, rstd = ops.layer_norm_statistics(x, eps)
+    return (x - mean) * rstd * scale + bias, mean[..., 0], rstd[..., 0]
 
 
 def _xla_layer_norm_backward(x, mean, rstd, scale, grad):
@@ -496,17 +469,7 @@ def _layer_norm_bwd(eps, residuals, grad):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def _xla_conv(x, kernel, stride: int, padding: int) -> jax.Array:
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        (stride, stride),
-        ((padding, padding), (padding, padding)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-    )
-
-
-def _conv_output_shape(x_shape, kernel_size: int, features: int, stride: int, padding: int):
+def conv_output_shape(x_shape, kernel_size: int, features: int, stride: int, padding: int):
     n, h, w, _ = x_shape
     ho, wo = ((size + 2 * padding - kernel_size) // stride + 1 for size in (h, w))
     return n, ho, wo, features
@@ -517,7 +480,7 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
     (N, Ho, Wo, Cout). On CPU in float32 a custom call (patches of 128 output pixels gathered
     into a buffer, then an MKL product; for Cout < 64 and k a multiple of the stride, products
     over stride x stride blocks of x), else XLA's convolution. Not differentiable by itself:
-    `crossformer.strided_conv` defines its gradient, with `conv_kernel_gradient`."""
+    `strided_conv` defines its gradient, with `conv_kernel_gradient`."""
     square_kernel = kernel.ndim == 4 and kernel.shape[0] == kernel.shape[1]
     if x.ndim != 4 or not square_kernel or x.shape[-1] != kernel.shape[2]:
         raise ValueError(
@@ -526,12 +489,12 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
         )
     k, _, _, cout = kernel.shape
     if not (_use_kernels(x) and kernel.dtype == jnp.float32):
-        return _xla_conv(x, kernel, stride, padding)
+        return ops.strided_conv(x, kernel, stride, padding)
 
     def custom_call(x, kernel):
         return jax.ffi.ffi_call(
             CONV_FORWARD,
-            jax.ShapeDtypeStruct(_conv_output_shape(x.shape, k, cout, stride, padding), x.dtype),
+            jax.ShapeDtypeStruct(conv_output_shape(x.shape, k, cout, stride, padding), x.dtype),
             vmap_method='sequential',
         )(x, kernel, stride=np.int64(stride), padding=np.int64(padding))
 
@@ -539,7 +502,7 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
         x,
         kernel,
         cpu=custom_call,
-        default=functools.partial(_xla_conv, stride=stride, padding=padding),
+        default=functools.partial(ops.strided_conv, stride=stride, padding=padding),
     )
 
 
@@ -549,12 +512,14 @@ def conv_kernel_gradient(
     """The gradient of `conv` with respect to its kernel: (k, k, Cin, Cout) from x (N, H, W, Cin)
     and the output's cotangent grad (N, Ho, Wo, Cout)."""
     shape = (kernel_size, kernel_size, x.shape[-1], grad.shape[-1])
-    if grad.shape != _conv_output_shape(x.shape, kernel_size, grad.shape[-1], stride, padding):
+    if grad.shape != conv_output_shape(x.shape, kernel_size, grad.shape[-1], stride, padding):
         raise ValueError(f'conv_kernel_gradient: grad {grad.shape} does not fit x {x.shape}')
 
     def xla(x, grad):
         zeros = jnp.zeros(shape, x.dtype)
-        return jax.vjp(lambda kernel: _xla_conv(x, kernel, stride, padding), zeros)[1](grad)[0]
+        return jax.vjp(lambda kernel: ops.strided_conv(x, kernel, stride, padding), zeros)[1](grad)[
+            0
+        ]
 
     if not (_use_kernels(x) and grad.dtype == jnp.float32):
         return xla(x, grad)
@@ -567,11 +532,98 @@ def conv_kernel_gradient(
     return jax.lax.platform_dependent(x, grad, cpu=custom_call, default=xla)
 
 
+@jax.custom_vjp
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """x (..., Cin) @ kernel (Cin, Cout) + bias (Cout,) -> (..., Cout).
+
+    Not differentiated (inference), the product is `matmul` over all tokens: MKL on an Intel CPU,
+    XLA's dot elsewhere.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    return (matmul(x2, kernel) + bias).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _linear_fwd(x, kernel, bias):
+    # Differentiated, the products stay XLA dots, which XLA fuses with the elementwise work around
+    # them (benchmarks/README.md, "MKL matmuls").
+    return x @ kernel + bias, (x, kernel)
+
+
+def _linear_bwd(residuals, grad):
+    # The kernel gradient as one 2-D matmul over all tokens and the bias gradient as a column
+    # sum; autodiff would give XLA:CPU the same products over N-D operands, which it runs slower
+    # (benchmarks/README.md, "Dense layers").
+    x, kernel = residuals
+    x2 = x.reshape(-1, x.shape[-1])
+    grad2 = grad.reshape(-1, grad.shape[-1])
+    d_kernel = jax.lax.dot_general(x2, grad2, (((0,), (0,)), ((), ())))
+    return grad @ kernel.T, d_kernel, jnp.sum(grad2, axis=0)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def patch_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A convolution whose kernel (k, k, Cin, Cout) equals its stride, without padding, as
+    space-to-depth plus one product: x (N, H, W, Cin) -> (N, H/k, W/k, Cout)."""
+    n, h, w, c = x.shape
+    k, _, _, cout = kernel.shape
+    x = x.reshape(n, h // k, k, w // k, k, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h // k, w // k, k * k * c) @ kernel.reshape(k * k * c, cout)
+
+
+def strided_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """`crossformer_jax.models.ops.strided_conv` for the cross-scale embeddings (kernel k a multiple
+    of the stride): `patch_conv` when k equals the stride, else `conv` with its gradient below."""
+    if kernel.shape[0] == stride and padding == 0:
+        return patch_conv(x, kernel)
+    return _embedding_conv(x, kernel, stride, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _embedding_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    return conv(x, kernel, stride, padding)
+
+
+def _strided_conv_fwd(x, kernel, stride, padding):
+    return conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _strided_conv_bwd(stride, padding, residuals, grad):
+    # Input gradient: with tap kh = stride * a + p, output row o writes to padded input row
+    # stride * (o + a) + p. So one matmul grad @ kernel^T gives every tap's contribution, and the
+    # k/stride shifted copies (one per a) summed and interleaved by phase p give the padded input
+    # gradient. XLA:CPU would otherwise run a dilated convolution, several times slower.
+    x, kernel = residuals
+    n, h, w, cin = x.shape
+    _n, ho, wo, cout = grad.shape
+    k = kernel.shape[0]
+    a = k // stride
+    taps = grad.reshape(-1, cout) @ kernel.transpose(3, 0, 1, 2).reshape(cout, k * k * cin)
+    taps = taps.reshape(n, ho, wo, a, stride, a, stride, cin)
+    padded = sum(
+        jnp.pad(
+            taps[:, :, :, ah, :, aw], ((0, 0), (ah, a - 1 - ah), (aw, a - 1 - aw)) + ((0, 0),) * 3
+        )
+        for ah in range(a)
+        for aw in range(a)
+    )  # (N, Ho + a - 1, Wo + a - 1, stride, stride, Cin)
+    padded = padded.transpose(0, 1, 3, 2, 4, 5)
+    padded = padded.reshape(n, (ho + a - 1) * stride, (wo + a - 1) * stride, cin)
+    grad_x = padded[:, padding : padding + h, padding : padding + w]
+    return grad_x, conv_kernel_gradient(x, grad, k, stride, padding)
+
+
+_embedding_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+CPU_OPS = ops.Ops('cpu', layer_norm, linear, group_attention, strided_conv)
+
+
 def main() -> None:
-    os.environ.setdefault(ENV_VAR, 'mkl')
+    load()
     print(f'extension: {build_extension()}')
     print(f'MKL: {find_mkl_runtime()}')
-    print(f'CPU kernels: {"MKL custom calls" if mkl_kernels_enabled() else "XLA"}')
     vendor = cpu_vendor() or 'unknown'
     print(f'inference matmuls: {"MKL" if mkl_matmul_enabled() else "XLA dots"} (CPU: {vendor})')
 

@@ -1,5 +1,5 @@
 """Independent PyTorch reference of the segmentation models (UPerNet and Semantic FPN heads on the
-CrossFormer backbone of `crossformer_jax.torch_reference`), NCHW as in PyTorch.
+CrossFormer backbone of `crossformer_jax.reference.crossformer`), NCHW as in PyTorch.
 
 Module and parameter names reproduce MMSegmentation's state dicts (`backbone.`, `decode_head.`,
 `auxiliary_head.`, `neck.`; ConvModule `.conv` / `.bn`), so a released checkpoint loads with
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossformer_jax.segmentation import POOL_SCALES, segmentation_config
-from crossformer_jax.torch_reference import CrossFormer
+from crossformer_jax.models.segmentation import POOL_SCALES, segmentation_config
+from crossformer_jax.reference.crossformer import CrossFormer
 
 
 def resize(x: torch.Tensor, size) -> torch.Tensor:

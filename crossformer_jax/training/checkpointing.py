@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 LATEST_DIR = 'checkpoints'
@@ -149,3 +151,30 @@ class Checkpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def restore_variables(directory: str, model: Any, collections: tuple[str, ...] | None = None):
+    """Restores the float32 variables of `model` (all collections, or only `collections`, e.g.
+    ('params',) from a train state) from the orbax checkpoint in `directory`, onto one device.
+    Raises ValueError naming the directory and orbax's first line of complaint."""
+    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+    if collections is not None:
+        shapes = {name: shapes[name] for name in collections}
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device), dict(shapes)
+    )
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(
+                directory,
+                args=ocp.args.PyTreeRestore(
+                    item=abstract,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=collections is not None,
+                ),
+            )
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f'cannot restore the variables in {directory}: {first[:300]}') from e

@@ -7,7 +7,8 @@ Small composable TensorFlow functions, usable inside ``tf.data`` map functions
 * Resizing is PIL's resampler (``resize``), the one the reference PyTorch pipelines use, so
   crops and resizes match torchvision/timm pixel for pixel.
 * RandAugment, normalisation and random erasing are not here: they run on the device, on
-  whole uint8 batches (``crossformer_jax.randaugment``, ``crossformer_jax.batch_ops``).
+  whole uint8 batches (``crossformer_jax.augment.randaugment``,
+  ``crossformer_jax.augment.batch_ops``).
 * Random ops take a stateless seed: an int32/int64 tensor of shape ``[2]``
   (see ``tf.random.experimental.stateless_split`` / ``stateless_fold_in``).
   The same image and seed always give the same output, so a pipeline built from

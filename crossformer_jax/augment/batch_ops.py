@@ -1,6 +1,6 @@
 """On-device batch ops: RandAugment, normalisation and random erasing of the uint8 batches.
 
-The tf.data pipeline (``crossformer_jax.input_pipeline``) ships cropped, resized and flipped
+The tf.data pipeline (``crossformer_jax.data.pipeline``) ships cropped, resized and flipped
 uint8 images (a quarter of the bytes of float32) and leaves the per-pixel steps of the recipe
 to the accelerator, in timm's order:
 
@@ -10,8 +10,9 @@ to the accelerator, in timm's order:
 
 ``train_images`` / ``eval_images`` are what a train / eval step calls; they read
 ``randaugment``, ``randaugment_fill``, ``mean``, ``std`` and ``random_erasing_prob`` from the
-data config. All randomness comes from the key passed in (in the trainer: the step's key), so
-a batch is augmented the same way whenever step ``k`` is run, which keeps resumed runs exact.
+data config (defaults: ``crossformer_jax.data.config.DATA_DEFAULTS``). All randomness comes
+from the key passed in (in the trainer: the step's key), so a batch is augmented the same way
+whenever step ``k`` is run, which keeps resumed runs exact.
 Shapes are static; everything jit-compiles.
 """
 
@@ -23,19 +24,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from crossformer_jax import randaugment
-
-DEFAULT_MEAN = (0.485, 0.456, 0.406)
-DEFAULT_STD = (0.229, 0.224, 0.225)
+from crossformer_jax.augment import randaugment
+from crossformer_jax.data.config import IMAGENET_MEAN, IMAGENET_STD, data_field
 
 
-def _get(cfg: Any, name: str, default: Any) -> Any:
-    if isinstance(cfg, dict) or hasattr(cfg, 'get'):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
-def normalize(images: jax.Array, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> jax.Array:
+def normalize(images: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
     """(..., 3) pixels in [0, 255] (uint8 or float) -> float32 ``(x / 255 - mean) / std``."""
     x = images.astype(jnp.float32) / 255.0
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
@@ -112,18 +105,18 @@ def random_erasing(
 def randaugment_fill(data_config: Any) -> tuple[float, float, float]:
     """``randaugment_fill`` of the data config; None (default): ``round(255 * mean)``, the fill
     of timm's training transform."""
-    fill = _get(data_config, 'randaugment_fill', None)
+    fill = data_field(data_config, 'randaugment_fill')
     if fill is None:
-        fill = tuple(min(255, round(255 * m)) for m in _get(data_config, 'mean', DEFAULT_MEAN))
+        fill = tuple(min(255, round(255 * m)) for m in data_field(data_config, 'mean'))
     if len(fill) != 3:
         raise ValueError(f'config.data.randaugment_fill must be 3 values, got {fill!r}')
     return tuple(float(v) for v in fill)
 
 
 def randaugment_config(data_config: Any) -> randaugment.RandAugmentConfig | None:
-    """The parsed ``randaugment`` spec of the data config (default 'rand-m9-mstd0.5-inc1');
-    None when it is ''. Raises ValueError naming the bad section."""
-    spec = _get(data_config, 'randaugment', 'rand-m9-mstd0.5-inc1') or ''
+    """The parsed ``randaugment`` spec of the data config; None when it is ''. Raises
+    ValueError naming the bad section."""
+    spec = data_field(data_config, 'randaugment') or ''
     return randaugment.parse_randaugment(spec) if spec else None
 
 
@@ -136,16 +129,14 @@ def train_images(images: jax.Array, rng: jax.Array, data_config: Any) -> jax.Arr
         x = randaugment.randaugment(
             x, jax.random.fold_in(rng, 0), ra_config, randaugment_fill(data_config)
         )
-    x = normalize(x, _get(data_config, 'mean', DEFAULT_MEAN), _get(data_config, 'std', DEFAULT_STD))
+    x = normalize(x, data_field(data_config, 'mean'), data_field(data_config, 'std'))
     return random_erasing(
         x,
         jax.random.fold_in(rng, 1),
-        prob=float(_get(data_config, 'random_erasing_prob', 0.25)),
+        prob=float(data_field(data_config, 'random_erasing_prob')),
     )
 
 
 def eval_images(images: jax.Array, data_config: Any) -> jax.Array:
     """uint8 (B, H, W, 3) evaluation batch -> normalised float32 (B, H, W, 3)."""
-    return normalize(
-        images, _get(data_config, 'mean', DEFAULT_MEAN), _get(data_config, 'std', DEFAULT_STD)
-    )
+    return normalize(images, data_field(data_config, 'mean'), data_field(data_config, 'std'))

@@ -1,0 +1,1 @@
+"""Command lines (the top-level scripts are thin fronts that call their `main`)."""

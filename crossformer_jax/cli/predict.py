@@ -1,0 +1,76 @@
+"""The command line of predict.py.
+
+    python predict.py --weights PATH IMAGE_OR_FOLDER... [--top-k 5] [--json] [--batch-size 32]
+
+PATH is a pretrained directory (convert_torch_weights.py, save_pretrained) or a train.py workdir
+(its best checkpoint); crossformer_jax.inference.predict says what is printed or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from crossformer_jax.cli import args as args_lib
+from crossformer_jax.inference.predict import ImageError, Predictor, list_images
+from crossformer_jax.weights.loading import load_weights
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='predict.py',
+        description='Top-k classes of images with a converted checkpoint or a train.py workdir.',
+    )
+    parser.add_argument(
+        '--weights',
+        required=True,
+        help='a pretrained directory (convert_torch_weights.py) or a train.py workdir '
+        '(its best checkpoint is used)',
+    )
+    parser.add_argument('images', nargs='+', help='image files or folders (searched recursively)')
+    parser.add_argument(
+        '--top-k', type=args_lib.positive_int, default=5, help='classes per image (5)'
+    )
+    parser.add_argument(
+        '--batch-size', type=args_lib.positive_int, default=32, help='images per device batch (32)'
+    )
+    parser.add_argument('--json', action='store_true', help='one JSON object per line')
+    parser.add_argument(
+        '--mask-dir',
+        default='masks',
+        help='segmentation models: folder for the colour-coded mask PNGs (masks)',
+    )
+    return parser
+
+
+def run_cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    weights = load_weights(args.weights)
+    predictor = Predictor(
+        weights, batch_size=args.batch_size, top_k=args.top_k, mask_dir=args.mask_dir
+    )
+    failures = 0
+    for result in predictor.run(list_images(args.images)):
+        if isinstance(result, ImageError):
+            failures += 1
+            print(f'error: {result.path}: {result.message}', file=err, flush=True)
+        elif args.json:
+            print(json.dumps(result.to_json()), file=out, flush=True)
+        else:
+            print(result.to_text(), file=out, flush=True)
+    if failures:
+        print(f'{failures} image(s) could not be used', file=err, flush=True)
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of predict.py: 0 when every image was predicted, 1 when some could not be
+    read, 2 on a usage error or unusable weights (message on stderr)."""
+    args = build_arg_parser().parse_args(argv)
+    try:
+        return run_cli(args, sys.stdout, sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        return 2
