@@ -3,6 +3,7 @@
 import pytest
 
 from crossformer_jax.data import pipeline
+from crossformer_jax.models import ops
 
 
 @pytest.fixture(autouse=True)
@@ -11,3 +12,12 @@ def fresh_corrupt_image_count():
     pipeline.reset_corrupt_image_count()
     yield
     pipeline.reset_corrupt_image_count()
+
+
+@pytest.fixture(autouse=True)
+def plain_primitives():
+    """Every test starts with the models' plain primitives, whatever an earlier test of the process
+    enabled (the CPU plug-in, in-process benchmark runs)."""
+    ops.set_ops(ops.PLAIN)
+    yield
+    ops.set_ops(ops.PLAIN)

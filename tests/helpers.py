@@ -7,10 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
 from crossformer_jax.cpu import kernels as cpu_kernels
@@ -30,7 +33,12 @@ CLASSES = 3
 TRAIN_SUBPROCESS_XLA_FLAGS = '--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0'
 
 
-PRIMITIVES = ('plain', 'cpu')
+# The cpu extra (MKL) is published for x86-64 Linux only; elsewhere the plug-in cannot be built.
+CPU_PLUGIN_PLATFORM = platform.machine() == 'x86_64' and sys.platform == 'linux'
+PRIMITIVES = ('plain', 'cpu') if CPU_PLUGIN_PLATFORM else ('plain',)
+needs_cpu_plugin = pytest.mark.skipif(
+    not CPU_PLUGIN_PLATFORM, reason='the cpu extra (MKL) exists for x86-64 Linux only'
+)
 
 
 @contextlib.contextmanager

@@ -246,9 +246,11 @@ def test_conv_benchmark_shapes_follow_the_variant():
     import jax.numpy as jnp
 
     from benchmarks.conv_benchmark import conv_shapes
+    from crossformer_jax import cpu
     from crossformer_jax.models import create_model
 
     images = jnp.zeros((2, 224, 224, 3), jnp.float32)
+    assert cpu.enable(strict=True)  # the shapes are read from the plug-in's custom calls
     # crossformer_small: the first embedding's overlapping kernels (the 4x4 one is a patch
     # product), then each merge's 4x4 kernel, stride 2 (its 2x2 one is a patch product).
     assert conv_shapes(create_model('crossformer_small'), images) == [
@@ -311,7 +313,7 @@ def test_ab_benchmark_loads_a_git_revision_of_the_model_code():
     from benchmarks.ab_benchmark import load_model_module
 
     module = load_model_module('HEAD', 'crossformer_at_head')
-    assert callable(module.create_model) and 'crossformer_small' in module.VARIANTS
+    assert callable(module.build_classifier) and 'crossformer_small' in module.VARIANTS
     with pytest.raises(
         SystemExit, match=r"'no-such-revision' is neither a file nor a git revision"
     ):

@@ -1,8 +1,9 @@
 """The CPU plug-in's custom calls (crossformer_jax/cpu/kernels.py): matmul, group attention,
 LayerNorm, convolutions.
 
-The test extra installs MKL and CI machines have a C++ compiler, so the custom calls must be
-available here: the tests fail (with the reason) rather than skip when they are not. Each kernel
+On x86-64 Linux the test extra installs MKL and CI machines have a C++ compiler, so the custom
+calls must be available there: the tests fail (with the reason) rather than skip when they are not.
+Elsewhere no MKL wheel exists and the module is skipped. Each kernel
 is checked in float32 against its definition evaluated in float64.
 """
 
@@ -12,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import attention_inputs, plain_group_attention
+from helpers import attention_inputs, needs_cpu_plugin, plain_group_attention
 
 from crossformer_jax.cpu import kernels as cpu_kernels
 from crossformer_jax.models import ops
+
+pytestmark = needs_cpu_plugin
 
 
 def require_mkl_kernels() -> None:

@@ -10,7 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import REPO
+from helpers import REPO, needs_cpu_plugin
 
 from crossformer_jax import cpu
 from crossformer_jax.cpu import kernels
@@ -25,18 +25,13 @@ def forward_text(model) -> str:
     return jax.jit(model.apply).lower(variables, images).as_text()
 
 
-@pytest.fixture(autouse=True)
-def plain_afterwards():
-    yield
-    ops.set_ops(ops.PLAIN)
-
-
 def test_models_trace_plain_jax_by_default():
     assert ops.current() is ops.PLAIN and not cpu.enabled()
     text = forward_text(create_model('crossformer_tiny', num_classes=10, **NARROW))
     assert 'custom_call' not in text and 'crossformer_' not in text
 
 
+@needs_cpu_plugin
 def test_enable_installs_the_kernels_and_disable_removes_them():
     assert cpu.enable(strict=True)
     assert cpu.enabled() and ops.current() is kernels.CPU_OPS
@@ -64,6 +59,7 @@ def test_enable_fails_soft_on_an_unwritable_cache(tmp_path, monkeypatch, caplog)
         cpu.enable(strict=True)
 
 
+@needs_cpu_plugin
 @pytest.mark.parametrize(
     ('value', 'expected'), [('', False), ('0', False), ('xla', False), ('1', True), ('mkl', True)]
 )

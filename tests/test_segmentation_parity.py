@@ -15,6 +15,7 @@ from crossformer_jax.reference.segmentation import (
     randomize_batch_norm_statistics,
 )
 from crossformer_jax.weights import convert as C
+from crossformer_jax.weights import verify
 
 # Observed max|diff| / max|reference|: 1e-6 to 1.8e-6 (float32 rounding of the same sums taken in
 # a different order: XLA's convolutions and attention vs PyTorch's, ~20 layers deep); the bound
@@ -54,7 +55,7 @@ def check_parity(name, backbone, head, image_size, num_classes=150, seed=0):
     state_dict = torch_model.state_dict()
     variables, report = C.convert_with_report(state_dict, name, **backbone)
     assert report.overrides == {**head, **backbone}
-    comparisons = C.compare_with_torch(
+    comparisons = verify.compare_with_torch(
         state_dict,
         variables,
         name,

@@ -5,10 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import needs_cpu_plugin
 
 from crossformer_jax.cpu import kernels
 from crossformer_jax.cpu.kernels import strided_conv
 from crossformer_jax.models.ops import strided_conv as plain_conv
+
+pytestmark = needs_cpu_plugin
 
 
 @pytest.mark.parametrize(

@@ -353,7 +353,7 @@ def test_evaluate_workdir_and_converted_checkpoint(env, reference):
     model_dir = str(env['root'] / 'converted')
     overrides = {
         k: v
-        for k, v in trainer.model_overrides(config).items()
+        for k, v in tasks.model_overrides(config).items()
         if k in ('embed_dim', 'depths', 'num_heads', 'group_size', 'interval')
     }
     pretrained.save_pretrained(
@@ -476,7 +476,7 @@ def test_every_config_is_valid_and_follows_the_recipe():
             continue
         config = _load_config_file(path)
         trainer.validate_config(config, mode='throughput', device_count=8)
-        crossformer.model_config(config.model.name, **trainer.model_overrides(config))
+        crossformer.model_config(config.model.name, **tasks.model_overrides(config))
         names.append(config.model.name)
     assert set(crossformer.VARIANTS) <= set(names)
 

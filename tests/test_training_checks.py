@@ -38,7 +38,7 @@ def _init(model, image_size, seed):
 def converted(tmp_path_factory):
     """A converted-checkpoint directory of the demo model with 3 classes, trained at 32x32."""
     config = _config()
-    overrides = {k: v for k, v in trainer.model_overrides(config).items() if k in MODEL_FIELDS}
+    overrides = {k: v for k, v in tasks.model_overrides(config).items() if k in MODEL_FIELDS}
     model = create_model('crossformer_tiny', num_classes=3, **overrides)
     params = _init(model, 32, seed=0)
     directory = str(tmp_path_factory.mktemp('converted') / 'demo')

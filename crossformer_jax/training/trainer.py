@@ -207,6 +207,37 @@ def train_step(
     return new_state, metrics
 
 
+def jit_train_step(
+    config: ml_collections.ConfigDict,
+    task: tasks.Task,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: jax.sharding.Mesh,
+    state_sharding: Any,
+):
+    """`train_step` jit-compiled with the run's shardings: (state, global batch, rng) -> (state,
+    metrics); the state is donated. The loop and `--mode compile` build it here alike."""
+    return jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            task=task,
+            tx=tx,
+            schedule=schedule,
+            grad_accum_steps=config.grad_accum_steps,
+            mesh=mesh,
+        ),
+        in_shardings=(
+            state_sharding,
+            sharding_lib.batch_sharding(mesh),
+            sharding_lib.replicated(mesh),
+        ),
+        out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 # -------------------------------------------------------------------------------------------------
 # Building blocks of the loop.
 
@@ -433,8 +464,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state_sharding = sharding_lib.state_shardings(
         abstract_state, mesh, fsdp=config.fsdp, min_size=config.fsdp_min_size
     )
-    repl = sharding_lib.replicated(mesh)
-    batch_sharding = sharding_lib.batch_sharding(mesh)
     if config.fsdp:
         split = [
             x
@@ -477,20 +506,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     save_config(config, workdir)
     save_workdir_metadata(config, workdir, num_classes, info.class_names)
 
-    p_train_step = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            task=task,
-            tx=tx,
-            schedule=schedule,
-            grad_accum_steps=config.grad_accum_steps,
-            mesh=mesh,
-        ),
-        in_shardings=(state_sharding, batch_sharding, repl),
-        out_shardings=(state_sharding, repl),
-        donate_argnums=0,
-    )
+    p_train_step = jit_train_step(config, task, model, tx, schedule, mesh, state_sharding)
     evaluator = task.make_evaluator(
         model, mesh, {'params': state_sharding.params, **state_sharding.model_state}, config
     )
