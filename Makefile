@@ -40,15 +40,16 @@ report: install
 benchmark: install
 	$(PY) benchmarks/cpu_benchmark.py --model crossformer_tiny
 
-# The built-in example: scikit-learn's digits as an image folder, then train.py on it.
+# The built-in example: scikit-learn's digits as an image folder, then train.py on it (a CPU run:
+# with the XLA:CPU plug-in, which falls back to plain JAX where it cannot be built).
 demo: install
 	$(PY) scripts/make_digits_dataset.py --out workdirs/digits_data
-	$(PY) train.py --config configs/digits_demo.py --workdir $(DEMO_DIR)
+	CROSSFORMER_CPU_KERNELS=1 $(PY) train.py --config configs/digits_demo.py --workdir $(DEMO_DIR)
 
 # The built-in segmentation example: digits pasted on photographs (ADE20K layout), then train.py.
 demo-seg: install
 	$(PY) scripts/make_segmentation_demo.py --out workdirs/segmentation_demo_data
-	$(PY) train.py --config configs/segmentation/digits_demo.py --workdir $(SEG_DEMO_DIR)
+	CROSSFORMER_CPU_KERNELS=1 $(PY) train.py --config configs/segmentation/digits_demo.py --workdir $(SEG_DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

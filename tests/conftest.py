@@ -1,6 +1,13 @@
 """Shared test fixtures: process-wide state starts fresh in every test."""
 
+import os
+
 import pytest
+
+# The tests compute on the CPU, also where libtpu is installed (for compiling TPU programs); libtpu
+# may be loaded by several test processes at once.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 from crossformer_jax.data import pipeline
 from crossformer_jax.models import ops

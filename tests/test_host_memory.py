@@ -85,7 +85,12 @@ def test_runs_on_cpu_sees_accelerator_plugins(monkeypatch):
         host_memory.importlib.util, 'find_spec', lambda name: name if name in found else None
     )
     assert host_memory.runs_on_cpu() is True
-    found.add('libtpu')
+    found.add('libtpu')  # installed for compiling only: no chip attached
+    monkeypatch.setattr(host_memory.glob, 'glob', lambda pattern: [])
+    assert host_memory.runs_on_cpu() is True
+    monkeypatch.setattr(
+        host_memory.glob, 'glob', lambda pattern: ['/dev/accel0'] if 'accel' in pattern else []
+    )
     assert host_memory.runs_on_cpu() is False
     found.clear()
     monkeypatch.setattr(host_memory.importlib.metadata, 'entry_points', lambda group: ['cuda'])

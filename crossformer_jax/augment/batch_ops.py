@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from crossformer_jax.augment import randaugment
 from crossformer_jax.data.config import IMAGENET_MEAN, IMAGENET_STD, data_field
@@ -120,14 +121,17 @@ def randaugment_config(data_config: Any) -> randaugment.RandAugmentConfig | None
     return randaugment.parse_randaugment(spec) if spec else None
 
 
-def train_images(images: jax.Array, rng: jax.Array, data_config: Any) -> jax.Array:
+def train_images(
+    images: jax.Array, rng: jax.Array, data_config: Any, mesh: Mesh | None = None
+) -> jax.Array:
     """uint8 (B, H, W, 3) training batch -> RandAugmented, normalised, randomly erased float32
-    (B, H, W, 3). RandAugment draws from ``fold_in(rng, 0)``, erasing from ``fold_in(rng, 1)``."""
+    (B, H, W, 3). RandAugment draws from ``fold_in(rng, 0)``, erasing from ``fold_in(rng, 1)``;
+    ``mesh``: the one the batch is split over (each device RandAugments its own examples)."""
     x = images
     ra_config = randaugment_config(data_config)
     if ra_config is not None:
         x = randaugment.randaugment(
-            x, jax.random.fold_in(rng, 0), ra_config, randaugment_fill(data_config)
+            x, jax.random.fold_in(rng, 0), ra_config, randaugment_fill(data_config), mesh
         )
     x = normalize(x, data_field(data_config, 'mean'), data_field(data_config, 'std'))
     return random_erasing(

@@ -12,12 +12,15 @@ sign for the signed ops. Pixel ops reproduce PIL's integer results (blends trunc
 tables as ``ImageOps`` builds them); geometric ops sample bilinearly (timm asks PIL for bicubic
 under the ``interpolation='bicubic'`` recipe) with the fill colour mixed in at the borders.
 
-How a layer runs on a batch: every op is one of four kinds, an affine warp (Rotate, Shear*,
+How it runs on a batch: every op is one of four kinds, an affine warp (Rotate, Shear*,
 Translate*), a per-channel lookup table (AutoContrast, Equalize, Invert, Posterize*, Solarize*,
-SolarizeAdd, Brightness*, Contrast*; the identity table when no op is applied), a blend with
-the greyscale image (Color*) or with the smoothed image (Sharpness*). A layer computes the four
-kinds for every example, each with the parameters of the op that example drew, and keeps the
-one of its op's kind: four passes over the batch instead of a branch per op.
+SolarizeAdd, Brightness*, Contrast*), a blend with the greyscale image (Color*) or with the
+smoothed image (Sharpness*). A loop over the examples (``lax.map``; per device, inside a
+``shard_map``, when the batch is split over a mesh) takes, per layer, the branch of the drawn
+op's kind (``lax.switch``), so only that op's work runs; Equalize alone computes histograms.
+No per-pixel gathers of single values, which XLA:TPU runs slowly: table lookups and histograms
+are exact one-hot contractions, and the affine warp fetches each pixel's 2x2 neighbourhood,
+packed in one uint32 per channel, with one gather.
 
 Images inside this module are float32 ``(H, W, 3)`` with integer values in ``[0, 255]``.
 """
@@ -30,6 +33,8 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 _LEVEL_DENOM = 10.0  # RandAugment magnitudes live on [0, 10].
 TRANSLATE_PCT = 0.45  # TranslateXRel/YRel at magnitude 10 move by 45% of the side (timm)
@@ -167,10 +172,22 @@ def blend(degenerate: jax.Array, image: jax.Array, factor: jax.Array) -> jax.Arr
     return _floor_clip(degenerate + factor * (image - degenerate))
 
 
+def _one_hot(image: jax.Array) -> jax.Array:
+    """(..., 3) integer values in [0, 255] -> (..., 3, 256) bfloat16 one-hot."""
+    return (image[..., None] == _VALUES).astype(jnp.bfloat16)
+
+
 def apply_lut(image: jax.Array, lut: jax.Array) -> jax.Array:
-    """``lut[c, image[..., c]]`` per channel; ``lut``: (3, 256) values."""
-    index = image.astype(jnp.int32) + 256 * jnp.arange(3, dtype=jnp.int32)
-    return jnp.take(lut.reshape(-1), index)
+    """``lut[c, image[..., c]]`` per channel; ``lut``: (3, 256) integers in [0, 255].
+
+    A one-hot contraction, exact: each one-hot row holds a single 1, the table's integers are
+    exact in bfloat16, and the float32 accumulation adds that one product to zeros."""
+    return jnp.einsum(
+        'hwcv,cv->hwc',
+        _one_hot(image),
+        lut.astype(jnp.bfloat16),
+        preferred_element_type=jnp.float32,
+    )
 
 
 def affine(image: jax.Array, matrix: jax.Array, fill: jax.Array) -> jax.Array:
@@ -191,15 +208,25 @@ def affine(image: jax.Array, matrix: jax.Array, fill: jax.Array) -> jax.Array:
     sy = d * xs + e * ys + (f + 0.5 * d + 0.5 * e - 0.5)
     x0, y0 = jnp.floor(sx), jnp.floor(sy)
     wx, wy = sx - x0, sy - y0
-    # The four neighbours, gathered at once from the flattened image: (H, W, 4) rows of 3.
+    # Neighbour k = 2 dy + dx of the sample is input pixel (y0 + dy, x0 + dx).
     xi = x0[..., None] + jnp.array([0.0, 1.0, 0.0, 1.0])
     yi = y0[..., None] + jnp.array([0.0, 0.0, 1.0, 1.0])
     weight = jnp.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx], axis=-1)
     valid = (yi >= 0) & (yi <= h - 1) & (xi >= 0) & (xi <= w - 1)
     weight = jnp.where(valid, weight, 0.0)
-    index = jnp.clip(yi, 0, h - 1).astype(jnp.int32) * w + jnp.clip(xi, 0, w - 1).astype(jnp.int32)
-    pixels = jnp.take(image.reshape(h * w, 3), index, axis=0)  # (H, W, 4, 3)
-    out = jnp.einsum('hwk,hwkc->hwc', weight, pixels)
+    # Per channel, the 2x2 neighbourhood whose top-left is each pixel of the zero-padded image,
+    # packed in one uint32 (byte k = neighbour k), channel planes first: one gather of a (3, 1)
+    # column per output pixel fetches its 12 values. The window's top-left, (y0, x0), is clamped
+    # into the padded image; a neighbour that the clamp moves is outside the image (weight 0).
+    p = jnp.pad(image, ((1, 1), (1, 1), (0, 0))).astype(jnp.uint32)
+    packed = p[:-1, :-1] | (p[:-1, 1:] << 8) | (p[1:, :-1] << 16) | (p[1:, 1:] << 24)
+    packed = jnp.moveaxis(packed, -1, 0).reshape(3, (h + 1) * (w + 1))
+    top = jnp.clip(y0 + 1, 0, h).astype(jnp.int32)
+    left = jnp.clip(x0 + 1, 0, w).astype(jnp.int32)
+    window = jnp.take(packed, (top * (w + 1) + left).reshape(-1), axis=1, mode='clip')
+    shifts = jnp.arange(4, dtype=jnp.uint32) * 8
+    pixels = (window.T.reshape(h, w, 1, 3) >> shifts[:, None]) & 255  # (H, W, 4, 3)
+    out = jnp.einsum('hwk,hwkc->hwc', weight, pixels.astype(jnp.float32))
     inside = jnp.sum(weight, axis=-1, keepdims=True)
     out = out + (1.0 - inside) * fill
     return jnp.clip(jnp.floor(out + 0.5), 0.0, 255.0)
@@ -221,9 +248,12 @@ _VALUES = jnp.arange(256, dtype=jnp.float32)
 
 
 def _histograms(image: jax.Array) -> jax.Array:
-    """(3, 256) per-channel histograms of an integer-valued image."""
-    index = image.astype(jnp.int32) + 256 * jnp.arange(3, dtype=jnp.int32)
-    return jnp.zeros(3 * 256, jnp.int32).at[index.reshape(-1)].add(1).reshape(3, 256)
+    """(3, 256) int32 per-channel histograms of an integer-valued image: the one-hot summed
+    over the pixels, counts exact in float32 up to 2**24 pixels."""
+    one_hot = _one_hot(image.reshape(-1, 3))
+    ones = jnp.ones(one_hot.shape[:1], jnp.bfloat16)
+    counts = jnp.einsum('p,pcv->cv', ones, one_hot, preferred_element_type=jnp.float32)
+    return counts.astype(jnp.int32)
 
 
 def _equalize_lut(image: jax.Array) -> jax.Array:
@@ -263,7 +293,7 @@ def _enhance_factors(level: jax.Array, sign: jax.Array) -> tuple[jax.Array, jax.
 
 
 def _tables(image: jax.Array, level: jax.Array, sign: jax.Array) -> dict[str, jax.Array]:
-    """The (3, 256) table of every lookup-table op at ``level`` = magnitude / 10."""
+    """The (3, 256) table of every lookup-table op but Equalize at ``level`` = magnitude / 10."""
     v = jnp.broadcast_to(_VALUES, (3, 256))
     solarize_threshold = jnp.floor(level * 256.0)
     posterize_bits = jnp.floor(level * 4.0).astype(jnp.int32)
@@ -271,7 +301,6 @@ def _tables(image: jax.Array, level: jax.Array, sign: jax.Array) -> dict[str, ja
     plain_factor, increasing_factor = _enhance_factors(level, sign)
     return {
         'AutoContrast': _auto_contrast_lut(image),
-        'Equalize': _equalize_lut(image),
         'Invert': 255.0 - v,
         'Posterize': _posterize_lut(posterize_bits),
         'PosterizeIncreasing': _posterize_lut(4 - posterize_bits),
@@ -321,38 +350,41 @@ def apply_op(
 ) -> jax.Array:
     """Applies op ``names[chosen]`` (none when ``chosen`` is outside the range) to one image.
 
-    ``image``: float32 (H, W, 3) integer values; ``magnitude`` on the 0..10 scale; ``sign``
-    +-1 for the signed ops (Rotate, Shear*, Translate*, the *Increasing enhance ops).
-    Magnitude-to-argument mapping (timm): Rotate 30 deg * m/10; Shear 0.3 * m/10;
+    ``image``: float32 (H, W, 3) integer values; ``chosen``: scalar; ``magnitude`` on the 0..10
+    scale; ``sign`` +-1 for the signed ops (Rotate, Shear*, Translate*, the *Increasing enhance
+    ops). Magnitude-to-argument mapping (timm): Rotate 30 deg * m/10; Shear 0.3 * m/10;
     TranslateRel 0.45 * side * m/10; PosterizeIncreasing bits 4 - int(4 m/10); Posterize bits
     int(4 m/10); SolarizeIncreasing threshold 256 - int(256 m/10); Solarize threshold
     int(256 m/10); SolarizeAdd add int(110 m/10) below 128; *Increasing enhance factor
-    1 +- 0.9 m/10; plain enhance factor 0.1 + 1.8 m/10.
+    1 +- 0.9 m/10; plain enhance factor 0.1 + 1.8 m/10. Only the branch of the op's kind runs.
     """
     h, w, _ = image.shape
     level = magnitude / _LEVEL_DENOM
-    identity = jnp.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
-    matrix = _pick(chosen, names, _matrices(level, sign, h, w), identity)
-    lut = _pick(chosen, names, _tables(image, level, sign), jnp.broadcast_to(_VALUES, (3, 256)))
     plain, increasing = _enhance_factors(level, sign)
-    color_factor = _pick(chosen, names, {'Color': plain, 'ColorIncreasing': increasing}, 1.0)
-    sharpness_factor = _pick(
-        chosen, names, {'Sharpness': plain, 'SharpnessIncreasing': increasing}, 1.0
-    )
-    # Each kind reads the materialised input: chained, XLA would fuse one stage into the
-    # next and recompute it for every neighbour that the next one reads.
-    kind = _pick(chosen, names, dict.fromkeys(GEOMETRIC_OPS, 1), 0)
-    kind = _pick(chosen, names, {'Color': 2, 'ColorIncreasing': 2}, kind)
-    kind = _pick(chosen, names, {'Sharpness': 3, 'SharpnessIncreasing': 3}, kind)
-    return jnp.select(
-        [kind == 1, kind == 2, kind == 3],
-        [
-            affine(image, matrix, fill),
-            blend(grayscale(image), image, color_factor),
-            blend(smooth(image), image, sharpness_factor),
-        ],
-        apply_lut(image, lut),
-    )
+
+    def lookup(image):
+        lut = _pick(chosen, names, _tables(image, level, sign), jnp.broadcast_to(_VALUES, (3, 256)))
+        is_equalize = _pick(chosen, names, {'Equalize': True}, False)
+        lut = jax.lax.cond(is_equalize, _equalize_lut, lambda _: lut, image)
+        return apply_lut(image, lut)
+
+    def geometric(image):
+        identity = jnp.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+        return affine(image, _pick(chosen, names, _matrices(level, sign, h, w), identity), fill)
+
+    def color(image):
+        factor = _pick(chosen, names, {'Color': plain, 'ColorIncreasing': increasing}, 1.0)
+        return blend(grayscale(image), image, factor)
+
+    def sharpness(image):
+        factor = _pick(chosen, names, {'Sharpness': plain, 'SharpnessIncreasing': increasing}, 1.0)
+        return blend(smooth(image), image, factor)
+
+    kind = _pick(chosen, names, dict.fromkeys(GEOMETRIC_OPS, 2), 1)  # 1: lookup table
+    kind = _pick(chosen, names, {'Color': 3, 'ColorIncreasing': 3}, kind)
+    kind = _pick(chosen, names, {'Sharpness': 4, 'SharpnessIncreasing': 4}, kind)
+    kind = jnp.where(chosen < len(names), kind, 0)
+    return jax.lax.switch(kind, [lambda image: image, lookup, geometric, color, sharpness], image)
 
 
 _apply_op_jit = jax.jit(apply_op, static_argnames='names')
@@ -400,21 +432,29 @@ def randaugment(
     rng: jax.Array,
     config: RandAugmentConfig | str,
     fill=(128, 128, 128),
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """RandAugment of a batch: (B, H, W, 3) uint8 or integer-valued float -> float32 (B, H, W, 3)
     with integer values. Example ``i``, layer ``l`` draws from ``fold_in(fold_in(rng, i), l)``;
-    ``fill``: colour of the pixels geometric ops uncover."""
+    ``fill``: colour of the pixels geometric ops uncover. With ``mesh`` (the batch split over
+    all its axes), each device loops over its own examples."""
     if isinstance(config, str):
         config = parse_randaugment(config)
     fill = jnp.asarray(fill, jnp.float32)
 
-    def one(image, key):
-        def layer(index, image):
+    def one(example):
+        image, key = example
+        image = image.astype(jnp.float32)
+        for index in range(config.num_layers):
             chosen, magnitude, sign = _draw_layer(jax.random.fold_in(key, index), config)
-            return apply_op(image, chosen, magnitude, sign, config.ops, fill)
+            image = apply_op(image, chosen, magnitude, sign, config.ops, fill)
+        return image
 
-        # A loop, not an unrolled chain, so that each layer's output is materialised.
-        return jax.lax.fori_loop(0, config.num_layers, layer, image)
+    def loop(images, keys):
+        return jax.lax.map(one, (images, keys))
 
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(images.shape[0]))
-    return jax.vmap(one)(images.astype(jnp.float32), keys)
+    if mesh is None:
+        return loop(images, keys)
+    batch = P(mesh.axis_names)
+    return jax.shard_map(loop, mesh=mesh, in_specs=(batch, batch), out_specs=batch)(images, keys)

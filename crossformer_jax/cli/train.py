@@ -11,6 +11,9 @@ evaluate:   top-1 / top-5 / loss (segmentation: mIoU / aAcc / mAcc) on the valid
             WORKDIR's best (or latest) checkpoint, or from a converted checkpoint directory given
             as --config.init_from.
 throughput: images per second of the jit-compiled forward pass.
+compile:    compiles the train and evaluation steps ahead of time for --topology (a TPU slice,
+            described by libtpu; no TPU needed) and reports their memory and FLOPs per device;
+            exit 0 when they fit the chips' HBM, 1 when not, 2 without libtpu.
 
 --host_malloc: on a CPU run (auto) glibc keeps freed host memory for reuse, so that XLA:CPU's
 per-step temporary buffer is not faulted in again every step (crossformer_jax/cpu/host_memory.py).
@@ -25,6 +28,7 @@ JAX_PROCESS_ID). When a process dies, the others abort (exit code 134) within ab
 --heartbeat_timeout seconds; the same command on every host then resumes.
 """
 
+import json
 import logging as pylogging
 import os
 import sys
@@ -40,7 +44,19 @@ config_flags.DEFINE_config_file(
     'config', None, 'Experiment configuration file (configs/*.py).', lock_config=True
 )
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and the resolved config.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'throughput'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'throughput', 'compile'], 'What to do.')
+flags.DEFINE_string(
+    'topology',
+    None,
+    '--mode compile: the TPU slice to compile for, GENERATION:SHAPE (e.g. v5e:2x2, v4:2x2x1, '
+    'v6e:4x8); needs libtpu (the tpu extra), not a TPU.',
+)
+flags.DEFINE_string(
+    'compilation_cache_dir',
+    os.path.join(os.path.expanduser('~'), '.cache', 'crossformer_jax', 'xla'),
+    "JAX's persistent compilation cache: a restarted run reuses its compiled programs; '' turns "
+    'it off.',
+)
 flags.DEFINE_bool(
     'multihost',
     os.environ.get('CROSSFORMER_MULTIHOST', '') == '1',
@@ -83,13 +99,67 @@ class _OwnInfoOnly(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or 'site-packages' not in record.pathname
 
 
+def compile_for_topology(config) -> int:
+    """--mode compile: the reports of every program, then one JSON line; the exit status."""
+    from crossformer_jax.training import aot
+
+    try:
+        topology = aot.describe_topology(FLAGS.topology)
+    except aot.TopologyError as e:
+        logging.error('%s', e)
+        return 2
+    reports, _ = aot.compile_config(config, topology)
+    num_classes = config.get('num_classes') or None
+    forward_flops = aot.model_flops_per_image(config, num_classes)
+    print(
+        f'{config.model.name} on {topology.name}: {len(topology.devices)} x '
+        f'{topology.device_kind}, global batch {config.batch_size}'
+    )
+    for report in reports:
+        print(aot.format_report(report, forward_flops, train=report.name == 'train_step'))
+    too_large = [r for r in reports if not r.fits]
+    for report in too_large:
+        print(
+            f'error: {report.name} needs {report.peak_bytes / aot.GIB:.2f} GiB per device, '
+            f'{(report.peak_bytes - report.hbm_bytes) / aot.GIB:.2f} GiB more than the '
+            f'{report.hbm_bytes / aot.GIB:.0f} GiB of a {topology.device_kind} device'
+        )
+    summary = {
+        'topology': topology.name,
+        'device_kind': topology.device_kind,
+        'num_devices': len(topology.devices),
+        'model': config.model.name,
+        'global_batch': config.batch_size,
+        'model_flops_per_image': forward_flops,
+        'programs': [r.to_json() for r in reports],
+        'fits': not too_large,
+    }
+    print(json.dumps(summary), flush=True)
+    return 1 if too_large else 0
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if FLAGS.mode == 'train' and not FLAGS.workdir:
         raise app.UsageError('--workdir is required for --mode train')
+    if FLAGS.mode == 'compile' and not FLAGS.topology:
+        raise app.UsageError('--topology is required for --mode compile (e.g. v5e:2x2)')
 
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    if FLAGS.compilation_cache_dir:
+        import jax
+
+        jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
+    if FLAGS.mode == 'compile':
+        import jax
+
+        jax.config.update('jax_platforms', 'cpu')  # the host compiles; the topology's chips run
+        try:
+            sys.exit(compile_for_topology(FLAGS.config))
+        except (ValueError, KeyError) as e:
+            logging.error('Configuration error: %s', e)
+            sys.exit(2)
     # Before any JAX backend or thread exists: the setting binds the threads created after it.
     if FLAGS.host_malloc == 'keep' or (FLAGS.host_malloc == 'auto' and host_memory.runs_on_cpu()):
         host_memory.keep_freed_memory()

@@ -19,6 +19,7 @@ glibc's default.
 from __future__ import annotations
 
 import ctypes
+import glob
 import importlib.metadata
 import importlib.util
 import logging
@@ -54,13 +55,21 @@ def keep_freed_memory() -> bool:
     return True
 
 
+# Device nodes of TPU chips on a TPU VM (libtpu alone also serves ahead-of-time compilation on any
+# host, so its presence says nothing about where JAX computes).
+TPU_DEVICE_PATTERNS = ('/dev/accel*', '/dev/vfio/[0-9]*')
+
+
 def runs_on_cpu() -> bool:
     """Whether JAX will compute on the CPU, decided without starting a backend: JAX_PLATFORMS
-    names only cpu, or no accelerator plugin (a `jax_plugins` entry point or package, libtpu) is
-    installed."""
+    names only cpu, or no accelerator plugin (a `jax_plugins` entry point or package) is installed
+    and no TPU chip is attached."""
     platforms = os.environ.get('JAX_PLATFORMS', '').strip()
     if platforms:
         return platforms.split(',')[0].strip() == 'cpu'
     if importlib.metadata.entry_points(group='jax_plugins'):
         return False
-    return not any(importlib.util.find_spec(name) for name in ('jax_plugins', 'libtpu'))
+    if importlib.util.find_spec('jax_plugins'):
+        return False
+    tpu_chips = any(glob.glob(pattern) for pattern in TPU_DEVICE_PATTERNS)
+    return not (tpu_chips and importlib.util.find_spec('libtpu'))

@@ -29,7 +29,7 @@ from crossformer_jax.models.crossformer import (
     group_layout,
     model_config,
 )
-from crossformer_jax.models.registry import create_model
+from crossformer_jax.models.registry import create_model, model_spec
 from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS
 
 
@@ -133,6 +133,18 @@ def count_segmentation_macs(
                 macs += _conv_macs(h, w, 3, neck if j == 0 else head, head)
     macs += _conv_macs(*sizes[0], 1, head, num_classes)  # conv_seg
     return int(macs)
+
+
+def model_macs(
+    name: str, image_size: tuple[int, int] | int, num_classes: int | None = None, **overrides
+) -> int:
+    """MACs of one inference pass of one image through any registered model: `count_macs` for a
+    classifier, `count_segmentation_macs` for a segmentation model."""
+    spec = model_spec(name)
+    num_classes = spec.num_classes if num_classes is None else num_classes
+    if spec.task == 'segmentation':
+        return count_segmentation_macs(name, image_size, num_classes, **overrides)
+    return count_macs(name, image_size, num_classes, **overrides)
 
 
 def segmentation_report(image_sizes=(512, 1024), num_classes: int = 150) -> list[dict]:

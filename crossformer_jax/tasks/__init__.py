@@ -10,10 +10,13 @@ preemption, resume, logging and the data sources are shared. A task supplies the
   default: the whole image, and the label map where there is one);
 * `train_preprocess(data_config, seed, process_index)` / `eval_preprocess(data_config)`: per-example
   tf.data functions (decoded element dict -> example dict) handed to the shared input pipeline;
+* `train_batch_spec(config, batch_size)`: the shapes of a global training batch;
 * `transform_batch(rng, batch)`: an on-device transform of the global training batch (mixup);
 * `loss(model, params, model_state, batch, rng)` -> (scalar loss, new model state);
 * `make_evaluator(model, mesh, variables_sharding, config)`: a callable that runs one pass over the
-  validation split and returns sums that add across batches and hosts (numpy dict);
+  validation split and returns sums that add across batches and hosts (numpy dict), built on
+  `eval_program(model, config)`, the pure per-batch (or per-image) function that
+  `--mode compile` compiles too;
 * `pretrained_params(source, target)`: how a pretrained checkpoint's parameters map into the
   model (`config.init_from`) and which may start fresh (a new head);
 * `preprocessing(config)`: how a trained model's inputs are prepared at inference (stored with the

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from crossformer_jax.data import pipeline, sources
 
@@ -73,9 +74,26 @@ class Task(abc.ABC):
     def eval_preprocess(self, data_config) -> Callable:
         """tf.data map function: decoded element -> evaluation example."""
 
-    def transform_batch(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """On-device transform of the whole global training batch (default: none)."""
-        del rng
+    @abc.abstractmethod
+    def train_batch_spec(
+        self, config: ml_collections.ConfigDict, batch_size: int
+    ) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of a global training batch as the input pipeline delivers it."""
+
+    @abc.abstractmethod
+    def eval_program(
+        self, model: nn.Module, config: ml_collections.ConfigDict
+    ) -> tuple[Callable, tuple[Any, ...], int, bool]:
+        """(evaluate(variables, *inputs), abstract inputs of one call, images per call, whether
+        the inputs are a batch split over the devices): the pure function the evaluator runs on
+        each batch or image, which `--mode compile` compiles."""
+
+    def transform_batch(
+        self, rng: jax.Array, batch: dict[str, jax.Array], mesh: Mesh
+    ) -> dict[str, jax.Array]:
+        """On-device transform of the whole global training batch, split over `mesh` (default:
+        none)."""
+        del rng, mesh
         return batch
 
     @abc.abstractmethod

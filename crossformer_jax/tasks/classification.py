@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from crossformer_jax import models
 from crossformer_jax.augment import batch_ops, mixup
@@ -146,11 +147,13 @@ class ClassificationTask(Task):
     def eval_preprocess(self, data_config) -> Callable:
         return classification_data.eval_preprocess(data_config)
 
-    def transform_batch(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def transform_batch(
+        self, rng: jax.Array, batch: dict[str, jax.Array], mesh: Mesh
+    ) -> dict[str, jax.Array]:
         """{'image' uint8, 'label'} -> {'image' float32, 'target' (B, K)}: RandAugmented,
         normalised, randomly erased (per example), then mixed as a whole."""
         augment_rng, mix_rng = jax.random.split(rng)
-        images = batch_ops.train_images(batch['image'], augment_rng, self.data)
+        images = batch_ops.train_images(batch['image'], augment_rng, self.data, mesh)
         m = self.mixup
         images, targets = mixup.mix_batch(
             mix_rng,
@@ -170,10 +173,26 @@ class ClassificationTask(Task):
         )
         return soft_target_cross_entropy(logits, batch['target']), model_state
 
+    def train_batch_spec(self, config, batch_size):
+        size = self.image_size
+        return {
+            'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+        }
+
+    def eval_program(self, model, config):
+        b, size = config.eval_batch_size, self.image_size
+        batch = {
+            'image': jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8),
+            'label': jax.ShapeDtypeStruct((b,), jnp.int32),
+            'mask': jax.ShapeDtypeStruct((b,), jnp.bool_),
+        }
+        return functools.partial(eval_step, model=model, data_config=self.data), (batch,), b, True
+
     def make_evaluator(self, model, mesh, variables_sharding, config):
         """One pass of global, sharded batches; the jit's replicated sums cover every host."""
         p_eval_step = jax.jit(
-            functools.partial(eval_step, model=model, data_config=self.data),
+            self.eval_program(model, config)[0],
             in_shardings=(variables_sharding, sharding_lib.batch_sharding(mesh)),
             out_shardings=sharding_lib.replicated(mesh),
             compiler_options=inference_compiler_options(),

@@ -181,16 +181,34 @@ class SegmentationTask(Task):
             loss = loss + self.aux_weight * pixel_cross_entropy(aux_logits, batch['label'])
         return loss, dict(updates)
 
+    def train_batch_spec(self, config, batch_size):
+        size = self.image_size
+        return {
+            'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+            'label': jax.ShapeDtypeStruct((batch_size, size, size), jnp.int32),
+        }
+
+    def eval_program(self, model, config):
+        """One whole image per call; compiled here at the training crop size (the evaluator
+        compiles once per distinct image size)."""
+        size = self.image_size
+        images = tuple(
+            jax.ShapeDtypeStruct((round(size * s), round(size * s), 3), jnp.float32)
+            for s in self.eval_scales
+        )
+        label = jax.ShapeDtypeStruct((size, size), jnp.int32)
+        evaluate = functools.partial(
+            predict_confusion, model=model, num_classes=self.num_classes, flip=self.eval_flip
+        )
+        return evaluate, (images, label), 1, False
+
     def make_evaluator(self, model, mesh, variables_sharding, config):
         """Whole images, one at a time, round-robin over this host's devices (any image size;
         one compilation per distinct size)."""
         local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
         replicate = jax.jit(lambda v: v, out_shardings=sharding_lib.replicated(mesh))
         step = jax.jit(
-            functools.partial(
-                predict_confusion, model=model, num_classes=self.num_classes, flip=self.eval_flip
-            ),
-            compiler_options=inference_compiler_options(),
+            self.eval_program(model, config)[0], compiler_options=inference_compiler_options()
         )
 
         def evaluate(variables):

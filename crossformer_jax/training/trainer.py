@@ -156,7 +156,7 @@ def train_step(
     """
     rng = jax.random.fold_in(base_rng, state.step)
     batch_rng, dropout_rng = jax.random.split(rng)
-    batch = task.transform_batch(batch_rng, batch)
+    batch = task.transform_batch(batch_rng, batch, mesh)
 
     def loss_fn(params, model_state, batch, rng):
         return task.loss(model, params, model_state, batch, rng)
@@ -242,7 +242,7 @@ def jit_train_step(
 # Building blocks of the loop.
 
 
-def _init_state(
+def init_state(
     task: tasks.Task, model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array
 ) -> TrainState:
     """A fresh train state: the task's initial variables, the optimizer's initial state."""
@@ -458,8 +458,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Shapes first, then shardings, then the real arrays created directly in their layout.
     seed_rng = jax.random.key(config.seed)
     init_rng, train_rng = jax.random.split(seed_rng)
-    init_state = functools.partial(_init_state, task, model, tx)
-    abstract_state = jax.eval_shape(init_state, init_rng)
+    fresh_state = functools.partial(init_state, task, model, tx)
+    abstract_state = jax.eval_shape(fresh_state, init_rng)
     abstract_params = abstract_state.params
     state_sharding = sharding_lib.state_shardings(
         abstract_state, mesh, fsdp=config.fsdp, min_size=config.fsdp_min_size
@@ -490,7 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state = ckpts.restore(sharding_lib.with_shardings(abstract_state, state_sharding))
         logging.info('Resumed from %s at step %d.', ckpts.latest.directory, ckpts.latest_step())
     else:
-        state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
+        state = jax.jit(fresh_state, out_shardings=state_sharding)(init_rng)
         if config.init_from:
             params = jax.device_put(
                 load_pretrained_params(config.init_from, state.params, task), state_sharding.params
@@ -693,7 +693,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
             config, optimizer.create_learning_rate_schedule(config, steps_per_epoch, 1)
         )
         abstract_state = jax.eval_shape(
-            functools.partial(_init_state, task, model, tx), jax.random.key(0)
+            functools.partial(init_state, task, model, tx), jax.random.key(0)
         )
         shardings = sharding_lib.state_shardings(
             abstract_state, mesh, fsdp=config.fsdp, min_size=config.fsdp_min_size
