@@ -13,7 +13,7 @@ on everything, poly power 0.9, no warm-up. Both: 512x512 crops of images rescale
 
 import ml_collections
 
-from crossformer_jax.data.config import ADE20K_MEAN, ADE20K_STD
+from crossformer_jax.data.config import ADE20K_DEFAULTS, ADE20K_MEAN, ADE20K_STD
 
 DROP_PATH = {'small': 0.2, 'base': 0.3, 'large': 0.5, 'pp_small': 0.2}
 
@@ -34,19 +34,15 @@ def get_config(head: str, backbone: str) -> ml_collections.ConfigDict:
     # fresh) or a converted segmentation checkpoint; '' trains from scratch.
     config.init_from = ''
 
-    config.data = ml_collections.ConfigDict()
+    # The ADE20K defaults (crossformer_jax/data/config.py), then the recipe's own fields.
+    config.data = ml_collections.ConfigDict(dict(ADE20K_DEFAULTS))
     config.data.dataset = 'ade20k'  # DATA_DIR/{images,annotations}/{training,validation}/
     config.data.data_dir = ''
-    config.data.train_split = 'training'
     config.data.eval_split = 'validation'
     config.data.num_classes = 150
-    config.data.reduce_zero_label = True  # PNG 0 -> ignored (255), v -> v - 1
     config.data.image_size = 512  # training crop (and padding) size
-    config.data.scale = (2048, 512)  # rescale to fit (long, short), times the ratio below
-    config.data.ratio_range = (0.5, 2.0)
-    config.data.cat_max_ratio = 0.75  # redraw crops that one class dominates (>= 1: never)
+    config.data.scale = (2048, 512)  # rescale to fit (long, short), times the ratio
     config.data.hflip = True
-    config.data.photometric_distortion = True
     config.data.mean = ADE20K_MEAN
     config.data.std = ADE20K_STD
     config.data.num_parallel_calls = -1

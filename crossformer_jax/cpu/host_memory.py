@@ -3,7 +3,7 @@
 XLA:CPU allocates the temporary buffer of every execution with one `malloc` (2.0 GiB for a
 crossformer_small train step at batch 16) and frees it at the end. glibc serves a block that large
 with a fresh `mmap` and returns it with `munmap`, so each step faults the whole buffer in again:
-about 550,000 page faults per step, 1 s of system time, and 2-3 s on a VM after other work
+about 550,000 page faults per step and seconds of system time, more after other work
 (a PyTorch step) used the memory in between. `keep_freed_memory` sets glibc's allocator to serve
 every block from one heap and to keep what is freed at its top, so the next step reuses pages
 that are already mapped. The process then keeps its peak host memory until it exits.

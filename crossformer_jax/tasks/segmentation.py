@@ -21,12 +21,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from crossformer_jax import models
 from crossformer_jax.data import ade20k
+from crossformer_jax.models import segmentation
 from crossformer_jax.runtime import sharding as sharding_lib
 from crossformer_jax.runtime.compile_options import inference_compiler_options
 from crossformer_jax.tasks.base import Task, check_split_directories, model_overrides
+from crossformer_jax.weights import pretrained
 
 IGNORE_INDEX = ade20k.IGNORE_INDEX
 
@@ -117,8 +120,6 @@ class SegmentationTask(Task):
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict, *, mode: str) -> None:
-        from crossformer_jax.models import segmentation
-
         name = config.model.name
         try:
             segmentation.segmentation_config(name, **model_overrides(config))
@@ -235,8 +236,6 @@ class SegmentationTask(Task):
                 confusion += np.sum(jax.device_get(pending), axis=0, dtype=np.int64)
             sums = {'confusion': confusion, 'count': np.int64(count)}
             if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
                 gathered = multihost_utils.process_allgather(sums)
                 sums = {k: np.sum(v, axis=0) for k, v in gathered.items()}
             if sums['count'] == 0:
@@ -268,8 +267,6 @@ class SegmentationTask(Task):
     def preprocessing(cls, config):
         """The whole image fitted into image_size (bilinear), mean/std of config (0..255) on the
         0..1 scale that pretrained.Preprocessing uses."""
-        from crossformer_jax.weights import pretrained
-
         data = config.data
         return pretrained.Preprocessing(
             input_size=(data.image_size, data.image_size),

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from crossformer_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
+from crossformer_jax.data.config import DATA_DEFAULTS, IMAGENET_MEAN, IMAGENET_STD
 from crossformer_jax.models import create_model
 from crossformer_jax.models.crossformer import ARCHITECTURE_FIELDS
 from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS
@@ -72,8 +72,8 @@ class Preprocessing:
     input_size = (H, W), scale to [0, 1], subtract mean and divide by std (per RGB channel).
     """
 
-    input_size: tuple[int, int] = (224, 224)
-    crop_pct: float = 0.875
+    input_size: tuple[int, int] = (DATA_DEFAULTS['image_size'],) * 2
+    crop_pct: float = DATA_DEFAULTS['eval_crop_fraction']
     interpolation: str = 'bicubic'
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
