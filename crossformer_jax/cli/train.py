@@ -109,8 +109,7 @@ def compile_for_topology(config) -> int:
         logging.error('%s', e)
         return 2
     reports, _ = aot.compile_config(config, topology)
-    num_classes = config.get('num_classes') or None
-    forward_flops = aot.model_flops_per_image(config, num_classes)
+    forward_flops = aot.model_flops_per_image(config)
     print(
         f'{config.model.name} on {topology.name}: {len(topology.devices)} x '
         f'{topology.device_kind}, global batch {config.batch_size}'

@@ -187,14 +187,19 @@ def with_sharding(tree: Any, shardings: Any) -> Any:
     )
 
 
+def config_num_classes(config: ml_collections.ConfigDict) -> int:
+    """The number of classes without reading the data: config.data.num_classes where the config
+    states it, else that of the model's released checkpoints."""
+    return config.data.get('num_classes') or model_spec(config.model.name).num_classes
+
+
 def compile_config(
     config: ml_collections.ConfigDict, topology: Topology
 ) -> tuple[list[ProgramReport], dict[str, str]]:
     """Compiles the train and evaluation steps of `config` for `topology`; returns their reports
     and the optimized program text of each (for inspection)."""
     mesh = Mesh(np.asarray(topology.devices), (sharding_lib.DATA_AXIS,))
-    num_classes = config.get('num_classes') or model_spec(config.model.name).num_classes
-    task = tasks.get_task(config, num_classes)
+    task = tasks.get_task(config, config_num_classes(config))
     reports, texts = [], {}
     with ops.using(ops.PLAIN):
         model = task.create_model(config)
@@ -241,11 +246,11 @@ def compile_config(
     return reports, texts
 
 
-def model_flops_per_image(config: ml_collections.ConfigDict, num_classes: int) -> float:
+def model_flops_per_image(config: ml_collections.ConfigDict) -> float:
     """2 x the analytic multiply-accumulates of one image's forward pass."""
     overrides = tasks.model_overrides(config)
     return 2.0 * complexity.model_macs(
-        config.model.name, config.data.image_size, num_classes, **overrides
+        config.model.name, config.data.image_size, config_num_classes(config), **overrides
     )
 
 
