@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import random_image
+from jax.sharding import Mesh
 from PIL import Image, ImageEnhance, ImageOps
 
 from crossformer_jax.augment import randaugment as ra
@@ -101,6 +102,26 @@ def test_lookup_table_ops_exact_values():
     const = np.full((5, 6, 3), 77, np.uint8)
     np.testing.assert_array_equal(_op('AutoContrast', const, 5.0), const)
     np.testing.assert_array_equal(_op('Equalize', const, 5.0), const)
+
+
+def test_table_lookup_and_histograms_equal_the_plain_formulas():
+    """The one-hot forms of ``lut[c, image[..., c]]`` and of the per-channel histograms, bit for
+    bit, on random images, one holding every value in every channel."""
+    rng = np.random.RandomState(0)
+    every_value = np.stack([np.arange(256), 255 - np.arange(256), np.arange(256) * 7 % 256], -1)
+    images = (
+        rng.randint(0, 256, (37, 53, 3)),
+        every_value.reshape(16, 16, 3),
+        np.minimum(random_image(40, 30, seed=2), 200),  # values above 200 absent
+    )
+    lookup, histograms = jax.jit(ra.apply_lut), jax.jit(ra._histograms)
+    for image in images:
+        lut = rng.randint(0, 256, (3, 256))
+        expected = lut[np.arange(3), image]
+        counts = np.stack([np.bincount(image[..., c].ravel(), minlength=256) for c in range(3)])
+        x = image.astype(np.float32)
+        np.testing.assert_array_equal(lookup(x, lut.astype(np.float32)), expected)
+        np.testing.assert_array_equal(histograms(x), counts)
 
 
 def test_affine_maps_exactly_on_the_pixel_grid():
@@ -236,6 +257,9 @@ def test_randaugment_batch_determinism_independence_and_identity():
     outs = {np.asarray(x).tobytes() for x in ra.randaugment(same, rng, spec)}
     assert len(outs) > 3
     np.testing.assert_array_equal(ra.randaugment(images, rng, 'rand-m9-p0'), images)
+    # split over a mesh, each device loops over its own examples with the same keys
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+    np.testing.assert_array_equal(ra.randaugment(images, rng, spec, mesh=mesh), a)
 
 
 def test_layer_draws_follow_the_recipe():

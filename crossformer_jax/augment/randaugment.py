@@ -172,22 +172,24 @@ def blend(degenerate: jax.Array, image: jax.Array, factor: jax.Array) -> jax.Arr
     return _floor_clip(degenerate + factor * (image - degenerate))
 
 
-def _one_hot(image: jax.Array) -> jax.Array:
-    """(..., 3) integer values in [0, 255] -> (..., 3, 256) bfloat16 one-hot."""
-    return (image[..., None] == _VALUES).astype(jnp.bfloat16)
+def _digits(image: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(..., 3) integers v in [0, 255] -> float32 one-hots (..., 3, 16) of v // 16 and v % 16."""
+    high = jnp.floor(image / 16.0)
+    low = image - 16.0 * high
+    digits = jnp.arange(16, dtype=jnp.float32)
+    high_hot, low_hot = high[..., None] == digits, low[..., None] == digits
+    return high_hot.astype(jnp.float32), low_hot.astype(jnp.float32)
 
 
 def apply_lut(image: jax.Array, lut: jax.Array) -> jax.Array:
     """``lut[c, image[..., c]]`` per channel; ``lut``: (3, 256) integers in [0, 255].
 
-    A one-hot contraction, exact: each one-hot row holds a single 1, the table's integers are
-    exact in bfloat16, and the float32 accumulation adds that one product to zeros."""
-    return jnp.einsum(
-        'hwcv,cv->hwc',
-        _one_hot(image),
-        lut.astype(jnp.bfloat16),
-        preferred_element_type=jnp.float32,
-    )
+    One-hot contractions instead of a gather per value: the one-hot of v // 16 picks the table's
+    row of 16 entries, the one-hot of v % 16 the entry. Exact: each one-hot has a single 1, the
+    entries are exact in bfloat16 and each float32 sum adds one product to zeros."""
+    high, low = _digits(image)
+    rows = jnp.einsum('hwca,cab->hwcb', high, lut.reshape(3, 16, 16))
+    return jnp.sum(low * rows, axis=-1)
 
 
 def affine(image: jax.Array, matrix: jax.Array, fill: jax.Array) -> jax.Array:
@@ -248,12 +250,12 @@ _VALUES = jnp.arange(256, dtype=jnp.float32)
 
 
 def _histograms(image: jax.Array) -> jax.Array:
-    """(3, 256) int32 per-channel histograms of an integer-valued image: the one-hot summed
-    over the pixels, counts exact in float32 up to 2**24 pixels."""
-    one_hot = _one_hot(image.reshape(-1, 3))
-    ones = jnp.ones(one_hot.shape[:1], jnp.bfloat16)
-    counts = jnp.einsum('p,pcv->cv', ones, one_hot, preferred_element_type=jnp.float32)
-    return counts.astype(jnp.int32)
+    """(3, 256) int32 per-channel histograms of an integer-valued image: count of v = 16 a + b
+    is the product of the one-hots of a and b summed over the pixels (exact in float32 up to
+    2**24 pixels)."""
+    high, low = _digits(image.reshape(-1, 3))
+    counts = jnp.einsum('pca,pcb->cab', high, low)
+    return counts.reshape(3, 256).astype(jnp.int32)
 
 
 def _equalize_lut(image: jax.Array) -> jax.Array:
@@ -380,7 +382,8 @@ def apply_op(
         factor = _pick(chosen, names, {'Sharpness': plain, 'SharpnessIncreasing': increasing}, 1.0)
         return blend(smooth(image), image, factor)
 
-    kind = _pick(chosen, names, dict.fromkeys(GEOMETRIC_OPS, 2), 1)  # 1: lookup table
+    # The branch: 0 not applied, 1 lookup table, 2 affine warp, 3 colour, 4 sharpness.
+    kind = _pick(chosen, names, dict.fromkeys(GEOMETRIC_OPS, 2), 1)
     kind = _pick(chosen, names, {'Color': 3, 'ColorIncreasing': 3}, kind)
     kind = _pick(chosen, names, {'Sharpness': 4, 'SharpnessIncreasing': 4}, kind)
     kind = jnp.where(chosen < len(names), kind, 0)

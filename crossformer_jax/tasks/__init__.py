@@ -11,7 +11,8 @@ preemption, resume, logging and the data sources are shared. A task supplies the
 * `train_preprocess(data_config, seed, process_index)` / `eval_preprocess(data_config)`: per-example
   tf.data functions (decoded element dict -> example dict) handed to the shared input pipeline;
 * `train_batch_spec(config, batch_size)`: the shapes of a global training batch;
-* `transform_batch(rng, batch)`: an on-device transform of the global training batch (mixup);
+* `transform_batch(rng, batch, mesh)`: an on-device transform of the global training batch
+  (RandAugment, mixup), split over the mesh;
 * `loss(model, params, model_state, batch, rng)` -> (scalar loss, new model state);
 * `make_evaluator(model, mesh, variables_sharding, config)`: a callable that runs one pass over the
   validation split and returns sums that add across batches and hosts (numpy dict), built on

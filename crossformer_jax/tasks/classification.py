@@ -22,6 +22,7 @@ from crossformer_jax.models import crossformer
 from crossformer_jax.runtime import sharding as sharding_lib
 from crossformer_jax.runtime.compile_options import inference_compiler_options
 from crossformer_jax.tasks.base import Task, check_split_directories, model_overrides
+from crossformer_jax.weights import pretrained
 
 
 def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -229,8 +230,6 @@ class ClassificationTask(Task):
     @classmethod
     def preprocessing(cls, config):
         """Resize to image_size / eval_crop_fraction, centre crop, mean/std (on 0..1 pixels)."""
-        from crossformer_jax.weights import pretrained
-
         data = config.data
         return pretrained.Preprocessing(
             input_size=(data.image_size, data.image_size),
