@@ -59,15 +59,16 @@ def test_classification_with_fsdp_compiles_plain_and_fits():
     assert [r.name for r in reports] == ['train_step', 'eval_step'] and all(r.fits for r in reports)
     for text in texts.values():
         assert 'HloModule' in text and not any(target in text for target in PLUGIN_TARGETS)
-    # For the narrow demo model at 32x32, XLA's cost model counted 0.945 (train) and 0.913 (eval)
-    # of the analytic figure.
+    # XLA's cost model against the analytic count: the narrow demo model's forward at 32x32 came
+    # to 0.913 x 2 x count_macs per image, and a train step (forward, backward, the augmentation,
+    # whose per-image loop the cost model counts once, and AdamW) to 0.976 x 3 forwards.
     forward = aot.model_flops_per_image(config)
     assert forward == 2 * complexity.model_macs(
         'crossformer_tiny', 32, 1000, **digits_overrides(config)
     )
     train, evaluate = reports
-    assert train.flops_per_image / (3 * forward) == pytest.approx(1.0, abs=0.1)
     assert evaluate.flops_per_image / forward == pytest.approx(1.0, abs=0.1)
+    assert train.flops_per_image / (3 * evaluate.flops_per_image) == pytest.approx(1.0, abs=0.05)
     assert 0 < train.argument_bytes < train.peak_bytes < 2**30
 
 
