@@ -87,3 +87,21 @@ def test_return_features_gives_logits_and_the_stage_maps(classifier):
 def test_negative_num_classes_is_refused():
     with pytest.raises(ValueError, match='num_classes must be >= 0'):
         create_model('crossformer_tiny', num_classes=-1)
+
+
+def test_one_registry_serves_every_family():
+    from crossformer_jax.models import registry
+
+    classifiers = registry.list_models('classification')
+    segmenters = registry.list_models('segmentation')
+    assert registry.list_models() == classifiers + segmenters
+    assert 'crossformer_tiny' in classifiers and 'upernet_crossformer_small' in segmenters
+    spec = registry.model_spec('fpn_crossformer_small')
+    assert (spec.task, spec.num_classes) == ('segmentation', 150)
+    assert create_model('fpn_crossformer_small').num_classes == 150
+    with pytest.raises(ValueError, match=r"unknown model 'nope'; available: crossformer_base"):
+        registry.model_spec('nope')
+    with pytest.raises(ValueError, match="model 'crossformer_tiny' is already registered"):
+        registry.register_model(
+            'crossformer_tiny', task='classification', num_classes=1, build=spec.build
+        )

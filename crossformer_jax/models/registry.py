@@ -12,15 +12,13 @@ from typing import Any
 
 import flax.linen as nn
 
-TASKS = ('classification', 'segmentation')
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A registered model: `build(name, num_classes, **kwargs)` returns its Flax module."""
 
     name: str
-    task: str
+    task: str  # the trainer's task that trains it (crossformer_jax.tasks)
     num_classes: int  # the default, that of the released checkpoints
     build: Callable[..., nn.Module]
 
@@ -29,9 +27,7 @@ _MODELS: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, *, task: str, num_classes: int, build: Callable[..., nn.Module]):
-    """Adds a model under `name`; ValueError for a taken name or an unknown task."""
-    if task not in TASKS:
-        raise ValueError(f'unknown task {task!r} for model {name!r}; tasks: {", ".join(TASKS)}')
+    """Adds a model under `name`; ValueError for a taken name."""
     if name in _MODELS:
         raise ValueError(f'model {name!r} is already registered')
     _MODELS[name] = ModelSpec(name, task, num_classes, build)
@@ -45,13 +41,14 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def list_models(task: str | None = None) -> list[str]:
-    """Registered names (of one task, or of all, task by task in TASKS order), sorted."""
+    """Registered names of one task, or of all (task by task, in the order the families were
+    registered: classifiers first), each task's sorted."""
+    tasks = dict.fromkeys(spec.task for spec in _MODELS.values())
     return [
-        spec.name
-        for t in TASKS
+        name
+        for t in tasks
         if task in (None, t)
-        for spec in sorted(_MODELS.values(), key=lambda spec: spec.name)
-        if spec.task == t
+        for name in sorted(spec.name for spec in _MODELS.values() if spec.task == t)
     ]
 
 
