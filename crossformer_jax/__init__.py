@@ -1,6 +1,6 @@
 """CrossFormer and CrossFormer++ in JAX/Flax.
 
-create_model(name, num_classes=1000, features_only=False, **overrides) -> flax.linen.Module
+create_model(name, num_classes=None, **kwargs)  -> any registered model as a flax.linen.Module
 convert_torch_state_dict(state_dict, name)  -> Flax variables of a PyTorch state dict
 save_pretrained / load_pretrained            -> converted weights on disk
 count_params / count_macs                    -> model size and cost
