@@ -33,6 +33,7 @@ import logging as pylogging
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -147,12 +148,8 @@ def main(argv):
 
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     if FLAGS.compilation_cache_dir:
-        import jax
-
         jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
     if FLAGS.mode == 'compile':
-        import jax
-
         jax.config.update('jax_platforms', 'cpu')  # the host compiles; the topology's chips run
         try:
             sys.exit(compile_for_topology(FLAGS.config))
@@ -173,10 +170,8 @@ def main(argv):
     except distributed.SetupError as e:
         logging.error('Distributed set-up error: %s', e)
         sys.exit(2)
-    # JAX's backend, TensorFlow and the loop start only now, after the malloc setting and the
-    # distributed runtime, which must both come first.
-    import jax
-
+    # JAX's backend (its first query below), TensorFlow and the loop start only now, after the
+    # malloc setting and the distributed runtime, which must both come first.
     if jax.process_index() != 0:  # only process 0 talks
         logging.set_verbosity(logging.ERROR)
     import tensorflow as tf
