@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 TEST_WORKERS ?= 2
 DEMO_DIR ?= workdirs/digits_demo
 SEG_DEMO_DIR ?= workdirs/segmentation_demo
+DET_DEMO_DIR ?= workdirs/detection_demo
 
-.PHONY: install lint format test test-slow demo demo-seg benchmark report clean
+.PHONY: install lint format test test-slow demo demo-seg demo-det benchmark report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,12 @@ demo: install
 demo-seg: install
 	$(PY) scripts/make_segmentation_demo.py --out workdirs/segmentation_demo_data
 	CROSSFORMER_CPU_KERNELS=1 $(PY) train.py --config configs/segmentation/digits_demo.py --workdir $(SEG_DEMO_DIR)
+
+# The built-in detection example: digits and shapes pasted on photographs, written as a COCO
+# folder (boxes and masks), then a small RetinaNet trained from scratch through train.py.
+demo-det: install
+	$(PY) scripts/make_detection_demo.py --out workdirs/detection_demo_data
+	CROSSFORMER_CPU_KERNELS=1 $(PY) train.py --config configs/detection/demo.py --workdir $(DET_DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

@@ -94,8 +94,14 @@ def test_one_registry_serves_every_family():
 
     classifiers = registry.list_models('classification')
     segmenters = registry.list_models('segmentation')
-    assert registry.list_models() == classifiers + segmenters
+    detectors = registry.list_models('detection')
+    assert registry.list_models() == classifiers + segmenters + detectors
     assert 'crossformer_tiny' in classifiers and 'upernet_crossformer_small' in segmenters
+    assert detectors == [
+        'retinanet_crossformer_base',
+        'retinanet_crossformer_pp_small',
+        'retinanet_crossformer_small',
+    ]
     spec = registry.model_spec('fpn_crossformer_small')
     assert (spec.task, spec.num_classes) == ('segmentation', 150)
     assert create_model('fpn_crossformer_small').num_classes == 150

@@ -31,7 +31,10 @@ def test_get_task_follows_config_task():
     assert isinstance(task, segmentation.SegmentationTask)
     assert (task.best_metric, task.eval_scales, task.eval_flip) == ('miou', (0.5, 1.0), True)
     config.task = 'detection'
-    with pytest.raises(ValueError, match="unknown config.task 'detection'"):
+    task = tasks.get_task(config, 80)
+    assert (type(task).__name__, task.best_metric, task.num_classes) == ('DetectionTask', 'AP', 80)
+    config.task = 'keypoints'
+    with pytest.raises(ValueError, match="unknown config.task 'keypoints'; available: "):
         tasks.get_task(config, 3)
 
 

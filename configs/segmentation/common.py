@@ -13,7 +13,7 @@ on everything, poly power 0.9, no warm-up. Both: 512x512 crops of images rescale
 
 import ml_collections
 
-from crossformer_jax.data.config import ADE20K_DEFAULTS, ADE20K_MEAN, ADE20K_STD
+from crossformer_jax.data.config import ADE20K_DEFAULTS, IMAGENET_MEAN_255, IMAGENET_STD_255
 
 DROP_PATH = {'small': 0.2, 'base': 0.3, 'large': 0.5, 'pp_small': 0.2}
 
@@ -43,8 +43,8 @@ def get_config(head: str, backbone: str) -> ml_collections.ConfigDict:
     config.data.image_size = 512  # training crop (and padding) size
     config.data.scale = (2048, 512)  # rescale to fit (long, short), times the ratio
     config.data.hflip = True
-    config.data.mean = ADE20K_MEAN
-    config.data.std = ADE20K_STD
+    config.data.mean = IMAGENET_MEAN_255
+    config.data.std = IMAGENET_STD_255
     config.data.num_parallel_calls = -1
     config.data.prefetch = 2
 

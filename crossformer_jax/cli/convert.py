@@ -1,5 +1,8 @@
 """The command line of convert_torch_weights.py: a PyTorch checkpoint (.pth) -> a pretrained
-directory, optionally verified against the PyTorch reference."""
+directory, optionally verified against the PyTorch reference.
+
+Classifiers, backbones, MMSegmentation models (UPerNet / Semantic FPN) and MMDetection models
+(RetinaNet) convert; the model is inferred from the weights unless --model names it."""
 
 from __future__ import annotations
 
@@ -17,10 +20,20 @@ from crossformer_jax.weights.convert import (
     check_model_name,
     convert_with_report,
     infer_model_name,
+    is_detection_name,
     is_segmentation_name,
 )
 from crossformer_jax.weights.pretrained import PretrainedError, check_replaceable, save_pretrained
-from crossformer_jax.weights.torch_io import extract_state_dict, read_torch_checkpoint
+from crossformer_jax.weights.torch_io import (
+    checkpoint_class_names,
+    extract_state_dict,
+    read_torch_checkpoint,
+)
+
+# --verify's defaults: classifiers and segmentation models at one size, within 1e-4; detection
+# models at two sizes, within 1e-5 (crossformer_jax.weights.verify's DETECTION_* values).
+DEFAULT_TOLERANCE = 1e-4
+DEFAULT_IMAGE_SIZES = ((224, 224),)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -32,13 +45,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         '--checkpoint',
         required=True,
-        help="PyTorch checkpoint: {'model': sd}, {'state_dict': sd with backbone.*} "
-        'or a bare state dict; read with weights-only unpickling',
+        help="PyTorch checkpoint: {'model': sd}, {'state_dict': sd} (MMDetection / "
+        'MMSegmentation, or a backbone under backbone.*) or a bare state dict; read with '
+        'weights-only unpickling',
     )
     parser.add_argument(
         '--model',
         default=None,
-        help='variant name (e.g. crossformer_small); inferred from the weights when omitted',
+        help='variant name (e.g. crossformer_small, retinanet_crossformer_small); inferred '
+        'from the weights when omitted; a backbone name converts the backbone of a detection / '
+        'segmentation checkpoint',
     )
     parser.add_argument('--output', required=True, help='directory to write')
     parser.add_argument(
@@ -50,8 +66,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         '--num-classes',
         type=args_lib.positive_int,
         default=None,
-        help='classes of the head (default: read from head.weight); an explicit '
-        'value must match the checkpoint',
+        help='classes of the head (default: read from the head: head.weight, '
+        'decode_head.conv_seg.weight, bbox_head.retina_cls.weight); an explicit value must '
+        'match the checkpoint',
     )
     parser.add_argument(
         '--verify',
@@ -62,14 +79,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         '--tolerance',
         type=args_lib.positive_float,
-        default=1e-4,
-        help='--verify fails when max|diff| > tolerance * max|reference| (default 1e-4)',
+        default=None,
+        help='--verify fails when max|diff| > tolerance * max|reference| (default 1e-4; 1e-5 '
+        'for detection models, whose detections must also agree, boxes and scores within 1e-4)',
     )
     parser.add_argument(
         '--image-size',
         type=args_lib.image_size,
-        default=(224, 224),
-        help='input size for --verify: SIZE or HEIGHTxWIDTH, multiples of 32 (default 224)',
+        nargs='+',
+        default=None,
+        help='input size(s) for --verify: SIZE or HEIGHTxWIDTH, multiples of 32, each checked '
+        '(default 224; 224x320 and 256x256 for detection models)',
     )
     parser.add_argument(
         '--seed', type=int, default=0, help='seed of the --verify input (default 0)'
@@ -96,10 +116,11 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
 
     _check_output_path(args.output, args.overwrite)  # fail early, before the slow steps
     checkpoint = read_torch_checkpoint(args.checkpoint)
-    # A segmentation checkpoint converts whole unless --model names a backbone variant.
-    keep_heads = args.model is None or is_segmentation_name(args.model)
+    # A segmentation / detection checkpoint converts whole unless --model names a backbone variant.
+    keep_heads = (
+        args.model is None or is_segmentation_name(args.model) or is_detection_name(args.model)
+    )
     state_dict, skipped_outer = extract_state_dict(checkpoint, keep_heads=keep_heads)
-    del checkpoint
     if args.model is None:
         name = infer_model_name(state_dict)
         say(f'inferred model: {name}')
@@ -120,9 +141,15 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
                 )
         raise
 
+    label_names = None if report.features_only else checkpoint_class_names(checkpoint)
+    if label_names is not None and len(label_names) != report.num_classes:
+        label_names = None  # names of another head (e.g. a backbone's pretraining)
+    del checkpoint
+
     say(f'checkpoint: {args.checkpoint}')
-    if is_segmentation_name(name):
-        kind = f'segmentation, {report.num_classes} classes'
+    if is_segmentation_name(name) or is_detection_name(name):
+        task = 'segmentation' if is_segmentation_name(name) else 'detection'
+        kind = f'{task}, {report.num_classes} classes'
         if report.overrides:
             kind += f', head widths {report.overrides}'
     elif report.features_only:
@@ -151,35 +178,49 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
     else:
         say('skipped keys: none')
 
+    if label_names is not None:
+        say(f'class names: {len(label_names)} from the checkpoint meta (CLASSES)')
+
     status = 0
     if args.verify:
-        h, w = args.image_size
-        say(f'verifying against the PyTorch reference at {h}x{w} (seed {args.seed}) ...')
-        from crossformer_jax.weights.verify import compare_with_torch  # needs the torch extra
+        from crossformer_jax.weights import verify  # needs the torch extra
 
-        comparisons = compare_with_torch(
-            state_dict,
-            variables,
-            name,
-            num_classes=report.num_classes,
-            features_only=report.features_only,
-            image_size=(h, w),
-            seed=args.seed,
-            **report.overrides,
+        detection = is_detection_name(name)
+        tolerance = args.tolerance or (
+            verify.DETECTION_TOLERANCE if detection else DEFAULT_TOLERANCE
         )
-        for c in comparisons:
-            ok = c.max_abs_diff <= args.tolerance * c.max_abs_reference
-            say(
-                f'  {c.label} {c.shape}: max|diff| {c.max_abs_diff:.3e}, max|reference| '
-                f'{c.max_abs_reference:.3e}, relative {c.relative:.3e} '
-                f'{"ok" if ok else "FAILED"} (tolerance {args.tolerance:g})'
+        sizes = args.image_size or (
+            verify.DETECTION_IMAGE_SIZES if detection else DEFAULT_IMAGE_SIZES
+        )
+        for h, w in sizes:
+            say(f'verifying against the PyTorch reference at {h}x{w} (seed {args.seed}) ...')
+            comparisons = verify.compare_with_torch(
+                state_dict,
+                variables,
+                name,
+                num_classes=report.num_classes,
+                features_only=report.features_only,
+                image_size=(h, w),
+                seed=args.seed,
+                **report.overrides,
             )
-            if not ok:
-                status = 1
+            for c in comparisons:
+                ok = c.passes(tolerance)
+                limit = c.tolerance if c.tolerance is not None else tolerance
+                if c.mismatch is not None:
+                    say(f'  {c.label}: {c.mismatch} FAILED')
+                else:
+                    say(
+                        f'  {c.label} {c.shape}: max|diff| {c.max_abs_diff:.3e}, max|reference| '
+                        f'{c.max_abs_reference:.3e}, relative {c.relative:.3e} '
+                        f'{"ok" if ok else "FAILED"} (tolerance {limit:g})'
+                    )
+                if not ok:
+                    status = 1
         if status:
             print(
-                f'error: verification failed (relative difference above {args.tolerance:g}); '
-                f'nothing written to {args.output}',
+                f'error: verification failed (relative difference above {tolerance:g}, or '
+                f'detections that differ); nothing written to {args.output}',
                 file=sys.stderr,
                 flush=True,
             )
@@ -194,6 +235,7 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
         features_only=report.features_only,
         overwrite=args.overwrite,
         model_overrides=report.overrides,
+        label_names=label_names,
         extra_metadata={
             'source_file': os.path.abspath(args.checkpoint),
             'skipped_keys': len(skipped),

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from crossformer_jax.weights.convert import DERIVED_BUFFER_SUFFIXES
 from crossformer_jax.weights.export import (
     check_output_path,
+    detection_meta,
     save_torch_checkpoint,
     torch_checkpoint,
 )
@@ -23,7 +24,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog='export_torch_weights.py',
         description='Write crossformer_jax weights as a PyTorch checkpoint in the original '
         "layouts ({'model': ...} for a classifier, {'state_dict': {'backbone.*': ...}} for a "
-        'backbone).',
+        "backbone, MMSegmentation's {'state_dict': ...} for a segmentation model, "
+        "MMDetection's {'state_dict': ..., 'meta': ...} for a detection model).",
     )
     parser.add_argument(
         '--weights',
@@ -35,7 +37,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         '--backbone',
         action='store_true',
-        help="write a classifier's backbone only, as a detection / segmentation checkpoint",
+        help="write a model's backbone only, as a detection / segmentation checkpoint",
     )
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
     return parser
@@ -47,8 +49,13 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
 
     check_output_path(args.output, args.overwrite)  # fail early, before loading
     weights = load_weights(args.weights)
-    checkpoint = torch_checkpoint(weights.model, weights.variables, backbone=args.backbone)
-    (layout,) = checkpoint
+    checkpoint = torch_checkpoint(
+        weights.model,
+        weights.variables,
+        backbone=args.backbone,
+        meta=detection_meta(weights.model_name, weights.label_names),
+    )
+    layout = 'model' if 'model' in checkpoint else 'state_dict'
     state_dict = checkpoint[layout]
     output = save_torch_checkpoint(checkpoint, args.output, overwrite=args.overwrite)
     buffers = sum(key.endswith(DERIVED_BUFFER_SUFFIXES) for key in state_dict)
@@ -56,6 +63,7 @@ def run_cli(args: argparse.Namespace, out=None) -> int:
     say(
         f"wrote {output}: {{'{layout}': {len(state_dict)} tensors"
         + (f', {buffers} of them derived buffers' if buffers else '')
+        + (", 'meta'" if 'meta' in checkpoint else '')
         + '}'
     )
     return 0

@@ -1,9 +1,12 @@
 """The command line of predict.py.
 
     python predict.py --weights PATH IMAGE_OR_FOLDER... [--top-k 5] [--json] [--batch-size 32]
+        [--mask-dir masks] [--box-dir detections] [--score-threshold 0.3]
 
 PATH is a pretrained directory (convert_torch_weights.py, save_pretrained) or a train.py workdir
-(its best checkpoint); crossformer_jax.inference.predict says what is printed or written.
+(its best checkpoint); crossformer_jax.inference.predict says what is printed or written:
+classifiers print the top-k classes, segmentation models write masks into --mask-dir, detection
+models print their boxes scoring at least --score-threshold and draw them into --box-dir.
 """
 
 from __future__ import annotations
@@ -19,10 +22,22 @@ from crossformer_jax.inference.predict import ImageError, Predictor, list_images
 from crossformer_jax.weights.loading import load_weights
 
 
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f'expected a number in [0, 1], got {text!r}')
+    return value
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='predict.py',
-        description='Top-k classes of images with a converted checkpoint or a train.py workdir.',
+        description='Top-k classes (classifiers), masks (segmentation models) or boxes (detection '
+        'models) of images with a converted checkpoint or a train.py workdir.',
     )
     parser.add_argument(
         '--weights',
@@ -32,7 +47,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument('images', nargs='+', help='image files or folders (searched recursively)')
     parser.add_argument(
-        '--top-k', type=args_lib.positive_int, default=5, help='classes per image (5)'
+        '--top-k', type=args_lib.positive_int, default=5, help='classifiers: classes per image (5)'
     )
     parser.add_argument(
         '--batch-size', type=args_lib.positive_int, default=32, help='images per device batch (32)'
@@ -43,13 +58,30 @@ def build_arg_parser() -> argparse.ArgumentParser:
         default='masks',
         help='segmentation models: folder for the colour-coded mask PNGs (masks)',
     )
+    parser.add_argument(
+        '--box-dir',
+        default='detections',
+        help='detection models: folder for the images with their boxes drawn, as PNGs (detections)',
+    )
+    parser.add_argument(
+        '--score-threshold',
+        type=probability,
+        default=0.3,
+        help='detection models: least score of a box printed and drawn (0.3; boxes under the '
+        "model's own 0.05 are never reported)",
+    )
     return parser
 
 
 def run_cli(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     weights = load_weights(args.weights)
     predictor = Predictor(
-        weights, batch_size=args.batch_size, top_k=args.top_k, mask_dir=args.mask_dir
+        weights,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        mask_dir=args.mask_dir,
+        box_dir=args.box_dir,
+        score_threshold=args.score_threshold,
     )
     failures = 0
     for result in predictor.run(list_images(args.images)):

@@ -10,8 +10,8 @@ from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on the [0, 1] scale
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ADE20K_MEAN = (123.675, 116.28, 103.53)  # RGB, on the 0..255 scale
-ADE20K_STD = (58.395, 57.12, 57.375)
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)  # the same on the 0..255 scale (dense tasks)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 # Classification (crossformer_jax.data.pipeline, .classification, .sources) and the on-device
 # batch ops (crossformer_jax.augment.batch_ops).
@@ -52,6 +52,22 @@ ADE20K_DEFAULTS: Mapping[str, Any] = types.MappingProxyType(
         'cat_max_ratio': 0.75,  # redraw crops that one class dominates (>= 1: never)
         'photometric_distortion': True,
         'reduce_zero_label': True,  # PNG 0 -> ignored, v -> v - 1
+    }
+)
+
+# Object detection (crossformer_jax.data.coco); the other fields it reads default as in
+# DATA_DEFAULTS.
+COCO_DEFAULTS: Mapping[str, Any] = types.MappingProxyType(
+    {
+        'dataset': 'coco',
+        'train_split': 'train2017',
+        'eval_split': 'val2017',
+        'image_scale': (1333, 800),  # (long, short) side limits of the resized image
+        'size_divisor': 32,  # canvas sides are multiples of this
+        'max_boxes': 100,  # boxes per image in a batch (an image with more keeps its first ones)
+        'hflip': True,  # training: horizontal flip with probability 0.5
+        'mean': IMAGENET_MEAN_255,
+        'std': IMAGENET_STD_255,
     }
 )
 

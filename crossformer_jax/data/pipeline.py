@@ -89,7 +89,8 @@ def reset_corrupt_image_count() -> None:
         _CORRUPT_TOTAL = 0
 
 
-def _add_corrupt(n: int) -> int:
+def add_corrupt_images(n: int) -> int:
+    """Adds n skipped images to the process total (every loader counts here); returns it."""
     global _CORRUPT_TOTAL
     with _COUNT_LOCK:
         _CORRUPT_TOTAL += n
@@ -217,7 +218,7 @@ class _BaseIterator:
     def _record_corrupt(self, seqs: np.ndarray) -> list:
         """Counts and names (once per file) the missing elements ``seqs``; returns their ids."""
         ids = self._ids_at(seqs)
-        total = _add_corrupt(len(ids))
+        total = add_corrupt_images(len(ids))
         self.corrupt_count += len(ids)
         for raw in ids:
             name = raw.decode('utf-8', 'replace') if isinstance(raw, bytes) else str(raw)

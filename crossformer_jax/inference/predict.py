@@ -16,12 +16,20 @@ image into --mask-dir (pixel value = class index, in a palette of class colours)
 share of each class; their input is the whole image, resized so its long side is the stored
 input size and zero-padded to it.
 
+Detection models (crossformer_jax.models.detection) print the boxes scoring at least
+--score-threshold (class, score, x1 y1 x2 y2 in the original image's pixels) and write a copy of
+each image with those boxes and their labels drawn into --box-dir; their input is prepared as the
+COCO evaluation prepares it (crossformer_jax.data.coco), so the boxes are the ones it scores.
+Their images are batched per canvas (landscape, portrait), so the results of a mix may come in
+another order than the images were given; each result names its image.
+
 Each kind of model is one entry of `TASKS` (host-side preparation, device-side outputs, per-image
 results), so a new kind of head is a new entry there.
 """
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import functools
 import math
@@ -34,10 +42,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from crossformer_jax.augment import batch_ops
+from crossformer_jax.data import coco
 from crossformer_jax.data import preprocess_ops as ops
+from crossformer_jax.data.ade20k import resize_bilinear_uint8
+from crossformer_jax.data.config import COCO_DEFAULTS
+from crossformer_jax.detection import postprocess
 from crossformer_jax.runtime import sharding
 from crossformer_jax.runtime.compile_options import inference_compiler_options
 from crossformer_jax.weights.pretrained import Preprocessing, PretrainedError
@@ -249,12 +261,176 @@ def segmentation_results(outputs, paths, infos, label_names, options) -> list[Ma
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
-    """prepare(path, preprocessing) -> (model input (H, W, 3), per-image info) on the host;
-    outputs(model, variables, images (N, H, W, 3), top_k=) on the device (jit-compiled);
-    results(outputs, paths, infos, label_names, options) -> one result per image."""
+class DetectionInfo:
+    """What the results of one image need: the decoded original, uint8 (H, W, 3), and the
+    factors from its boxes to the model input's, float32 (4,) for x1, y1, x2, y2
+    (coco.box_scale)."""
 
-    prepare: Callable[..., tuple[np.ndarray, Any]]
+    image: np.ndarray
+    scale_factor: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """One box: class name and index, score (sigmoid) and x1, y1, x2, y2 in original pixels."""
+
+    label: str
+    index: int
+    score: float
+    box: tuple[float, float, float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionPrediction:
+    """The boxes found in one image, highest score first, and the copy of it with them drawn."""
+
+    path: str
+    drawn_path: str
+    detections: list[Detection]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            'image': self.path,
+            'drawn': self.drawn_path,
+            'detections': [
+                {'label': d.label, 'index': d.index, 'score': d.score, 'box': list(d.box)}
+                for d in self.detections
+            ],
+        }
+
+    def to_text(self) -> str:
+        """The path line, then one line per box: score, x1 y1 x2 y2, label (last: it may hold
+        spaces)."""
+        lines = [f'{self.path} -> {self.drawn_path}']
+        lines += [
+            f'  {d.score:5.3f}  {" ".join(f"{v:7.1f}" for v in d.box)}  {d.label}'
+            for d in self.detections
+        ]
+        return '\n'.join(lines)
+
+
+def detection_prepare(path: str, preprocessing: Preprocessing):
+    """The image as the COCO evaluation prepares it (crossformer_jax.data.coco): decoded with
+    PIL, resized (aspect kept, coco.resized_size) to fit the input_size = (short, long) limits,
+    bilinearly as OpenCV does, normalised, zero-padded at the bottom/right onto the evaluation's
+    canvas of its orientation (coco.bucket_shapes; landscape when width >= height). Model input
+    {'image': (Hc, Wc, 3) float32, 'image_size': (2,) int32 resized height and width}; info
+    DetectionInfo.
+
+    Two canvases, landscape (the short and long limits rounded up to multiples of 32) and
+    portrait (the same transposed), rather than one square canvas of the long limit: they are the
+    evaluation's canvases, and the padding is seen by the backbone's attention groups and
+    convolutions, so another canvas would give slightly different boxes from the ones evaluated;
+    and they hold 40% fewer pixels than 1344 x 1344. The Predictor batches each canvas apart.
+    """
+
+    if preprocessing.interpolation != 'bilinear' or preprocessing.crop_pct != 1.0:
+        raise ValueError(
+            'detection models take whole images resized bilinearly (interpolation bilinear, '
+            f'crop_pct 1.0); the weights say interpolation {preprocessing.interpolation}, '
+            f'crop_pct {preprocessing.crop_pct}'
+        )
+    scale = (max(preprocessing.input_size), min(preprocessing.input_size))  # (long, short)
+    try:
+        image = coco.decode_rgb(path)
+    except coco.CorruptImageError as e:
+        raise ValueError(f'cannot decode image: {e}') from None
+    height, width = image.shape[:2]
+    new_h, new_w, _ = coco.resized_size(height, width, scale)
+    resized = resize_bilinear_uint8(image, new_h, new_w).numpy()
+    landscape, portrait = coco.bucket_shapes(scale, COCO_DEFAULTS['size_divisor'])
+    canvas_h, canvas_w = landscape if width >= height else portrait
+    padded = np.zeros((canvas_h, canvas_w, 3), np.float32)
+    mean, std = (np.asarray(v, np.float32) for v in (preprocessing.mean, preprocessing.std))
+    padded[:new_h, :new_w] = (resized.astype(np.float32) / 255.0 - mean) / std  # on the host
+    model_input = {'image': padded, 'image_size': np.array([new_h, new_w], np.int32)}
+    return model_input, DetectionInfo(image, coco.box_scale(height, width, new_h, new_w))
+
+
+def detection_outputs(model, variables, inputs, *, top_k: int):
+    """Device side of detection: postprocess.detect's fixed-size outputs (boxes (N, D, 4) xyxy in
+    resized pixels, scores (N, D), classes (N, D), num_detections (N,))."""
+
+    del top_k
+    class_logits, box_deltas = model.apply(variables, inputs['image'], train=False)
+    return postprocess.detect(
+        class_logits, box_deltas, model.anchor_generator, inputs['image_size']
+    )
+
+
+def box_colour(index: int) -> tuple[int, int, int]:
+    """A bright RGB colour per class: hues a golden-ratio turn apart, so that neighbouring class
+    indices look different."""
+    red, green, blue = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.9, 1.0)
+    return round(255 * red), round(255 * green), round(255 * blue)
+
+
+def draw_detections(image: np.ndarray, detections: Sequence[Detection]) -> Image.Image:
+    """A copy of the uint8 (H, W, 3) image with each box outlined in its class colour and a
+    '<label> <score>' tag of that colour on its top-left corner (above the box where there is
+    room; white text on dark tags, black on light ones); the highest score is drawn last, on
+    top."""
+    drawn = Image.fromarray(image)
+    draw = ImageDraw.Draw(drawn)
+    height, width = image.shape[:2]
+    line_width = max(1, round(min(height, width) / 300))
+    font = ImageFont.load_default(size=max(10, round(min(height, width) / 40)))
+    for detection in reversed(detections):
+        colour = box_colour(detection.index)
+        x1, y1, _, _ = detection.box
+        draw.rectangle(detection.box, outline=colour, width=line_width)
+        text = f'{detection.label} {detection.score:.2f}'
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tag_w, tag_h = right - left + 4, bottom - top + 4  # 2 pixels of margin all round
+        tag_y = y1 - tag_h if y1 >= tag_h else y1
+        draw.rectangle((x1, tag_y, x1 + tag_w, tag_y + tag_h), fill=colour)
+        red, green, blue = colour
+        dark = 0.299 * red + 0.587 * green + 0.114 * blue < 128  # luma of the tag
+        ink = (255, 255, 255) if dark else (0, 0, 0)
+        draw.text((x1 + 2 - left, tag_y + 2 - top), text, fill=ink, font=font)
+    return drawn
+
+
+def detection_results(outputs, paths, infos, label_names, options) -> list[DetectionPrediction]:
+    """Keeps the boxes scoring at least options['score_threshold'], brings them back to the
+    original image (divided by each axis' resize ratio, so within the image up to float
+    rounding, which a clip removes) and writes BOX_DIR/<image name>.png, the image with them
+    drawn, at its own size."""
+
+    os.makedirs(options['box_dir'], exist_ok=True)
+    results = []
+    for row, (path, info) in enumerate(zip(paths, infos)):
+        count = int(outputs['num_detections'][row])
+        height, width = info.image.shape[:2]
+        boxes = np.asarray(outputs['boxes'][row, :count]) / info.scale_factor
+        boxes = np.clip(boxes, 0.0, np.float32([width, height, width, height]))
+        scores = np.asarray(outputs['scores'][row, :count])
+        classes = np.asarray(outputs['classes'][row, :count])
+        detections = [
+            Detection(
+                label_names[int(classes[i])] if label_names is not None else str(int(classes[i])),
+                int(classes[i]),
+                float(scores[i]),
+                tuple(float(v) for v in boxes[i]),
+            )
+            for i in np.argsort(-scores, kind='stable')
+            if scores[i] >= options['score_threshold']
+        ]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        drawn_path = _unique_path(options['box_dir'], stem)
+        draw_detections(info.image, detections).save(drawn_path)
+        results.append(DetectionPrediction(path, drawn_path, detections))
+    return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """prepare(path, preprocessing) -> (model input, per-image info) on the host, the input an
+    image (H, W, 3) or a dict of arrays; outputs(model, variables, inputs stacked to (N, ...),
+    top_k=) on the device (jit-compiled); results(outputs, paths, infos, label_names, options) ->
+    one result per image."""
+
+    prepare: Callable[..., tuple[Any, Any]]
     outputs: Callable[..., Any]
     results: Callable[..., list[Any]]
 
@@ -262,6 +438,7 @@ class Task:
 TASKS = {
     'classification': Task(classification_prepare, classification_outputs, classification_results),
     'segmentation': Task(segmentation_prepare, segmentation_outputs, segmentation_results),
+    'detection': Task(detection_prepare, detection_outputs, detection_results),
 }
 
 
@@ -272,10 +449,21 @@ TASKS = {
 class Predictor:
     """A loaded model, its jit-compiled forward pass and its preprocessing.
 
-    mask_dir: where segmentation models write their mask PNGs.
+    mask_dir: where segmentation models write their mask PNGs. box_dir: where detection models
+    write the images with their boxes drawn; score_threshold: the least score of a box they
+    report (their post-processing already drops boxes under 0.05).
     """
 
-    def __init__(self, weights, *, batch_size: int = 32, top_k: int = 5, mask_dir: str = 'masks'):
+    def __init__(
+        self,
+        weights,
+        *,
+        batch_size: int = 32,
+        top_k: int = 5,
+        mask_dir: str = 'masks',
+        box_dir: str = 'detections',
+        score_threshold: float = 0.3,
+    ):
         if weights.task not in TASKS:
             raise PretrainedError(
                 f'{weights.source} holds a {weights.task} model, which has no predictions to '
@@ -284,9 +472,16 @@ class Predictor:
         num_classes = getattr(weights.model, 'num_classes', 0)
         if num_classes == 0:
             raise PretrainedError(f'{weights.source} has no classification head (num_classes 0)')
+        if not 0 <= score_threshold <= 1:
+            raise ValueError(f'score_threshold must be in [0, 1], got {score_threshold}')
         self.weights = weights
         self.task = TASKS[weights.task]
-        self.options = {'mask_dir': mask_dir, 'num_classes': num_classes}
+        self.options = {
+            'mask_dir': mask_dir,
+            'num_classes': num_classes,
+            'box_dir': box_dir,
+            'score_threshold': score_threshold,
+        }
         self.mesh = sharding.create_mesh()
         devices = self.mesh.size
         self.batch_size = -(-batch_size // devices) * devices  # whole rows per device
@@ -298,38 +493,52 @@ class Predictor:
             compiler_options=inference_compiler_options(),
         )
 
+    def _stack(self, inputs: list[Any]) -> Any:
+        """The model inputs of a batch stacked along a new leading axis, padded with zero inputs
+        to batch_size rows: one compiled shape for every batch."""
+        inputs = inputs + [jax.tree.map(np.zeros_like, inputs[0])] * (self.batch_size - len(inputs))
+        return jax.tree.map(lambda *rows: np.stack(rows), *inputs)
+
     def _batches(self, inputs: Sequence[str | ImageError]):
-        """(paths, infos, images padded to batch_size or None, errors met filling the batch)."""
-        paths, infos, images, errors = [], [], [], []
+        """(paths, infos, stacked model inputs or None, errors met since the previous batch).
+
+        Inputs of different shapes (detection's two canvases) go into separate batches: each
+        shape's batch is run when it is full, and the partly filled ones at the end, so results
+        may come in another order than the images were given.
+        """
+        pending: dict[Any, tuple[list[str], list[Any], list[Any]]] = {}
+        errors = []
         for item in inputs:
             if isinstance(item, ImageError):
                 errors.append(item)
                 continue
             try:
-                image, info = self.task.prepare(item, self.weights.preprocessing)
+                model_input, info = self.task.prepare(item, self.weights.preprocessing)
             except (ValueError, OSError) as e:
                 errors.append(ImageError(item, str(e)))
-            else:
-                images.append(image)
-                infos.append(info)
-                paths.append(item)
-            if len(images) == self.batch_size:
-                yield paths, infos, np.stack(images), errors
-                paths, infos, images, errors = [], [], [], []
-        if images:
-            pad = self.batch_size - len(images)
-            images += [np.zeros_like(images[0])] * pad  # one compiled shape for every batch
-            yield paths, infos, np.stack(images), errors
-        elif errors:
+                continue
+            shape = tuple(np.shape(x) for x in jax.tree.leaves(model_input))
+            paths, infos, batch = pending.setdefault(shape, ([], [], []))
+            paths.append(item)
+            infos.append(info)
+            batch.append(model_input)
+            if len(batch) == self.batch_size:
+                del pending[shape]
+                yield paths, infos, self._stack(batch), errors
+                errors = []
+        for paths, infos, batch in pending.values():
+            yield paths, infos, self._stack(batch), errors
+            errors = []
+        if errors:
             yield [], [], None, errors
 
     def run(self, inputs: Sequence[str | ImageError]) -> Iterator[Any]:
         """Yields, batch by batch, an ImageError per unusable input and then a result per image."""
-        for paths, infos, images, errors in self._batches(inputs):
+        for paths, infos, batch, errors in self._batches(inputs):
             yield from errors
-            if images is None:
+            if batch is None:
                 continue
-            batch = jax.device_put(images, sharding.batch_sharding(self.mesh))
+            batch = jax.device_put(batch, sharding.batch_sharding(self.mesh))
             outputs = jax.device_get(self.forward(self.variables, batch))
             yield from self.task.results(
                 outputs, paths, infos, self.weights.label_names, self.options

@@ -395,9 +395,10 @@ class SegmentationModel(nn.Module):
         return logits, aux_logits
 
 
-def segmentation_backbone(model: SegmentationModel, name: str | None = None) -> CrossFormer:
-    """The features_only CrossFormer of a segmentation model (its variables: params['backbone'];
-    created inside the model's __call__ with name='backbone', or standalone with name None)."""
+def segmentation_backbone(model: nn.Module, name: str | None = None) -> CrossFormer:
+    """The features_only CrossFormer of a dense-prediction model carrying the backbone fields
+    (SegmentationModel, detection.RetinaNet; its variables: params['backbone']; created inside
+    the model's __call__ with name='backbone', or standalone with name None)."""
     return CrossFormer(
         embed_dim=model.embed_dim,
         depths=model.depths,

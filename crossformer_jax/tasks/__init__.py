@@ -5,17 +5,20 @@ preemption, resume, logging and the data sources are shared. A task supplies the
 
 * `create_model(config)` and `init_variables(model, rng)`: the Flax module and its variables
   (`{'params': ..., <model state such as 'batch_stats'>}`);
-* `train_decode(data_config, seed, process_index)`: how a training element is decoded (a factory
-  `load_fn -> (element -> dict of decoded tensors)`, its failures mark corrupt files;
-  default: the whole image, and the label map where there is one);
-* `train_preprocess(data_config, seed, process_index)` / `eval_preprocess(data_config)`: per-example
-  tf.data functions (decoded element dict -> example dict) handed to the shared input pipeline;
+* `dataset_info(data_config)` and `steps_per_epoch(info, batch_size)`: classes and split sizes
+  (default: crossformer_jax.data.sources) and the length of an epoch in global batches;
+* `create_train_iterator(config, start_step=...)`: this process's share of the endless training
+  batches (numpy dicts), resumable at any step. Tasks fed by the shared tf.data pipeline derive from
+  `base.TfDataTask` and give its per-example functions instead: `train_decode(data_config, seed,
+  process_index)` (how a training element is decoded; its failures mark corrupt files) and
+  `train_preprocess(...)` / `eval_preprocess(data_config)` (decoded element dict -> example dict);
 * `train_batch_spec(config, batch_size)`: the shapes of a global training batch;
 * `transform_batch(rng, batch, mesh)`: an on-device transform of the global training batch
   (RandAugment, mixup), split over the mesh;
 * `loss(model, params, model_state, batch, rng)` -> (scalar loss, new model state);
 * `make_evaluator(model, mesh, variables_sharding, config)`: a callable that runs one pass over the
-  validation split and returns sums that add across batches and hosts (numpy dict), built on
+  validation split and returns numpy sums over every host (scores for detection) that
+  `final_metrics` turns into metrics, built on
   `eval_program(model, config)`, the pure per-batch (or per-image) function that
   `--mode compile` compiles too;
 * `pretrained_params(source, target)`: how a pretrained checkpoint's parameters map into the
@@ -34,9 +37,12 @@ import ml_collections
 
 from crossformer_jax.tasks.base import Task, check_split_directories, model_overrides
 from crossformer_jax.tasks.classification import ClassificationTask
+from crossformer_jax.tasks.detection import DetectionTask
 from crossformer_jax.tasks.segmentation import SegmentationTask
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassificationTask, SegmentationTask)}
+TASKS: dict[str, type[Task]] = {
+    task.name: task for task in (ClassificationTask, SegmentationTask, DetectionTask)
+}
 
 __all__ = ['TASKS', 'Task', 'check_split_directories', 'get_task', 'model_overrides', 'task_class']
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -35,6 +35,28 @@ def check_split_directories(data: ml_collections.ConfigDict, mode: str, kinds=('
                 )
 
 
+def backbone_transfer(
+    source: dict[str, Any], classifier_layer: str
+) -> tuple[dict[str, Any], Callable[[str, Any], bool]]:
+    """`Task.pretrained_params` of a model with a CrossFormer `backbone`: a classifier checkpoint
+    goes into the backbone (without its final norm and head; everything else starts fresh); a
+    checkpoint of the same kind of model loads whole, except that its final class layer (paths
+    containing classifier_layer, e.g. '/conv_seg/') may start fresh when its shape differs."""
+    into_backbone = not any(path.startswith('backbone/') for path in source)
+    if into_backbone:
+        source = {
+            f'backbone/{path}': value
+            for path, value in source.items()
+            if not path.startswith(('head/', 'norm/'))
+        }
+
+    def may_start_fresh(path: str, loaded) -> bool:
+        new_head = into_backbone and not path.startswith('backbone/')
+        return new_head or (classifier_layer in path and loaded is not None)
+
+    return source, may_start_fresh
+
+
 class Task(abc.ABC):
     """One kind of training problem (see the module docstring for the contract)."""
 
@@ -61,18 +83,21 @@ class Task(abc.ABC):
     def init_variables(self, model: nn.Module, rng: jax.Array) -> dict[str, Any]:
         """Fresh variables: 'params' and any model state collections."""
 
-    def train_decode(self, data_config, seed: int, process_index: int) -> Callable:
-        """load_fn -> (encoded element -> decoded tensors); default: whole image (+ label map)."""
-        del data_config, seed, process_index
-        return pipeline.decode_whole
+    @classmethod
+    def dataset_info(cls, data_config) -> sources.DatasetInfo:
+        """Classes and split sizes of config.data (default: the tf.data sources)."""
+        return sources.get_dataset_info(data_config)
+
+    def steps_per_epoch(self, info: sources.DatasetInfo, batch_size: int) -> int:
+        """Global batches in one epoch of the training split (default: whole batches)."""
+        return max(info.num_train_examples // batch_size, 1)
 
     @abc.abstractmethod
-    def train_preprocess(self, data_config, seed: int, process_index: int) -> Callable:
-        """tf.data map function: decoded element -> training example (augmented)."""
-
-    @abc.abstractmethod
-    def eval_preprocess(self, data_config) -> Callable:
-        """tf.data map function: decoded element -> evaluation example."""
+    def create_train_iterator(
+        self, config: ml_collections.ConfigDict, *, start_step: int
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """This process's share of the endless training batches (numpy dicts), from global
+        batch start_step on, exactly as an uninterrupted run would have seen them."""
 
     @abc.abstractmethod
     def train_batch_spec(
@@ -139,3 +164,34 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def describe(metrics: dict[str, float]) -> str:
         """The metrics as a short log fragment, e.g. 'top-1 76.10% | top-5 ...'."""
+
+
+class TfDataTask(Task):
+    """A task fed by the shared tf.data pipeline (crossformer_jax.data.pipeline): it supplies the
+    per-example functions, the pipeline does order, sharding, corrupt files and resume."""
+
+    def train_decode(self, data_config, seed: int, process_index: int) -> Callable:
+        """load_fn -> (encoded element -> decoded tensors); default: whole image (+ label map)."""
+        del data_config, seed, process_index
+        return pipeline.decode_whole
+
+    @abc.abstractmethod
+    def train_preprocess(self, data_config, seed: int, process_index: int) -> Callable:
+        """tf.data map function: decoded element -> training example (augmented)."""
+
+    @abc.abstractmethod
+    def eval_preprocess(self, data_config) -> Callable:
+        """tf.data map function: decoded element -> evaluation example."""
+
+    def create_train_iterator(self, config, *, start_step):
+        process_index = jax.process_index()
+        return pipeline.create_train_iterator(
+            config.data,
+            local_batch_size=config.batch_size // jax.process_count(),
+            seed=config.seed,
+            start_step=start_step,
+            process_index=process_index,
+            process_count=jax.process_count(),
+            decode=self.train_decode(config.data, config.seed, process_index),
+            preprocess=self.train_preprocess(config.data, config.seed, process_index),
+        )

@@ -21,7 +21,7 @@ from crossformer_jax.data import pipeline, sources
 from crossformer_jax.models import crossformer
 from crossformer_jax.runtime import sharding as sharding_lib
 from crossformer_jax.runtime.compile_options import inference_compiler_options
-from crossformer_jax.tasks.base import Task, check_split_directories, model_overrides
+from crossformer_jax.tasks.base import TfDataTask, check_split_directories, model_overrides
 from crossformer_jax.weights import pretrained
 
 
@@ -65,7 +65,7 @@ def eval_step(
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassificationTask(Task):
+class ClassificationTask(TfDataTask):
     """num_classes classes; mixup: config.mixup (both alphas 0: only label smoothing); data:
     config.data (normalisation and random erasing on the device)."""
 

@@ -28,7 +28,12 @@ from crossformer_jax.data import ade20k
 from crossformer_jax.models import segmentation
 from crossformer_jax.runtime import sharding as sharding_lib
 from crossformer_jax.runtime.compile_options import inference_compiler_options
-from crossformer_jax.tasks.base import Task, check_split_directories, model_overrides
+from crossformer_jax.tasks.base import (
+    TfDataTask,
+    backbone_transfer,
+    check_split_directories,
+    model_overrides,
+)
 from crossformer_jax.weights import pretrained
 
 IGNORE_INDEX = ade20k.IGNORE_INDEX
@@ -106,7 +111,7 @@ def _on_device(x: jax.Array, device) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class SegmentationTask(Task):
+class SegmentationTask(TfDataTask):
     """num_classes classes on image_size crops; aux_weight scales the auxiliary head's loss."""
 
     num_classes: int
@@ -245,23 +250,11 @@ class SegmentationTask(Task):
         return evaluate
 
     def pretrained_params(self, source, target):
-        """A classifier checkpoint goes into the `backbone` (without its norm and head; the
-        segmentation heads start fresh); a segmentation checkpoint with another number of classes
-        keeps fresh `conv_seg` layers."""
+        """A classifier checkpoint goes into the `backbone` (the segmentation heads start
+        fresh); a segmentation checkpoint with another number of classes keeps fresh `conv_seg`
+        layers."""
         del target
-        into_backbone = not any(path.startswith('backbone/') for path in source)
-        if into_backbone:
-            source = {
-                f'backbone/{path}': value
-                for path, value in source.items()
-                if not path.startswith(('head/', 'norm/'))
-            }
-
-        def may_start_fresh(path: str, loaded) -> bool:
-            new_head = into_backbone and not path.startswith('backbone/')
-            return new_head or ('/conv_seg/' in path and loaded is not None)
-
-        return source, may_start_fresh
+        return backbone_transfer(source, '/conv_seg/')
 
     @classmethod
     def preprocessing(cls, config):

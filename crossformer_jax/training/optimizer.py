@@ -24,22 +24,45 @@ def create_learning_rate_schedule(
     'poly': base_lr * (1 - step / total_steps) ** poly_power from step 0, multiplied during the
     first warmup_steps by 1 - (1 - step / warmup_steps) * (1 - warmup_ratio) (the segmentation
     recipe; warmup_steps 0 for none). Scaled by batch_size / lr_reference_batch too.
+
+    'step': base_lr, multiplied by lr_decay_factor at each epoch of lr_decay_epochs (epoch e
+    starts at step e * steps_per_epoch), with the same linear warm-up as 'poly' (the detection
+    recipe). Scaled by batch_size / lr_reference_batch too.
     """
     scale = config.batch_size / config.lr_reference_batch
-    if config.get('lr_schedule', 'cosine') == 'poly':
-        peak, power = config.base_lr * scale, config.poly_power
-        warmup_steps, warmup_ratio = config.warmup_steps, config.warmup_ratio
+    kind = config.get('lr_schedule', 'cosine')
+    if kind not in ('cosine', 'poly', 'step'):
+        raise ValueError(f"config.lr_schedule must be 'cosine', 'poly' or 'step', got {kind!r}")
+    if kind in ('poly', 'step'):
+        peak, warmup_steps, warmup_ratio = (
+            config.base_lr * scale,
+            config.warmup_steps,
+            config.warmup_ratio,
+        )
+        if kind == 'poly':
+            power = config.poly_power
 
-        def poly(step):
+            def decayed(t):
+                return peak * (1.0 - jnp.minimum(t, total_steps) / total_steps) ** power
+        else:
+            boundaries = jnp.asarray(
+                [round(e * steps_per_epoch) for e in config.lr_decay_epochs], jnp.float32
+            )
+            factor = config.lr_decay_factor
+
+            def decayed(t):
+                return peak * factor ** jnp.sum(t >= boundaries)
+
+        def schedule(step):
             t = jnp.asarray(step, jnp.float32)
-            rate = peak * (1.0 - jnp.minimum(t, total_steps) / total_steps) ** power
+            rate = decayed(t)
             if warmup_steps > 0:
                 # 1 - (1 - t / W)(1 - ratio), written so that float32 keeps the ratio exact
-                factor = warmup_ratio + (1.0 - warmup_ratio) * (t / warmup_steps)
-                rate = jnp.where(t < warmup_steps, rate * factor, rate)
+                ramp = warmup_ratio + (1.0 - warmup_ratio) * (t / warmup_steps)
+                rate = jnp.where(t < warmup_steps, rate * ramp, rate)
             return rate
 
-        return poly
+        return schedule
     warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=config.warmup_lr * scale,

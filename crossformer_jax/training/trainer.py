@@ -428,9 +428,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     else:
         os.makedirs(workdir, exist_ok=True)
 
-    info = sources.get_dataset_info(config.data)
+    info = tasks.task_class(config).dataset_info(config.data)
     num_classes = info.num_classes
-    steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
+    task = tasks.get_task(config, num_classes)
+    steps_per_epoch = task.steps_per_epoch(info, config.batch_size)
     total_steps = (
         config.num_train_steps
         if config.num_train_steps > 0
@@ -450,7 +451,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         total_steps,
     )
 
-    task = tasks.get_task(config, num_classes)
     model = task.create_model(config)
     schedule = optimizer.create_learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = optimizer.create_optimizer(config, schedule)
@@ -511,17 +511,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         model, mesh, {'params': state_sharding.params, **state_sharding.model_state}, config
     )
 
-    train_iter = pipeline.create_train_iterator(
-        config.data,
-        local_batch_size=config.batch_size // jax.process_count(),
-        seed=config.seed,
-        start_step=start_step,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        decode=task.train_decode(config.data, config.seed, jax.process_index()),
-        preprocess=task.train_preprocess(config.data, config.seed, jax.process_index()),
+    train_iter = sharding_lib.prefetch_to_device(
+        task.create_train_iterator(config, start_step=start_step), mesh
     )
-    train_iter = sharding_lib.prefetch_to_device(train_iter, mesh)
 
     def run_eval() -> dict[str, float]:
         return task.final_metrics(evaluator(state.variables))
@@ -673,7 +665,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
     """
     mesh = sharding_lib.create_mesh()
     validate_config(config, mode='evaluate', device_count=mesh.size)
-    info = sources.get_dataset_info(config.data)
+    info = tasks.task_class(config).dataset_info(config.data)
     task = tasks.get_task(config, info.num_classes)
 
     ckpts = (
@@ -688,7 +680,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
             logging.info('No best checkpoint in %s yet; using the latest.', workdir)
             which = 'latest'
         model = task.create_model(config)
-        steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
+        steps_per_epoch = task.steps_per_epoch(info, config.batch_size)
         tx = optimizer.create_optimizer(
             config, optimizer.create_learning_rate_schedule(config, steps_per_epoch, 1)
         )
@@ -738,21 +730,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
 def measure_throughput(config: ml_collections.ConfigDict) -> float:
     """Images per second of the jit-compiled forward pass (inference) after warm-up.
 
-    Uses config.throughput.batch_size (or config.batch_size when 0) images of
-    config.data.image_size, random weights with a 1000-class head, and the configured dtype.
+    Uses config.throughput.batch_size (or config.batch_size when 0) images of the task's training
+    batch shape (`train_batch_spec`), random weights, and the configured dtype.
     """
     mesh = sharding_lib.create_mesh()
     validate_config(config, mode='throughput', device_count=mesh.size)
     batch_size = config.throughput.batch_size or config.batch_size
-    size = config.data.image_size
-    task = tasks.get_task(config, num_classes=1000)
+    task = tasks.get_task(config, num_classes=config.data.get('num_classes', 1000))
     model = task.create_model(config)
     repl = sharding_lib.replicated(mesh)
     variables = jax.jit(functools.partial(task.init_variables, model), out_shardings=repl)(
         jax.random.key(config.seed)
     )
+    image_shape = task.train_batch_spec(config, batch_size)['image'].shape
     images = jax.jit(
-        lambda k: jax.random.normal(k, (batch_size, size, size, 3), jnp.float32),
+        lambda k: jax.random.normal(k, image_shape, jnp.float32),
         out_shardings=sharding_lib.batch_sharding(mesh),
     )(jax.random.key(1))
     forward = jax.jit(
@@ -771,8 +763,8 @@ def measure_throughput(config: ml_collections.ConfigDict) -> float:
     logging.info(
         '%s at %dx%d, batch %d, %s on %d %s device(s): %.1f images/s.',
         config.model.name,
-        size,
-        size,
+        image_shape[1],
+        image_shape[2],
         batch_size,
         config.model.get('dtype', 'float32'),
         mesh.size,

@@ -33,10 +33,12 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from crossformer_jax.models import create_model, list_models
 from crossformer_jax.models.crossformer import VARIANTS
+from crossformer_jax.models.detection import DETECTION_VARIANTS, detection_config
 from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS, segmentation_config
 from crossformer_jax.weights.torch_io import (
     CheckpointError,
     is_array,
+    is_detection_state_dict,
     is_segmentation_state_dict,
     natural_key,
     strip_module_prefix,
@@ -229,6 +231,10 @@ def is_segmentation_name(name: str) -> bool:
     return name in SEGMENTATION_VARIANTS
 
 
+def is_detection_name(name: str) -> bool:
+    return name in DETECTION_VARIANTS
+
+
 def convert_torch_state_dict(
     state_dict: Mapping[str, Any],
     name: str,
@@ -243,10 +249,12 @@ def convert_torch_state_dict(
     Values may be torch tensors or numpy arrays; `module.` prefixes are removed. Unless given,
     `features_only` is True when the state dict has no `head.*` keys and `num_classes` is read from
     `head.weight` (`decode_head.conv_seg.weight` for segmentation models, whose head widths come
-    from `segmentation_overrides` unless given). `overrides` go to `create_model` (e.g. reduced
-    depths in tests). The derived buffers `attn.biases` / `attn.relative_position_index` and
-    BatchNorm's `num_batches_tracked` are ignored; any other unused key, any missing key and any
-    shape mismatch raise one `StateDictMismatchError` that lists them all.
+    from `segmentation_overrides` unless given; `bbox_head.retina_cls.weight` for detection
+    models, whose neck and head widths come from `detection_overrides`). `overrides` go to
+    `create_model` (e.g. reduced depths in tests). The derived buffers `attn.biases` /
+    `attn.relative_position_index` and BatchNorm's `num_batches_tracked` are ignored; any other
+    unused key, any missing key and any shape mismatch raise one `StateDictMismatchError` that
+    lists them all.
     """
     variables, _ = convert_with_report(
         state_dict, name, num_classes=num_classes, features_only=features_only, **overrides
@@ -267,6 +275,8 @@ class ConversionReport:
 def _describe_model(name: str, num_classes: int, features_only: bool, overrides) -> str:
     if is_segmentation_name(name):
         what = f'segmentation model with {num_classes} classes'
+    elif is_detection_name(name):
+        what = f'detection model with {num_classes} classes'
     elif features_only:
         what = 'backbone (features_only)'
     else:
@@ -288,6 +298,13 @@ def _prepare(state_dict, name, num_classes, features_only, overrides):
         if num_classes is None:
             conv_seg = _shape_of(state_dict, 'decode_head.conv_seg.weight')
             num_classes = conv_seg[0] if conv_seg else 150
+    elif is_detection_name(name):
+        if features_only:
+            raise ValueError(f'{name} is a detection model; features_only does not apply')
+        features_only = False
+        overrides = {**detection_overrides(state_dict, name), **overrides}
+        if num_classes is None:
+            num_classes = detection_num_classes(state_dict, name, overrides)
     if features_only is None:
         features_only = not any(k.startswith('head.') for k in state_dict)
     if num_classes is None:
@@ -448,12 +465,15 @@ def infer_model_name(state_dict: Mapping[str, Any]) -> str:
     """The registered variant whose architecture matches the state dict.
 
     A segmentation state dict (decode_head.* keys) gives 'upernet_<backbone>' (psp_modules in the
-    decode head) or 'fpn_<backbone>' (neck.* keys) for the backbone under backbone.*. Uses
+    decode head) or 'fpn_<backbone>' (neck.* keys) for the backbone under backbone.*; a detection
+    state dict (bbox_head.retina_cls.weight) gives 'retinanet_<backbone>'. Uses
     embed_dim (patch_embed.norm.weight), the number of blocks per stage, the heads of each
     stage (the DPB's last Linear) and the presence of ACL keys (ex_conv: CrossFormer++ only, which
     tells crossformer_base from crossformer_pp_base, crossformer_large from crossformer_pp_large).
     Raises `ModelNameError` listing what was found when no variant or several match.
     """
+    if is_detection_state_dict(state_dict):
+        return _infer_detection_name(state_dict)
     if is_segmentation_state_dict(state_dict):
         return _infer_segmentation_name(state_dict)
     facts = describe_state_dict(state_dict)
@@ -509,20 +529,96 @@ def _infer_segmentation_name(state_dict: Mapping[str, Any]) -> str:
             "'decode_head.psp_modules.*' (UPerNet) or 'neck.*' with "
             "'decode_head.scale_heads.*' (Semantic FPN)"
         )
-    backbone = {
-        k[len('backbone.') :]: v
-        for k, v in ((strip_module_prefix(k), v) for k, v in state_dict.items())
-        if k.startswith('backbone.')
-    }
-    if not backbone:
-        raise ModelNameError('the segmentation state dict has no backbone.* keys')
-    name = f'{head}_{infer_model_name(backbone)}'
+    name = f'{head}_{infer_model_name(_backbone_part(state_dict, "segmentation"))}'
     if name not in SEGMENTATION_VARIANTS:
         raise ModelNameError(
             f'the state dict looks like {name}, which is not a registered segmentation model '
             f'({", ".join(sorted(SEGMENTATION_VARIANTS))}); pass --model explicitly'
         )
     return name
+
+
+def _backbone_part(state_dict: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """The backbone.* entries of a whole model's state dict, prefix removed; ModelNameError when
+    there are none."""
+    backbone = {
+        k[len('backbone.') :]: v
+        for k, v in ((strip_module_prefix(k), v) for k, v in state_dict.items())
+        if k.startswith('backbone.')
+    }
+    if not backbone:
+        raise ModelNameError(f'the {family} state dict has no backbone.* keys')
+    return backbone
+
+
+def _infer_detection_name(state_dict: Mapping[str, Any]) -> str:
+    keys = {strip_module_prefix(k) for k in state_dict}
+    if 'bbox_head.retina_cls.weight' not in keys:
+        head_keys = sorted((k for k in keys if k.startswith('bbox_head.')), key=natural_key)
+        raise ModelNameError(
+            'cannot tell the detection head from the state dict: expected '
+            f"'bbox_head.retina_cls.weight' (RetinaNet); found {', '.join(head_keys[:6])}"
+            + (' ...' if len(head_keys) > 6 else '')
+        )
+    name = f'retinanet_{infer_model_name(_backbone_part(state_dict, "detection"))}'
+    if name not in DETECTION_VARIANTS:
+        raise ModelNameError(
+            f'the state dict looks like {name}, which is not a registered detection model '
+            f'({", ".join(sorted(DETECTION_VARIANTS))}); pass --model explicitly'
+        )
+    return name
+
+
+def detection_overrides(state_dict: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Neck and head widths of a detection state dict that differ from the registered model's
+    (fpn_channels, head_channels, num_head_convs), read from the conv shapes and the number of
+    bbox_head.cls_convs.* / reg_convs.* layers."""
+    state_dict = {strip_module_prefix(k): v for k, v in state_dict.items()}
+    default = detection_config(name)
+    overrides = {}
+    # Each width with the (key, axis) pairs that show it, the first present one is used.
+    sources = {
+        'fpn_channels': [
+            ('neck.lateral_convs.0.conv.weight', 0),
+            ('neck.lateral_convs.0.conv.bias', 0),
+            ('neck.fpn_convs.0.conv.weight', 0),
+        ],
+        'head_channels': [
+            ('bbox_head.cls_convs.0.conv.weight', 0),
+            ('bbox_head.reg_convs.0.conv.weight', 0),
+        ],
+    }
+    for field, candidates in sources.items():
+        shapes = [_shape_of(state_dict, key) for key, _ in candidates]
+        widths = [shape[axis] for shape, (_, axis) in zip(shapes, candidates) if shape]
+        if widths and widths[0] != default[field]:
+            overrides[field] = widths[0]
+    tower = re.compile(r'^bbox_head\.(?:cls|reg)_convs\.(\d+)\.')
+    layers = {int(m.group(1)) for m in map(tower.match, state_dict) if m}
+    num_convs = max(layers) + 1 if layers else 0
+    if num_convs != default['num_head_convs']:
+        overrides['num_head_convs'] = num_convs
+    return overrides
+
+
+def detection_num_classes(
+    state_dict: Mapping[str, Any], name: str, overrides: Mapping[str, Any]
+) -> int:
+    """Classes of a detection state dict: retina_cls's output channels / anchors per position
+    (80 when the key is missing, which the conversion then reports). ValueError when they do not
+    divide."""
+    shape = _shape_of(
+        {strip_module_prefix(k): v for k, v in state_dict.items()}, 'bbox_head.retina_cls.weight'
+    )
+    if not shape:
+        return 80
+    anchors = detection_config(name, **overrides)['anchor_generator'].num_anchors
+    if shape[0] % anchors:
+        raise ValueError(
+            f'bbox_head.retina_cls.weight has {shape[0]} output channels, not a multiple of the '
+            f'{anchors} anchors per position of {name} (expected anchors * classes)'
+        )
+    return shape[0] // anchors
 
 
 def segmentation_overrides(state_dict: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -14,7 +14,11 @@ Layouts written:
 * segmentation model (crossformer_jax.models.segmentation): `{'state_dict': ...}` in
   MMSegmentation's
   names (`backbone.`, `decode_head.`, `auxiliary_head.` or `neck.`, BatchNorm running statistics
-  and num_batches_tracked included); with --backbone only its `backbone.` part.
+  and num_batches_tracked included); with --backbone only its `backbone.` part;
+* detection model (crossformer_jax.models.detection): `{'state_dict': ..., 'meta': ...}` as
+  MMDetection 2.x writes them (`backbone.`, `neck.`, `bbox_head.`), the meta saying what wrote
+  the file (`detection_meta`: the class names under 'CLASSES' when known); with --backbone only
+  the `backbone.` part.
 
 Parameter names and layouts follow docs/parameter_names.md (`convert.flax_to_torch_state_dict`);
 converting the written file back gives bitwise the same Flax parameters. The file is written to a
@@ -26,12 +30,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from crossformer_jax.models.crossformer import group_layout, relative_offsets
+from crossformer_jax.models.detection import RetinaNet
 from crossformer_jax.models.segmentation import SegmentationModel
 from crossformer_jax.weights import convert
 
@@ -65,14 +70,40 @@ def v1_derived_buffers(model) -> dict[str, np.ndarray]:
     return buffers
 
 
-def torch_checkpoint(model, variables: Mapping[str, Any], *, backbone: bool) -> dict[str, Any]:
-    """The checkpoint dict (numpy arrays) of a Flax CrossFormer in the original layout."""
+def detection_meta(
+    model_name: str | None = None, label_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The 'meta' of an exported detection checkpoint: what wrote it (exporter and converter
+    version), the model name when known, and the class names as MMDetection's 'CLASSES'."""
+    meta: dict[str, Any] = {
+        'exported_by': 'crossformer_jax (export_torch_weights.py)',
+        'converter_version': convert.CONVERTER_VERSION,
+    }
+    if model_name is not None:
+        meta['model_name'] = model_name
+    if label_names is not None:
+        meta['CLASSES'] = tuple(str(name) for name in label_names)
+    return meta
+
+
+def torch_checkpoint(
+    model,
+    variables: Mapping[str, Any],
+    *,
+    backbone: bool,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict (numpy arrays) of a Flax CrossFormer in the original layout; `meta`
+    (strings, numbers and sequences of them) goes with a detection model's state dict (default:
+    `detection_meta()`)."""
     state_dict = convert.flax_to_torch_state_dict(variables)
-    if isinstance(model, SegmentationModel):
+    if isinstance(model, (SegmentationModel, RetinaNet)):
         if backbone:
             return {
                 'state_dict': {k: v for k, v in state_dict.items() if k.startswith(BACKBONE_PREFIX)}
             }
+        if isinstance(model, RetinaNet):  # MMDetection: backbone., neck., bbox_head.
+            return {'state_dict': state_dict, 'meta': dict(meta or detection_meta())}
         return {'state_dict': state_dict}  # MMSegmentation: backbone., decode_head., ...
     if backbone or model.features_only:
         return {
@@ -88,11 +119,14 @@ def torch_checkpoint(model, variables: Mapping[str, Any], *, backbone: bool) -> 
 
 
 def _as_torch(tree: Any) -> Any:
+    """Arrays -> torch tensors, in nested dicts; anything else (a meta's strings) as it is."""
     import torch
 
     if isinstance(tree, Mapping):
         return {key: _as_torch(value) for key, value in tree.items()}
-    return torch.tensor(np.asarray(tree))  # a copy: the arrays may be read-only
+    if isinstance(tree, (np.ndarray, np.generic)):
+        return torch.tensor(np.asarray(tree))  # a copy: the arrays may be read-only
+    return tree
 
 
 def check_output_path(output: str, overwrite: bool) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from crossformer_jax.models import create_model
+from crossformer_jax.models.detection import DETECTION_VARIANTS
 from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS
 from crossformer_jax.training import checkpointing
 from crossformer_jax.weights import pretrained
@@ -32,7 +33,8 @@ class LoadedWeights:
     """A Flax module with its variables and what the weights say about their inputs and outputs.
 
     task: 'classification' (logits (N, num_classes), or pooled features when num_classes is 0),
-    'backbone' (features_only: four stage maps) or 'segmentation' (logits (N, H, W, classes)).
+    'backbone' (features_only: four stage maps), 'segmentation' (logits (N, H, W, classes)) or
+    'detection' (per-level class logits and box deltas, crossformer_jax.models.detection).
     """
 
     model: Any
@@ -43,6 +45,18 @@ class LoadedWeights:
     label_names: list[str] | None
     source: str
     task: str
+
+
+def task_of(model_name: str, features_only: bool) -> str:
+    """The LoadedWeights.task of a model: 'backbone', 'segmentation', 'detection' or
+    'classification'."""
+    if features_only:
+        return 'backbone'
+    if model_name in SEGMENTATION_VARIANTS:
+        return 'segmentation'
+    if model_name in DETECTION_VARIANTS:
+        return 'detection'
+    return 'classification'
 
 
 def is_workdir(path: str) -> bool:
@@ -67,12 +81,6 @@ def load_weights(path: str | os.PathLike, *, dtype: Any = None) -> LoadedWeights
         )
     metadata = pretrained.read_metadata(path)
     model, variables = pretrained.load_pretrained(path, dtype=dtype)
-    if metadata['features_only']:
-        task = 'backbone'
-    elif metadata['model_name'] in SEGMENTATION_VARIANTS:
-        task = 'segmentation'
-    else:
-        task = 'classification'
     return LoadedWeights(
         model=model,
         variables=variables,
@@ -83,7 +91,7 @@ def load_weights(path: str | os.PathLike, *, dtype: Any = None) -> LoadedWeights
         if metadata['features_only']
         else pretrained.label_names_from_metadata(metadata),
         source=f'pretrained directory {path}',
-        task=task,
+        task=task_of(metadata['model_name'], bool(metadata['features_only'])),
     )
 
 
@@ -184,5 +192,5 @@ def _load_workdir(workdir: str, dtype: Any) -> LoadedWeights:
         preprocessing=pretrained.preprocessing_from_metadata(metadata, workdir),
         label_names=pretrained.label_names_from_metadata(metadata),
         source=f'workdir {workdir} ({which})',
-        task='classification',
+        task=task_of(metadata['model_name'], features_only=False),
     )

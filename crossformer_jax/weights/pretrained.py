@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from crossformer_jax.data.config import DATA_DEFAULTS, IMAGENET_MEAN, IMAGENET_STD
 from crossformer_jax.models import create_model
 from crossformer_jax.models.crossformer import ARCHITECTURE_FIELDS
+from crossformer_jax.models.detection import DETECTION_VARIANTS
 from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS
 from crossformer_jax.training import checkpointing
 from crossformer_jax.weights.convert import CONVERTER_VERSION
@@ -47,10 +48,13 @@ FORMAT_VERSION = 1
 # choices and are not stored).
 _STORABLE_OVERRIDES = (
     *ARCHITECTURE_FIELDS,
-    # Segmentation heads (crossformer_jax.models.segmentation).
+    # Segmentation heads (crossformer_jax.models.segmentation); head_channels also detection.
     'head_channels',
     'aux_channels',
     'neck_channels',
+    # Detection neck and head (crossformer_jax.models.detection).
+    'fpn_channels',
+    'num_head_convs',
 )
 
 
@@ -89,11 +93,22 @@ class Preprocessing:
         }
 
 
+# COCO detectors (MMDetection's test pipeline): the whole image resized, keeping its aspect ratio,
+# to fit 800 x 1333 (short side 800 unless the long side would pass 1333), bilinear.
+DETECTION_INPUT_SIZE = (800, 1333)
+
+
 def default_preprocessing(model_name: str) -> Preprocessing:
     """What the published weights of `model_name` expect: ImageNet's evaluation transform for
-    classifiers and backbones; for segmentation models (ADE20K) the whole image at 512, bilinear."""
+    classifiers and backbones; for segmentation models (ADE20K) the whole image at 512, bilinear;
+    for detection models (COCO) the whole image fit to DETECTION_INPUT_SIZE, bilinear (the
+    normalisation is ImageNet's mean and std in every case)."""
     if model_name in SEGMENTATION_VARIANTS:
         return Preprocessing(input_size=(512, 512), crop_pct=1.0, interpolation='bilinear')
+    if model_name in DETECTION_VARIANTS:
+        return Preprocessing(
+            input_size=DETECTION_INPUT_SIZE, crop_pct=1.0, interpolation='bilinear'
+        )
     return Preprocessing()
 
 

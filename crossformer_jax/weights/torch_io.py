@@ -1,7 +1,8 @@
 """Reading PyTorch checkpoints (.pth) without trusting them, and finding the state dict inside.
 
-read_torch_checkpoint(path)     -> the object in the file (weights-only unpickling)
-extract_state_dict(checkpoint)  -> (state_dict, skipped_keys)
+read_torch_checkpoint(path)         -> the object in the file (weights-only unpickling)
+extract_state_dict(checkpoint)      -> (state_dict, skipped_keys)
+checkpoint_class_names(checkpoint)  -> the class names in an MMDetection / MMSegmentation meta
 """
 
 from __future__ import annotations
@@ -116,8 +117,9 @@ def extract_state_dict(
     such next to it), {'state_dict': sd} (detection/segmentation releases: the `backbone.*` keys are
     kept with the prefix removed, all others are returned as skipped), and a bare state dict. A
     DataParallel `module.` prefix is removed. With keep_heads, a segmentation state dict (keys
-    under decode_head. / auxiliary_head. / neck.) is returned whole, prefixes kept, for the
-    segmentation model. Returns (state_dict, skipped_keys).
+    under decode_head. / auxiliary_head. / neck.) or a detection state dict (bbox_head.) is
+    returned whole, prefixes kept, for the segmentation / detection model. Returns
+    (state_dict, skipped_keys).
     """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(
@@ -143,7 +145,7 @@ def extract_state_dict(
         if new_key in stripped:
             raise CheckpointError(f'state dict has {new_key!r} twice (with and without "module.")')
         stripped[new_key] = value
-    if keep_heads and is_segmentation_state_dict(stripped):
+    if keep_heads and (is_segmentation_state_dict(stripped) or is_detection_state_dict(stripped)):
         return stripped, []
     if any(k.startswith('backbone.') for k in stripped):
         backbone = {
@@ -154,6 +156,23 @@ def extract_state_dict(
     return stripped, []
 
 
+def checkpoint_class_names(checkpoint: Any) -> list[str] | None:
+    """The class names an MMDetection / MMSegmentation checkpoint records (meta['CLASSES']), or
+    None when it has none (or something other than a list of strings there)."""
+    meta = checkpoint.get('meta') if isinstance(checkpoint, Mapping) else None
+    names = meta.get('CLASSES') if isinstance(meta, Mapping) else None
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
+
+
+def is_detection_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """True for a whole MMDetection model (`bbox_head.` keys next to `backbone.` and `neck.`)."""
+    return any(strip_module_prefix(k).startswith('bbox_head.') for k in state_dict)
+
+
 def is_segmentation_state_dict(state_dict: Mapping[str, Any]) -> bool:
-    """True for a whole MMSegmentation model (head keys next to `backbone.`)."""
-    return any(strip_module_prefix(k).startswith(SEGMENTATION_PREFIXES) for k in state_dict)
+    """True for a whole MMSegmentation model (head keys next to `backbone.`, no `bbox_head.`)."""
+    return not is_detection_state_dict(state_dict) and any(
+        strip_module_prefix(k).startswith(SEGMENTATION_PREFIXES) for k in state_dict
+    )

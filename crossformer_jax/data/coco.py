@@ -1,0 +1,756 @@
+"""COCO object detection data: annotations, resize geometry and host-side batch iterators.
+
+Layout (split names from ``config.data.train_split`` / ``eval_split``)::
+
+    DATA_DIR/<split>/<file_name>                        # e.g. DATA_DIR/train2017/000000000009.jpg
+    DATA_DIR/annotations/instances_<split>.json
+
+Files are read through ``tf.io.gfile`` (gs:// works). The ``config.data`` fields read default as
+in ``COCO_DEFAULTS`` (then ``DATA_DEFAULTS`` of crossformer_jax.data.config).
+
+Public API (used by the detection task and trainer)::
+
+    split = load_annotations(data_dir, 'train2017', training=True)      # CocoSplit
+    info = dataset_info(config.data)                                     # sources.DatasetInfo
+    train_it = create_train_iterator(config.data, global_batch_size=B, seed=0, start_step=k,
+                                     process_index=p, process_count=n)
+    eval_it = create_eval_iterator(config.data, global_batch_size=B, process_index=p,
+                                   process_count=n)
+
+Batches are dicts of numpy arrays (b = B / n images of this process, M = max_boxes):
+
+* ``image`` uint8 (b, Hc, Wc, 3): the resized images top-left on a zero canvas of the batch's
+  bucket (``bucket_shapes``: landscape or portrait, so two static shapes in all);
+* ``image_size`` int32 (b, 2): each image's resized (height, width) before padding;
+* ``boxes`` float32 (b, M, 4): x1, y1, x2, y2 in resized pixels (crowd boxes left out);
+* ``classes`` int32 (b, M): contiguous class ids 0..K-1 (-1 in padding slots);
+* ``box_mask`` bool (b, M): True for real boxes;
+* evaluation also: ``image_id`` int64 (b,) (-1: padding), ``scale_factor`` float32 (b, 4)
+  (``box_scale``: resized / original width and height for x1, y1, x2, y2; 1 for padding),
+  ``mask`` bool (b,) (False: padding, or a corrupt image, which keeps its image_id); training
+  batches carry ``image_id`` too with ``return_ids``.
+
+Images are uint8 with zero padding; MMDetection pads after normalising (``mean`` / ``std`` on the
+0..255 scale), so the task normalises on the device and sets the pixels outside ``image_size``
+back to 0.
+
+Design
+------
+*Geometry.* Each image is resized keeping its aspect ratio to fit ``image_scale`` (mmcv's rule,
+``resized_size``), bilinearly with half-pixel centres and no antialiasing (OpenCV's
+INTER_LINEAR) and rounded to uint8; boxes are scaled by each axis' ratio of the rounded sizes
+(``box_scale``, as MMDetection does) and clipped to the resized image. Training flips
+horizontally with probability 0.5 (x1' = w - x2, x2' = w - x1).
+
+*Order and resume.* MMDetection groups every batch by aspect ratio; here epoch ``e`` permutes the
+landscape images and the portrait images with randomness of (seed, e), cuts each permutation into
+global batches (the last one of each group filled by wrapping around that group's permutation)
+and shuffles the list of global batches. Epochs follow each other endlessly. Global batch ``k``
+is the same on every process; process ``p`` of ``n`` takes its slots ``[p B/n, (p+1) B/n)``. The
+flip of each slot is drawn from (seed, epoch, batch, slot), so ``start_step=k`` resumes exactly at
+global batch ``k`` (bitwise) without decoding anything before it.
+
+*Loading.* A thread pool (``num_parallel_calls`` threads, <= 0: one per CPU) reads, decodes and
+resizes the images of the next ``prefetch`` batches ahead; batches are assembled in order.
+
+*Corrupt images.* An image that cannot be read or decoded (truncated, empty, garbage, or of
+another size than its annotation says) is counted and named in a warning once per file per
+iterator. In a training batch its slot is filled with a copy of another image of the same local
+batch (a batch where nothing decodes raises); in an evaluation batch the slot is masked out.
+
+*Evaluation.* One pass over every image of the split: landscape images in file order cut into
+global batches, then the portrait ones, the last batch of each group padded (``mask`` False).
+Every process yields the same number of batches (``len()``) with the same shapes in the same
+order, so multi-host evaluation stays in lockstep.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import io
+import json
+import logging
+import math
+import os
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from crossformer_jax.data import pipeline
+from crossformer_jax.data.ade20k import resize_bilinear_uint8
+from crossformer_jax.data.config import COCO_DEFAULTS, DATA_DEFAULTS, data_field
+from crossformer_jax.data.sources import DatasetInfo
+
+logger = logging.getLogger(__name__)
+
+_DEFAULTS = types.MappingProxyType({**DATA_DEFAULTS, **COCO_DEFAULTS})
+
+# Domains of the stateless random streams (numpy SeedSequence entropy (seed, domain, ...)).
+ORDER_DOMAIN = 0  # per-epoch permutations of the groups and of the batches
+FLIP_DOMAIN = 1  # per-slot horizontal flips
+
+
+def coco_field(cfg, name: str) -> Any:
+    """``config.data.<name>``, else its default in COCO_DEFAULTS, else in DATA_DEFAULTS."""
+    return data_field(cfg, name, _DEFAULTS)
+
+
+# ----------------------------------------------------------------------------
+# Annotations
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CocoImage:
+    """One image of a split and its boxes, in original pixels."""
+
+    path: str
+    image_id: int
+    height: int
+    width: int
+    boxes: np.ndarray  # float32 (n, 4) x1, y1, x2, y2, clipped to the image
+    classes: np.ndarray  # int32 (n,) contiguous class ids
+    crowd: np.ndarray  # bool (n,) iscrowd flags (all False in a training split)
+
+    @property
+    def landscape(self) -> bool:
+        """Whether the image goes to the landscape bucket (width >= height)."""
+        return self.width >= self.height
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CocoSplit:
+    """The images of a split (file order of the JSON) and its categories.
+
+    ``category_ids[c]`` is the COCO id of contiguous class ``c`` (categories sorted by COCO id);
+    ``dropped`` counts what the cleaning left out (see ``load_annotations``).
+    """
+
+    annotation_file: str
+    images: tuple[CocoImage, ...]
+    category_ids: tuple[int, ...]
+    class_names: tuple[str, ...]
+    dropped: Mapping[str, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+
+def annotation_path(data_dir: str, split: str) -> str:
+    """DATA_DIR/annotations/instances_<split>.json."""
+    return os.path.join(data_dir, 'annotations', f'instances_{split}.json')
+
+
+def _read_json(path: str) -> dict:
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f'COCO annotation file not found: {path}')
+    try:
+        with tf.io.gfile.GFile(path, 'rb') as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f'{path}: malformed JSON ({e})') from e
+    if not isinstance(data, dict):
+        raise ValueError(f'{path}: expected a JSON object at the top, found {type(data).__name__}')
+    for key in ('images', 'annotations', 'categories'):
+        if not isinstance(data.get(key), list):
+            found = 'nothing' if key not in data else type(data[key]).__name__
+            raise ValueError(f'{path}: expected a list under {key!r}, found {found}')
+    return data
+
+
+def _entry_field(path: str, section: str, index: int, entry: Any, key: str, kind: type) -> Any:
+    """entry[key] of the index-th entry of data[section], checked to be a `kind`."""
+    value = entry.get(key) if isinstance(entry, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(
+            f'{path}: {section}[{index}] needs {key!r} of type {kind.__name__}, found {value!r}'
+        )
+    return value
+
+
+def _parse_bbox(bbox: Any) -> tuple[float, float, float, float] | None:
+    """COCO [x, y, w, h] as four finite floats, None if malformed."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    try:
+        values = tuple(float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    return values if all(math.isfinite(v) for v in values) else None
+
+
+@functools.lru_cache(maxsize=8)
+def load_annotations(data_dir: str, split: str, *, training: bool) -> CocoSplit:
+    """Reads and cleans DATA_DIR/annotations/instances_<split>.json (images in DATA_DIR/<split>).
+
+    Boxes are clipped to their image; dropped (never an error) are annotations of an unknown
+    image or category, with a malformed bbox, entirely outside the image, or smaller than 1 pixel
+    (w < 1 or h < 1 after clipping) or of zero area. Training also leaves out crowd boxes (not
+    targets) and then the images without any box; evaluation keeps every image. The counts are
+    logged in one line. Missing files and malformed JSON raise, naming the file. Cached.
+    """
+    path = annotation_path(data_dir, split)
+    image_dir = os.path.join(data_dir, split)
+    data = _read_json(path)
+    if not tf.io.gfile.isdir(image_dir):
+        raise FileNotFoundError(f'COCO image folder not found: {image_dir} (annotations: {path})')
+
+    categories = {}
+    for i, cat in enumerate(data['categories']):
+        cat_id = _entry_field(path, 'categories', i, cat, 'id', int)
+        if cat_id in categories:
+            raise ValueError(f'{path}: category id {cat_id} appears twice')
+        categories[cat_id] = str(_entry_field(path, 'categories', i, cat, 'name', str))
+    if not categories:
+        raise ValueError(f'{path}: no categories')
+    category_ids = tuple(sorted(categories))
+    class_of = {cat_id: c for c, cat_id in enumerate(category_ids)}
+
+    entries = {}  # image id -> (file name, height, width)
+    for i, image in enumerate(data['images']):
+        image_id = _entry_field(path, 'images', i, image, 'id', int)
+        if image_id in entries:
+            raise ValueError(f'{path}: image id {image_id} appears twice')
+        name = _entry_field(path, 'images', i, image, 'file_name', str)
+        height = _entry_field(path, 'images', i, image, 'height', int)
+        width = _entry_field(path, 'images', i, image, 'width', int)
+        if height < 1 or width < 1:
+            raise ValueError(f'{path}: images[{i}] ({name}) has size {height}x{width}')
+        entries[image_id] = (name, height, width)
+
+    dropped = dict.fromkeys(
+        ('outside', 'small', 'unknown_category', 'unknown_image', 'malformed'), 0
+    )
+    targets = {image_id: [] for image_id in entries}  # image id -> [(box, class, crowd)]
+    for ann in data['annotations']:
+        ann = ann if isinstance(ann, dict) else {}
+        image_id, category_id = ann.get('image_id'), ann.get('category_id')
+        if not isinstance(image_id, int) or image_id not in entries:
+            dropped['unknown_image'] += 1
+            continue
+        if not isinstance(category_id, int) or category_id not in class_of:
+            dropped['unknown_category'] += 1
+            continue
+        bbox = _parse_bbox(ann.get('bbox'))
+        if bbox is None:
+            dropped['malformed'] += 1
+            continue
+        _, height, width = entries[image_id]
+        x, y, w, h = bbox
+        x1, y1 = max(x, 0.0), max(y, 0.0)
+        x2, y2 = min(x + w, float(width)), min(y + h, float(height))
+        if w > 0 and h > 0 and (x2 <= x1 or y2 <= y1):
+            dropped['outside'] += 1
+            continue
+        area = ann.get('area', w * h)
+        if x2 - x1 < 1 or y2 - y1 < 1 or not isinstance(area, (int, float)) or area <= 0:
+            dropped['small'] += 1
+            continue
+        crowd = bool(ann.get('iscrowd', 0))
+        targets[image_id].append(((x1, y1, x2, y2), class_of[category_id], crowd))
+
+    images, crowd_count, empty_count = [], 0, 0
+    for image_id, (name, height, width) in entries.items():
+        kept = targets[image_id]
+        if training:
+            crowd_count += sum(t[2] for t in kept)
+            kept = [t for t in kept if not t[2]]
+            if not kept:
+                empty_count += 1
+                continue
+        images.append(
+            CocoImage(
+                path=os.path.join(image_dir, name),
+                image_id=image_id,
+                height=height,
+                width=width,
+                boxes=np.asarray([t[0] for t in kept], np.float32).reshape(-1, 4),
+                classes=np.asarray([t[1] for t in kept], np.int32),
+                crowd=np.asarray([t[2] for t in kept], bool),
+            )
+        )
+
+    name = os.path.basename(path)
+    message = (
+        f'{name}: dropped {sum(dropped.values())} annotations ({dropped["outside"]} outside the '
+        f'image, {dropped["small"]} smaller than 1 pixel or of zero area, '
+        f'{dropped["unknown_category"]} of an unknown category, {dropped["unknown_image"]} of an '
+        f'unknown image, {dropped["malformed"]} with a malformed bbox)'
+    )
+    if training:
+        dropped.update(crowd=crowd_count, empty_images=empty_count)
+        message += (
+            f'; ignored {crowd_count} crowd boxes; skipped {empty_count} of {len(entries)} images '
+            'without annotations'
+        )
+    logger.info('%s; %d images, %d classes.', message, len(images), len(category_ids))
+    return CocoSplit(
+        annotation_file=path,
+        images=tuple(images),
+        category_ids=category_ids,
+        class_names=tuple(categories[c] for c in category_ids),
+        dropped=types.MappingProxyType(dropped),
+    )
+
+
+def dataset_info(data_config) -> DatasetInfo:
+    """Classes (from the training annotations, else the evaluation ones) and images: training
+    images with at least one box, every evaluation image (0 for a split without annotations)."""
+    root = coco_field(data_config, 'data_dir')
+    train_split = coco_field(data_config, 'train_split')
+    eval_split = coco_field(data_config, 'eval_split')
+    have_train = tf.io.gfile.exists(annotation_path(root, train_split))
+    have_eval = tf.io.gfile.exists(annotation_path(root, eval_split))
+    train = load_annotations(root, train_split, training=True) if have_train else None
+    evaluation = load_annotations(root, eval_split, training=False) if have_eval else None
+    if train is None and evaluation is None:
+        raise FileNotFoundError(
+            'COCO annotation files not found: '
+            f'{annotation_path(root, train_split)} nor {annotation_path(root, eval_split)}'
+        )
+    classes = train or evaluation
+    return DatasetInfo(
+        num_classes=classes.num_classes,
+        num_train_examples=0 if train is None else len(train.images),
+        num_eval_examples=0 if evaluation is None else len(evaluation.images),
+        class_names=classes.class_names,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Geometry
+
+
+def resized_size(
+    height: int, width: int, scale: Sequence[int] = (1333, 800)
+) -> tuple[int, int, float]:
+    """(new height, new width, factor) of an image resized keeping its aspect ratio to fit
+    scale (long and short side limits): factor = min(max(scale) / long side, min(scale) /
+    short side), new side = int(side * factor + 0.5) (mmcv's rescale rule)."""
+    if height < 1 or width < 1:
+        raise ValueError(f'image size must be positive, got {height}x{width}')
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5), factor
+
+
+def box_scale(height: int, width: int, new_h: int, new_w: int) -> np.ndarray:
+    """float32 (4,) factors from original to resized box coordinates x1, y1, x2, y2: each axis
+    by its own rounded ratio (new_w / width, new_h / height), as MMDetection scales boxes."""
+    x, y = new_w / width, new_h / height
+    return np.array([x, y, x, y], np.float32)
+
+
+def bucket_shapes(
+    scale: Sequence[int] = (1333, 800), size_divisor: int = 32
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (height, width) canvases of the landscape (width >= height) and portrait images: the
+    scale's short and long sides rounded up to multiples of size_divisor, e.g. (800, 1344) and
+    (1344, 800) for (1333, 800)."""
+    short = -(-min(scale) // size_divisor) * size_divisor
+    long = -(-max(scale) // size_divisor) * size_divisor
+    return (short, long), (long, short)
+
+
+# ----------------------------------------------------------------------------
+# Loading one image
+
+
+class CorruptImageError(Exception):
+    """An image file that cannot be read or decoded, or whose size differs from its annotation."""
+
+
+def decode_rgb(path: str) -> np.ndarray:
+    """The image file's RGB pixels, uint8 (height, width, 3) (grayscale, CMYK, RGBA...
+    converted); CorruptImageError when it cannot be read or decoded."""
+    try:
+        with tf.io.gfile.GFile(path, 'rb') as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as pil:
+            return np.asarray(pil.convert('RGB'))
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise CorruptImageError(f'{type(e).__name__}: {e}') from e
+    except tf.errors.OpError as e:
+        raise CorruptImageError(f'{type(e).__name__}: {e.message}') from e
+
+
+def read_image(image: CocoImage) -> np.ndarray:
+    """The image's RGB pixels, uint8 (height, width, 3) (decode_rgb).
+
+    Raises CorruptImageError when the file cannot be read or decoded, or when its size is not
+    the annotation's.
+    """
+    pixels = decode_rgb(image.path)
+    if pixels.shape[:2] != (image.height, image.width):
+        raise CorruptImageError(
+            f'decoded size {pixels.shape[0]}x{pixels.shape[1]} differs from the annotation '
+            f'{image.height}x{image.width}'
+        )
+    return pixels
+
+
+def load_example(image: CocoImage, scale: Sequence[int], flip: bool) -> dict[str, np.ndarray]:
+    """One image resized (and flipped) with its non-crowd boxes: {'image' uint8 (h, w, 3),
+    'boxes' float32 (n, 4) in resized pixels, 'classes' int32 (n,), 'scale_factor' float32 (4,)
+    (box_scale)}.
+
+    Raises CorruptImageError (see read_image).
+    """
+    pixels = read_image(image)
+    new_h, new_w, _ = resized_size(image.height, image.width, scale)
+    resized = resize_bilinear_uint8(pixels, new_h, new_w).numpy()
+    targets = ~image.crowd
+    factors = box_scale(image.height, image.width, new_h, new_w)
+    boxes = image.boxes[targets] * factors
+    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, new_w)
+    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, new_h)
+    if flip:
+        resized = resized[:, ::-1]
+        boxes = np.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0], boxes[:, 3]], 1)
+    return {
+        'image': resized,
+        'boxes': boxes.astype(np.float32),
+        'classes': image.classes[targets],
+        'scale_factor': factors,
+    }
+
+
+# ----------------------------------------------------------------------------
+# Iterators
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalBatch:
+    """One global batch: image indices into the split (B,) (-1: padding), its canvas
+    orientation and the flips of its slots (B,) bool."""
+
+    indices: np.ndarray
+    landscape: bool
+    flips: np.ndarray
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+    """A numpy generator determined by non-negative integers (stateless randomness)."""
+    return np.random.default_rng([int(e) % 2**63 for e in entropy])
+
+
+def _orientation_groups(split: CocoSplit) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (file order) of the landscape images and of the portrait images."""
+    landscape = np.asarray([im.landscape for im in split.images], bool)
+    return np.flatnonzero(landscape), np.flatnonzero(~landscape)
+
+
+class _BatchLoader:
+    """Loads the local slices of global batches in a thread pool, a few batches ahead, and
+    assembles them into batch dicts; counts and names the corrupt images."""
+
+    def __init__(
+        self, split: CocoSplit, cfg, global_batch_size: int, process_index: int, process_count: int
+    ):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f'bad process_index {process_index} for {process_count} processes')
+        if global_batch_size < 1 or global_batch_size % process_count:
+            raise ValueError(
+                f'global_batch_size {global_batch_size} must be a positive multiple of the '
+                f'{process_count} processes'
+            )
+        self.split = split
+        self.local_batch_size = global_batch_size // process_count
+        self._offset = process_index * self.local_batch_size
+        self._scale = tuple(int(s) for s in coco_field(cfg, 'image_scale'))
+        if len(self._scale) != 2 or min(self._scale) < 1:
+            raise ValueError(f'config.data.image_scale must be two positive sides: {self._scale}')
+        self._buckets = bucket_shapes(self._scale, int(coco_field(cfg, 'size_divisor')))
+        self._max_boxes = int(coco_field(cfg, 'max_boxes'))
+        threads = int(coco_field(cfg, 'num_parallel_calls'))
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            threads if threads > 0 else os.cpu_count() or 1, thread_name_prefix='coco-load'
+        )
+        self._depth = max(1, int(coco_field(cfg, 'prefetch'))) + 1  # batches loading at once
+        self._queue: collections.deque = collections.deque()
+        self.corrupt_count = 0
+        self.corrupt_files: set[str] = set()
+        self.truncated_images = 0  # images with more than max_boxes boxes
+
+    def _load(self, index: int, flip: bool) -> dict[str, np.ndarray] | CorruptImageError:
+        try:
+            return load_example(self.split.images[index], self._scale, flip)
+        except CorruptImageError as e:
+            return e
+
+    def _submit(self, batch: GlobalBatch) -> None:
+        local = slice(self._offset, self._offset + self.local_batch_size)
+        futures = [
+            None if index < 0 else self._executor.submit(self._load, int(index), bool(flip))
+            for index, flip in zip(batch.indices[local], batch.flips[local])
+        ]
+        self._queue.append((batch, futures))
+
+    def _next_loaded(self) -> tuple[GlobalBatch, list]:
+        """The oldest submitted batch: its GlobalBatch and per slot an example, a
+        CorruptImageError or None (padding)."""
+        batch, futures = self._queue.popleft()
+        return batch, [None if f is None else f.result() for f in futures]
+
+    def _record_corrupt(self, index: int, error: CorruptImageError) -> None:
+        path = self.split.images[index].path
+        total = pipeline.add_corrupt_images(1)
+        self.corrupt_count += 1
+        if path not in self.corrupt_files:
+            self.corrupt_files.add(path)
+            logger.warning(
+                'Skipping corrupt or unreadable image %r (%s; %d skipped so far in this process).',
+                path,
+                error,
+                total,
+            )
+
+    def _assemble(self, batch: GlobalBatch, examples: list) -> tuple[dict, np.ndarray]:
+        """Batch dict of the decoded examples (other slots zero) and a bool (b,) of them."""
+        b, m = len(examples), self._max_boxes
+        canvas = self._buckets[0] if batch.landscape else self._buckets[1]
+        out = {
+            'image': np.zeros((b, *canvas, 3), np.uint8),
+            'image_size': np.zeros((b, 2), np.int32),
+            'boxes': np.zeros((b, m, 4), np.float32),
+            'classes': np.full((b, m), -1, np.int32),
+            'box_mask': np.zeros((b, m), bool),
+            'scale_factor': np.ones((b, 4), np.float32),
+        }
+        decoded = np.zeros((b,), bool)
+        local = batch.indices[self._offset : self._offset + b]
+        for slot, example in enumerate(examples):
+            if isinstance(example, CorruptImageError):
+                self._record_corrupt(int(local[slot]), example)
+            if not isinstance(example, dict):
+                continue
+            h, w = example['image'].shape[:2]
+            n = len(example['boxes'])
+            if n > m:
+                self.truncated_images += 1
+                if self.truncated_images == 1:
+                    logger.warning(
+                        'Image %r has %d boxes; batches keep the first max_boxes=%d (raise '
+                        'config.data.max_boxes to keep more). Counted in truncated_images.',
+                        self.split.images[local[slot]].path,
+                        n,
+                        m,
+                    )
+                n = m
+            out['image'][slot, :h, :w] = example['image']
+            out['image_size'][slot] = (h, w)
+            out['boxes'][slot, :n] = example['boxes'][:n]
+            out['classes'][slot, :n] = example['classes'][:n]
+            out['box_mask'][slot, :n] = True
+            out['scale_factor'][slot] = example['scale_factor']
+            decoded[slot] = True
+        out['image_id'] = np.asarray(
+            [self.split.images[i].image_id if i >= 0 else -1 for i in local], np.int64
+        )
+        return out, decoded
+
+    def close(self) -> None:
+        """Stops loading ahead (the iterator cannot be used after)."""
+        for _, futures in self._queue:
+            for f in futures:
+                if f is not None:
+                    f.cancel()
+        self._queue.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def __del__(self):
+        executor = getattr(self, '_executor', None)
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+class TrainIterator(_BatchLoader):
+    """Endless local training batches (see the module doc); ``steps_per_epoch`` global
+    batches per epoch; ``global_batch(k)`` describes global batch k."""
+
+    def __init__(
+        self,
+        split: CocoSplit,
+        cfg,
+        *,
+        global_batch_size: int,
+        seed: int,
+        start_step: int,
+        process_index: int,
+        process_count: int,
+        return_ids: bool,
+    ):
+        super().__init__(split, cfg, global_batch_size, process_index, process_count)
+        if not split.images:
+            raise ValueError(f'{split.annotation_file}: no training image has a box')
+        if start_step < 0:
+            raise ValueError(f'start_step must be >= 0, got {start_step}')
+        self.global_batch_size = global_batch_size
+        self._seed = int(seed)
+        self._hflip = bool(coco_field(cfg, 'hflip'))
+        self._groups = _orientation_groups(split)
+        self.steps_per_epoch = sum(-(-len(g) // global_batch_size) for g in self._groups)
+        self._return_ids = return_ids
+        self._plan_epoch = -1
+        self._plan: list[tuple[np.ndarray, bool]] = []
+        self._next_step = int(start_step)
+        self._submitted = int(start_step)
+
+    def _epoch_plan(self, epoch: int) -> list[tuple[np.ndarray, bool]]:
+        """The global batches of an epoch in order: (image indices (B,), landscape)."""
+        if epoch != self._plan_epoch:
+            rng = _rng(self._seed, ORDER_DOMAIN, epoch)
+            b = self.global_batch_size
+            batches = []
+            for landscape, group in zip((True, False), self._groups):
+                if len(group) == 0:
+                    continue
+                order = group[rng.permutation(len(group))]
+                num = -(-len(order) // b)
+                cut = order[np.arange(num * b) % len(order)].reshape(num, b)
+                batches += [(indices, landscape) for indices in cut]
+            self._plan = [batches[i] for i in rng.permutation(len(batches))]
+            self._plan_epoch = epoch
+        return self._plan
+
+    def global_batch(self, step: int) -> GlobalBatch:
+        """Global batch ``step`` of the endless stream (the same on every process)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        indices, landscape = self._epoch_plan(epoch)[position]
+        if self._hflip:
+            flips = _rng(self._seed, FLIP_DOMAIN, epoch, position).random(len(indices)) < 0.5
+        else:
+            flips = np.zeros(len(indices), bool)
+        return GlobalBatch(indices=indices, landscape=landscape, flips=flips)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while len(self._queue) < self._depth:
+            self._submit(self.global_batch(self._submitted))
+            self._submitted += 1
+        batch, examples = self._next_loaded()
+        step = self._next_step
+        self._next_step += 1
+        out, decoded = self._assemble(batch, examples)
+        valid = np.flatnonzero(decoded)
+        if valid.size == 0:
+            local = batch.indices[self._offset : self._offset + len(examples)]
+            files = [self.split.images[i].path for i in local]
+            raise RuntimeError(
+                f'no image of training batch {step} could be read and decoded on this process: '
+                f'{files}'
+            )
+        missing = np.flatnonzero(~decoded)
+        for k, slot in enumerate(missing):
+            source = valid[k % valid.size]
+            for value in out.values():
+                value[slot] = value[source]
+        del out['scale_factor']
+        if not self._return_ids:
+            del out['image_id']
+        return out
+
+
+class EvalIterator(_BatchLoader):
+    """One pass of local evaluation batches (see the module doc); ``len()`` batches."""
+
+    def __init__(
+        self,
+        split: CocoSplit,
+        cfg,
+        *,
+        global_batch_size: int,
+        process_index: int,
+        process_count: int,
+    ):
+        super().__init__(split, cfg, global_batch_size, process_index, process_count)
+        if not split.images:
+            raise ValueError(f'{split.annotation_file}: no images')
+        self._batches = []
+        for landscape, group in zip((True, False), _orientation_groups(split)):
+            num = -(-len(group) // global_batch_size)
+            padded = np.full(num * global_batch_size, -1, np.int64)
+            padded[: len(group)] = group
+            for indices in padded.reshape(num, global_batch_size):
+                flips = np.zeros(global_batch_size, bool)
+                self._batches.append(GlobalBatch(indices, landscape, flips))
+        self._submitted = 0
+        self._emitted = 0
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._emitted >= len(self._batches):
+            raise StopIteration
+        while len(self._queue) < self._depth and self._submitted < len(self._batches):
+            self._submit(self._batches[self._submitted])
+            self._submitted += 1
+        self._emitted += 1
+        batch, examples = self._next_loaded()
+        out, decoded = self._assemble(batch, examples)
+        out['mask'] = decoded
+        return out
+
+
+def _split_for(data_config, split_field: str, training: bool) -> CocoSplit:
+    return load_annotations(
+        str(coco_field(data_config, 'data_dir')),
+        str(coco_field(data_config, split_field)),
+        training=training,
+    )
+
+
+def steps_per_epoch(data_config, *, global_batch_size: int) -> int:
+    """Global training batches per epoch: ceil(landscape / B) + ceil(portrait / B)."""
+    groups = _orientation_groups(_split_for(data_config, 'train_split', True))
+    return sum(-(-len(g) // global_batch_size) for g in groups)
+
+
+def create_train_iterator(
+    data_config,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    return_ids: bool = False,
+) -> TrainIterator:
+    """Endless training batches of this process from global batch ``start_step`` on (exactly
+    the batches a fresh iterator yields from its start_step-th on). ``return_ids``: batches also
+    carry ``image_id`` int64 (b,)."""
+    return TrainIterator(
+        _split_for(data_config, 'train_split', True),
+        data_config,
+        global_batch_size=int(global_batch_size),
+        seed=int(seed),
+        start_step=int(start_step),
+        process_index=int(process_index),
+        process_count=int(process_count),
+        return_ids=return_ids,
+    )
+
+
+def create_eval_iterator(
+    data_config, *, global_batch_size: int, process_index: int = 0, process_count: int = 1
+) -> EvalIterator:
+    """One pass over every evaluation image, grouped by orientation (see the module doc)."""
+    return EvalIterator(
+        _split_for(data_config, 'eval_split', False),
+        data_config,
+        global_batch_size=int(global_batch_size),
+        process_index=int(process_index),
+        process_count=int(process_count),
+    )

@@ -1,0 +1,97 @@
+"""Boxes: IoU and the DeltaXYWH coding of boxes relative to anchors (MMDetection semantics).
+
+Boxes are xyxy (x1, y1, x2, y2) in pixels; widths and areas have no +1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+# Decoded width and height changes are clamped to at most a factor 1000 / 16 either way.
+MAX_LOG_SCALE = abs(math.log(16 / 1000))
+
+
+def _check_boxes(name: str, boxes: jax.Array) -> None:
+    if boxes.ndim < 1 or boxes.shape[-1] != 4:
+        raise ValueError(f'{name} must be (..., 4), got shape {tuple(boxes.shape)}')
+
+
+def box_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
+    """(..., N, 4), (..., M, 4) xyxy -> (..., N, M) intersection over union (0 where the union
+    is 0). Leading dimensions broadcast."""
+    _check_boxes('boxes1', boxes1)
+    _check_boxes('boxes2', boxes2)
+    if boxes1.ndim < 2 or boxes2.ndim < 2:
+        raise ValueError(
+            f'box_iou takes (..., N, 4) and (..., M, 4), got shapes {tuple(boxes1.shape)} and '
+            f'{tuple(boxes2.shape)}'
+        )
+    # Coordinates as (..., N, 1) and (..., 1, M): no (..., N, M, 4) temporaries.
+    x1a, y1a, x2a, y2a = (boxes1[..., :, None, i] for i in range(4))
+    x1b, y1b, x2b, y2b = (boxes2[..., None, :, i] for i in range(4))
+    area1 = (x2a - x1a) * (y2a - y1a)
+    area2 = (x2b - x1b) * (y2b - y1b)
+    inter_w = jnp.maximum(jnp.minimum(x2a, x2b) - jnp.maximum(x1a, x1b), 0)
+    inter_h = jnp.maximum(jnp.minimum(y2a, y2b) - jnp.maximum(y1a, y1b), 0)
+    inter = inter_w * inter_h
+    union = area1 + area2 - inter
+    positive = union > 0
+    return jnp.where(positive, inter / jnp.where(positive, union, 1), 0)
+
+
+def encode_deltas(
+    anchors: jax.Array, targets: jax.Array, stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
+) -> jax.Array:
+    """(..., 4) anchors and target boxes (broadcast) -> (..., 4) deltas (dx, dy, dw, dh) / stds:
+    dx = (gx - px) / pw, dy = (gy - py) / ph, dw = log(gw / pw), dh = log(gh / ph) with centres
+    and sizes of the anchors (p) and targets (g)."""
+    _check_boxes('anchors', anchors)
+    _check_boxes('targets', targets)
+    px, py = (anchors[..., 0] + anchors[..., 2]) * 0.5, (anchors[..., 1] + anchors[..., 3]) * 0.5
+    pw, ph = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
+    gx, gy = (targets[..., 0] + targets[..., 2]) * 0.5, (targets[..., 1] + targets[..., 3]) * 0.5
+    gw, gh = targets[..., 2] - targets[..., 0], targets[..., 3] - targets[..., 1]
+    deltas = jnp.stack(
+        [(gx - px) / pw, (gy - py) / ph, jnp.log(gw / pw), jnp.log(gh / ph)], axis=-1
+    )
+    return deltas / jnp.asarray(stds, deltas.dtype)
+
+
+def decode_deltas(
+    anchors: jax.Array,
+    deltas: jax.Array,
+    stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    max_shape: jax.Array | None = None,
+) -> jax.Array:
+    """(..., 4) anchors and deltas (broadcast) -> (..., 4) xyxy boxes, encode_deltas' inverse.
+
+    dw and dh (after * stds) are clamped to +-MAX_LOG_SCALE. max_shape (..., 2) (height, width),
+    its leading dimensions broadcasting against the boxes' (e.g. (B, 1, 2) for (B, N, 4) boxes),
+    clips x to [0, width] and y to [0, height]; None leaves the boxes unclipped.
+    """
+    _check_boxes('anchors', anchors)
+    _check_boxes('deltas', deltas)
+    deltas = deltas * jnp.asarray(stds, deltas.dtype)
+    dx, dy = deltas[..., 0], deltas[..., 1]
+    dw = jnp.clip(deltas[..., 2], -MAX_LOG_SCALE, MAX_LOG_SCALE)
+    dh = jnp.clip(deltas[..., 3], -MAX_LOG_SCALE, MAX_LOG_SCALE)
+    px, py = (anchors[..., 0] + anchors[..., 2]) * 0.5, (anchors[..., 1] + anchors[..., 3]) * 0.5
+    pw, ph = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
+    gx, gy = px + pw * dx, py + ph * dy
+    gw, gh = pw * jnp.exp(dw), ph * jnp.exp(dh)
+    x1, y1, x2, y2 = gx - gw * 0.5, gy - gh * 0.5, gx + gw * 0.5, gy + gh * 0.5
+    if max_shape is not None:
+        max_shape = jnp.asarray(max_shape)
+        if max_shape.ndim < 1 or max_shape.shape[-1] != 2:
+            raise ValueError(
+                f'max_shape must be (..., 2) (height, width), got shape {tuple(max_shape.shape)}'
+            )
+        height = max_shape[..., 0].astype(x1.dtype)
+        width = max_shape[..., 1].astype(x1.dtype)
+        x1, x2 = jnp.clip(x1, 0, width), jnp.clip(x2, 0, width)
+        y1, y2 = jnp.clip(y1, 0, height), jnp.clip(y2, 0, height)
+    return jnp.stack([x1, y1, x2, y2], axis=-1)

@@ -1,0 +1,1 @@
+"""Evaluation against external metric definitions: COCO box AP through pycocotools (`coco`)."""
