@@ -147,15 +147,17 @@ def main(argv):
         raise app.UsageError('--topology is required for --mode compile (e.g. v5e:2x2)')
 
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    if FLAGS.compilation_cache_dir:
-        jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
     if FLAGS.mode == 'compile':
-        jax.config.update('jax_platforms', 'cpu')  # the host compiles; the topology's chips run
+        # The host compiles, the topology's chips would run; no persistent cache: an executable
+        # for chips this host does not have cannot be read back from it.
+        jax.config.update('jax_platforms', 'cpu')
         try:
             sys.exit(compile_for_topology(FLAGS.config))
         except (ValueError, KeyError) as e:
             logging.error('Configuration error: %s', e)
             sys.exit(2)
+    if FLAGS.compilation_cache_dir:
+        jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
     # Before any JAX backend or thread exists: the setting binds the threads created after it.
     if FLAGS.host_malloc == 'keep' or (FLAGS.host_malloc == 'auto' and host_memory.runs_on_cpu()):
         host_memory.keep_freed_memory()

@@ -135,15 +135,49 @@ def count_segmentation_macs(
     return int(macs)
 
 
+def count_detection_macs(
+    name: str, image_size: tuple[int, int] | int = (800, 1344), num_classes: int = 80, **overrides
+) -> int:
+    """MACs of one inference pass (backbone + FPN + RetinaHead at every level) of one image of
+    `image_size` (H, W, multiples of 32) through a registered detection model."""
+    model = create_model(name, num_classes, **overrides)
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    macs = count_macs(
+        'crossformer_small',  # any variant: every architecture field is given
+        (height, width),
+        features_only=True,
+        **{k: getattr(model, k) for k in ARCHITECTURE_FIELDS},
+    )
+    fpn, head = model.fpn_channels, model.head_channels
+    levels = model.anchor_generator.feature_sizes(height, width)
+    channels = [model.embed_dim * 2**s for s in (1, 2, 3)]
+    for (h, w), c in zip(levels, channels):  # laterals and output convs on backbone stages 1..3
+        macs += _conv_macs(h, w, 1, c, fpn) + _conv_macs(h, w, 3, fpn, fpn)
+    macs += _conv_macs(*levels[3], 3, channels[-1], fpn)  # extra level on the last backbone map
+    macs += _conv_macs(*levels[4], 3, fpn, fpn)
+    anchors = model.anchor_generator.num_anchors
+    for h, w in levels:
+        for tower_out in (anchors * num_classes, anchors * 4):
+            width_in = fpn
+            for _ in range(model.num_head_convs):
+                macs += _conv_macs(h, w, 3, width_in, head)
+                width_in = head
+            macs += _conv_macs(h, w, 3, width_in, tower_out)
+    return int(macs)
+
+
 def model_macs(
     name: str, image_size: tuple[int, int] | int, num_classes: int | None = None, **overrides
 ) -> int:
     """MACs of one inference pass of one image through any registered model: `count_macs` for a
-    classifier, `count_segmentation_macs` for a segmentation model."""
+    classifier, `count_segmentation_macs` for a segmentation model, `count_detection_macs` for a
+    detector."""
     spec = model_spec(name)
     num_classes = spec.num_classes if num_classes is None else num_classes
     if spec.task == 'segmentation':
         return count_segmentation_macs(name, image_size, num_classes, **overrides)
+    if spec.task == 'detection':
+        return count_detection_macs(name, image_size, num_classes, **overrides)
     return count_macs(name, image_size, num_classes, **overrides)
 
 

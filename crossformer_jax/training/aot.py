@@ -247,11 +247,13 @@ def compile_config(
 
 
 def model_flops_per_image(config: ml_collections.ConfigDict) -> float:
-    """2 x the analytic multiply-accumulates of one image's forward pass."""
+    """2 x the analytic multiply-accumulates of one image's forward pass, at the height and
+    width of the task's training batch."""
+    num_classes = config_num_classes(config)
+    task = tasks.get_task(config, num_classes)
+    size = task.train_batch_spec(config, 1)['image'].shape[1:3]
     overrides = tasks.model_overrides(config)
-    return 2.0 * complexity.model_macs(
-        config.model.name, config.data.image_size, config_num_classes(config), **overrides
-    )
+    return 2.0 * complexity.model_macs(config.model.name, size, num_classes, **overrides)
 
 
 def format_report(report: ProgramReport, forward_flops: float, train: bool) -> str:
