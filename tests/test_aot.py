@@ -9,6 +9,7 @@ import pytest
 from helpers import REPO, needs_cpu_plugin
 
 from configs import digits_demo
+from configs.detection import demo as detection_demo
 from configs.segmentation import digits_demo as segmentation_digits_demo
 from crossformer_jax import cpu
 from crossformer_jax.cpu import kernels
@@ -118,3 +119,17 @@ def test_segmentation_compiles_and_fits():
     config = segmentation_digits_demo.get_config()
     reports, _ = aot.compile_config(config, aot.describe_topology(TOPOLOGY))
     assert all(r.fits for r in reports)
+
+
+@pytest.mark.slow
+def test_detection_compiles_and_fits():
+    """The RetinaNet demo config on its landscape canvas: train step (normalisation, focal and L1
+    losses with anchor assignment, AdamW) and evaluation step (detect's top-k and NMS loop)."""
+    config = detection_demo.get_config()
+    reports, texts = aot.compile_config(config, aot.describe_topology(TOPOLOGY))
+    assert [r.name for r in reports] == ['train_step', 'eval_step'] and all(r.fits for r in reports)
+    assert 'while' in texts['eval_step']  # the NMS loop stays a loop on the device
+    forward = aot.model_flops_per_image(config)
+    assert forward == 2 * complexity.model_macs(
+        'retinanet_crossformer_small', (128, 160), 80, **digits_overrides(config)
+    )

@@ -98,6 +98,10 @@ def test_one_registry_serves_every_family():
     assert registry.list_models() == classifiers + segmenters + detectors
     assert 'crossformer_tiny' in classifiers and 'upernet_crossformer_small' in segmenters
     assert detectors == [
+        'cascade_mask_rcnn_crossformer_small',
+        'mask_rcnn_crossformer_base',
+        'mask_rcnn_crossformer_pp_small',
+        'mask_rcnn_crossformer_small',
         'retinanet_crossformer_base',
         'retinanet_crossformer_pp_small',
         'retinanet_crossformer_small',

@@ -2,7 +2,8 @@
 directory, optionally verified against the PyTorch reference.
 
 Classifiers, backbones, MMSegmentation models (UPerNet / Semantic FPN) and MMDetection models
-(RetinaNet) convert; the model is inferred from the weights unless --model names it."""
+(RetinaNet, Mask R-CNN, Cascade Mask R-CNN) convert; the model is inferred from the weights unless
+--model names it."""
 
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         type=args_lib.positive_int,
         default=None,
         help='classes of the head (default: read from the head: head.weight, '
-        'decode_head.conv_seg.weight, bbox_head.retina_cls.weight); an explicit value must '
-        'match the checkpoint',
+        'decode_head.conv_seg.weight, bbox_head.retina_cls.weight, '
+        'roi_head.bbox_head(.0).fc_cls.weight); an explicit value must match the checkpoint',
     )
     parser.add_argument(
         '--verify',
@@ -81,7 +82,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         type=args_lib.positive_float,
         default=None,
         help='--verify fails when max|diff| > tolerance * max|reference| (default 1e-4; 1e-5 '
-        'for detection models, whose detections must also agree, boxes and scores within 1e-4)',
+        "for detection models: RetinaNet's detections must also agree, boxes and scores within "
+        "1e-4; (Cascade) Mask R-CNN's box and mask heads are compared on random RoIs)",
     )
     parser.add_argument(
         '--image-size',

@@ -1,3 +1,3 @@
 """Object detection machinery in plain JAX, shared by the detectors of crossformer_jax.models:
-anchors, box coding and IoU, anchor assignment, losses and the on-device post-processing (fixed
-output shapes: top-k per level, batched NMS)."""
+anchors, box coding and IoU, anchor assignment, losses, the on-device post-processing (fixed
+output shapes: top-k per level, batched NMS) and RoIAlign over the feature pyramid."""

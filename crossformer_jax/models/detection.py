@@ -80,18 +80,24 @@ class ConvLayer(nn.Module):
 
 
 class FPN(nn.Module):
-    """FPN neck with add_extra_convs='on_input': 1x1 laterals on backbone stages 1..3, nearest
-    top-down sum, 3x3 output convs, then fpn_convs_3 (stride 2) on the last backbone map and
-    fpn_convs_4 (stride 2) on its output. Xavier-uniform kernels, zero biases."""
+    """FPN neck: 1x1 laterals on backbone stages start_level..3, nearest top-down sum, 3x3 output
+    convs, then extra levels up to num_outputs. With extra_convs (RetinaNet, add_extra_convs=
+    'on_input'): fpn_convs_3 (stride 2) on the last backbone map, each further one (stride 2) on
+    the previous output; without (Mask R-CNN): each extra level max-pools the previous output
+    with kernel 1, stride 2. Xavier-uniform kernels, zero biases."""
 
     channels: int = 256
     dtype: Any = jnp.float32
+    start_level: int = FPN_START_LEVEL
+    num_outputs: int = FPN_NUM_OUTPUTS
+    extra_convs: bool = True
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
-        """4 backbone maps (N, H/4·2^-i, W/4·2^-i, C_i) -> 5 maps (N, H_l, W_l, channels) at
-        strides 8, 16, 32, 64, 128 (H_l = ceil(H / stride))."""
-        inputs = features[FPN_START_LEVEL:]
+        """4 backbone maps (N, H/4·2^-i, W/4·2^-i, C_i) -> num_outputs maps (N, H_l, W_l,
+        channels), strides 2^(start_level + 2 + l) (H_l = ceil(H / stride)): by default 8, 16,
+        32, 64, 128."""
+        inputs = features[self.start_level :]
         laterals = [
             ConvLayer(self.channels, 1, dtype=self.dtype, name=f'lateral_convs_{i}')(x)
             for i, x in enumerate(inputs)
@@ -104,8 +110,12 @@ class FPN(nn.Module):
             ConvLayer(self.channels, 3, dtype=self.dtype, name=f'fpn_convs_{i}')(lateral)
             for i, lateral in enumerate(laterals)
         ]
+        if not self.extra_convs:  # F.max_pool2d(x, 1, stride=2): every other row and column
+            while len(outputs) < self.num_outputs:
+                outputs.append(outputs[-1][:, ::2, ::2])
+            return outputs
         extra = inputs[-1]  # 'on_input': the first extra level reads the last backbone map
-        for i in range(len(outputs), FPN_NUM_OUTPUTS):
+        for i in range(len(outputs), self.num_outputs):
             extra = ConvLayer(self.channels, 3, stride=2, dtype=self.dtype, name=f'fpn_convs_{i}')(
                 extra
             )

@@ -34,6 +34,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from crossformer_jax.models import create_model, list_models
 from crossformer_jax.models.crossformer import VARIANTS
 from crossformer_jax.models.detection import DETECTION_VARIANTS, detection_config
+from crossformer_jax.models.mask_rcnn import MASK_RCNN_VARIANTS, mask_rcnn_config
 from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS, segmentation_config
 from crossformer_jax.weights.torch_io import (
     CheckpointError,
@@ -232,7 +233,12 @@ def is_segmentation_name(name: str) -> bool:
 
 
 def is_detection_name(name: str) -> bool:
-    return name in DETECTION_VARIANTS
+    """RetinaNet or (Cascade) Mask R-CNN: an MMDetection model."""
+    return name in DETECTION_VARIANTS or name in MASK_RCNN_VARIANTS
+
+
+def is_mask_rcnn_name(name: str) -> bool:
+    return name in MASK_RCNN_VARIANTS
 
 
 def convert_torch_state_dict(
@@ -244,13 +250,14 @@ def convert_torch_state_dict(
     **overrides,
 ) -> dict[str, Any]:
     """PyTorch state dict -> Flax variables {'params': nested dict of float32 numpy arrays}, plus
-    'batch_stats' (BatchNorm running statistics) for segmentation models.
+    'batch_stats' (BatchNorm running statistics) for segmentation models and Cascade Mask R-CNN.
 
     Values may be torch tensors or numpy arrays; `module.` prefixes are removed. Unless given,
     `features_only` is True when the state dict has no `head.*` keys and `num_classes` is read from
     `head.weight` (`decode_head.conv_seg.weight` for segmentation models, whose head widths come
-    from `segmentation_overrides` unless given; `bbox_head.retina_cls.weight` for detection
-    models, whose neck and head widths come from `detection_overrides`). `overrides` go to
+    from `segmentation_overrides` unless given; `bbox_head.retina_cls.weight` for RetinaNet,
+    `roi_head.bbox_head(.0).fc_cls.weight` for (Cascade) Mask R-CNN: detection models, whose
+    neck and head widths come from `detection_overrides`). `overrides` go to
     `create_model` (e.g. reduced depths in tests). The derived buffers `attn.biases` /
     `attn.relative_position_index` and BatchNorm's `num_batches_tracked` are ignored; any other
     unused key, any missing key and any shape mismatch raise one `StateDictMismatchError` that
@@ -393,7 +400,8 @@ def convert_with_report(
 def flax_to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Inverse mapping: Flax variables -> PyTorch-named numpy arrays (without derived buffers).
 
-    With 'batch_stats' (segmentation models) the result is an MMSegmentation state dict: every
+    With 'batch_stats' (segmentation models, Cascade Mask R-CNN) the result is an MMSegmentation /
+    MMDetection state dict: every
     BatchNorm also gets running_mean / running_var and a num_batches_tracked of 0 (int64), which
     PyTorch's BatchNorm2d keeps in its state dict but does not use with a fixed momentum.
     """
@@ -466,7 +474,9 @@ def infer_model_name(state_dict: Mapping[str, Any]) -> str:
 
     A segmentation state dict (decode_head.* keys) gives 'upernet_<backbone>' (psp_modules in the
     decode head) or 'fpn_<backbone>' (neck.* keys) for the backbone under backbone.*; a detection
-    state dict (bbox_head.retina_cls.weight) gives 'retinanet_<backbone>'. Uses
+    state dict gives 'retinanet_<backbone>' (bbox_head.retina_cls.weight),
+    'cascade_mask_rcnn_<backbone>' (rpn_head.* and roi_head.bbox_head.0.* keys) or
+    'mask_rcnn_<backbone>' (rpn_head.* and roi_head.* keys otherwise). Uses
     embed_dim (patch_embed.norm.weight), the number of blocks per stage, the heads of each
     stage (the DPB's last Linear) and the presence of ACL keys (ex_conv: CrossFormer++ only, which
     tells crossformer_base from crossformer_pp_base, crossformer_large from crossformer_pp_large).
@@ -553,27 +563,95 @@ def _backbone_part(state_dict: Mapping[str, Any], family: str) -> dict[str, Any]
 
 def _infer_detection_name(state_dict: Mapping[str, Any]) -> str:
     keys = {strip_module_prefix(k) for k in state_dict}
-    if 'bbox_head.retina_cls.weight' not in keys:
-        head_keys = sorted((k for k in keys if k.startswith('bbox_head.')), key=natural_key)
+    has_rpn = any(k.startswith('rpn_head.') for k in keys)
+    has_roi = any(k.startswith('roi_head.') for k in keys)
+    if 'bbox_head.retina_cls.weight' in keys:
+        family = 'retinanet'
+    elif has_rpn and any(k.startswith('roi_head.bbox_head.0.') for k in keys):
+        family = 'cascade_mask_rcnn'
+    elif has_rpn and has_roi:
+        family = 'mask_rcnn'
+    else:
+        head_keys = sorted(
+            (k for k in keys if k.startswith(('bbox_head.', 'rpn_head.', 'roi_head.'))),
+            key=natural_key,
+        )
         raise ModelNameError(
             'cannot tell the detection head from the state dict: expected '
-            f"'bbox_head.retina_cls.weight' (RetinaNet); found {', '.join(head_keys[:6])}"
+            "'bbox_head.retina_cls.weight' (RetinaNet) or 'rpn_head.*' with 'roi_head.*' keys "
+            f'((Cascade) Mask R-CNN); found {", ".join(head_keys[:6])}'
             + (' ...' if len(head_keys) > 6 else '')
         )
-    name = f'retinanet_{infer_model_name(_backbone_part(state_dict, "detection"))}'
-    if name not in DETECTION_VARIANTS:
+    name = f'{family}_{infer_model_name(_backbone_part(state_dict, "detection"))}'
+    registered = sorted(DETECTION_VARIANTS) + sorted(MASK_RCNN_VARIANTS)
+    if name not in registered:
         raise ModelNameError(
             f'the state dict looks like {name}, which is not a registered detection model '
-            f'({", ".join(sorted(DETECTION_VARIANTS))}); pass --model explicitly'
+            f'({", ".join(registered)}); pass --model explicitly'
         )
     return name
 
 
+def _count_layers(state_dict: Mapping[str, Any], prefix: str) -> int:
+    """1 + the largest index i of the keys '{prefix}.{i}.*' (0 when there are none)."""
+    pattern = re.compile(re.escape(prefix) + r'\.(\d+)\.')
+    indices = {int(m.group(1)) for m in map(pattern.match, state_dict) if m}
+    return max(indices) + 1 if indices else 0
+
+
+def _mask_rcnn_head_prefixes(name: str) -> tuple[str, str]:
+    """The state dict prefixes of the (first stage's) box and mask heads."""
+    stage = '.0' if mask_rcnn_config(name)['cascade'] else ''
+    return f'roi_head.bbox_head{stage}', f'roi_head.mask_head{stage}'
+
+
+def _mask_rcnn_overrides(state_dict: Mapping[str, Any], name: str) -> dict[str, Any]:
+    default = mask_rcnn_config(name)
+    box, mask = _mask_rcnn_head_prefixes(name)
+    # Each width with the (key, axis) pairs that show it, the first present one is used.
+    sources = {
+        'fpn_channels': [
+            ('neck.lateral_convs.0.conv.weight', 0),
+            ('neck.lateral_convs.0.conv.bias', 0),
+            ('neck.fpn_convs.0.conv.weight', 0),
+        ],
+        'rpn_channels': [('rpn_head.rpn_conv.weight', 0), ('rpn_head.rpn_cls.weight', 1)],
+        'box_conv_channels': [(f'{box}.shared_convs.0.conv.weight', 0)],
+        'box_fc_channels': [(f'{box}.shared_fcs.0.weight', 0)],
+        'mask_channels': [
+            (f'{mask}.convs.0.conv.weight', 0),
+            (f'{mask}.upsample.weight', 1),
+            (f'{mask}.conv_logits.weight', 1),
+        ],
+    }
+    overrides = {}
+    for field, candidates in sources.items():
+        shapes = [_shape_of(state_dict, key) for key, _ in candidates]
+        widths = [shape[axis] for shape, (_, axis) in zip(shapes, candidates) if shape]
+        if widths and widths[0] != default[field]:
+            overrides[field] = widths[0]
+    layers = {
+        'num_box_convs': f'{box}.shared_convs',
+        'num_box_fcs': f'{box}.shared_fcs',
+        'num_mask_convs': f'{mask}.convs',
+    }
+    for field, prefix in layers.items():
+        count = _count_layers(state_dict, prefix)
+        if count != default[field]:
+            overrides[field] = count
+    return overrides
+
+
 def detection_overrides(state_dict: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """Neck and head widths of a detection state dict that differ from the registered model's
-    (fpn_channels, head_channels, num_head_convs), read from the conv shapes and the number of
-    bbox_head.cls_convs.* / reg_convs.* layers."""
+    """Neck and head widths of a detection state dict that differ from the registered model's,
+    read from the layer shapes and the number of indexed layers: for RetinaNet fpn_channels,
+    head_channels, num_head_convs (bbox_head.cls_convs.* / reg_convs.*); for (Cascade) Mask
+    R-CNN fpn_channels, rpn_channels, box_conv_channels, box_fc_channels, mask_channels,
+    num_box_convs, num_box_fcs, num_mask_convs (shared_convs.*, shared_fcs.* and convs.* of the
+    (first stage's) box and mask heads)."""
     state_dict = {strip_module_prefix(k): v for k, v in state_dict.items()}
+    if is_mask_rcnn_name(name):
+        return _mask_rcnn_overrides(state_dict, name)
     default = detection_config(name)
     overrides = {}
     # Each width with the (key, axis) pairs that show it, the first present one is used.
@@ -605,11 +683,18 @@ def detection_num_classes(
     state_dict: Mapping[str, Any], name: str, overrides: Mapping[str, Any]
 ) -> int:
     """Classes of a detection state dict: retina_cls's output channels / anchors per position
-    (80 when the key is missing, which the conversion then reports). ValueError when they do not
-    divide."""
-    shape = _shape_of(
-        {strip_module_prefix(k): v for k, v in state_dict.items()}, 'bbox_head.retina_cls.weight'
-    )
+    (RetinaNet), fc_cls's outputs - 1 (the background; (Cascade) Mask R-CNN); 80 when the key is
+    missing, which the conversion then reports. ValueError when they do not divide."""
+    state_dict = {strip_module_prefix(k): v for k, v in state_dict.items()}
+    if is_mask_rcnn_name(name):
+        key = f'{_mask_rcnn_head_prefixes(name)[0]}.fc_cls.weight'
+        shape = _shape_of(state_dict, key)
+        if shape and shape[0] < 2:
+            raise ValueError(
+                f'{key} has {shape[0]} outputs; expected classes + 1 (the background), at least 2'
+            )
+        return shape[0] - 1 if shape else 80
+    shape = _shape_of(state_dict, 'bbox_head.retina_cls.weight')
     if not shape:
         return 80
     anchors = detection_config(name, **overrides)['anchor_generator'].num_anchors

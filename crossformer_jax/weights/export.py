@@ -15,8 +15,10 @@ Layouts written:
   MMSegmentation's
   names (`backbone.`, `decode_head.`, `auxiliary_head.` or `neck.`, BatchNorm running statistics
   and num_batches_tracked included); with --backbone only its `backbone.` part;
-* detection model (crossformer_jax.models.detection): `{'state_dict': ..., 'meta': ...}` as
-  MMDetection 2.x writes them (`backbone.`, `neck.`, `bbox_head.`), the meta saying what wrote
+* detection model (RetinaNet, crossformer_jax.models.detection; (Cascade) Mask R-CNN,
+  crossformer_jax.models.mask_rcnn): `{'state_dict': ..., 'meta': ...}` as MMDetection 2.x writes
+  them (`backbone.`, `neck.`, and `bbox_head.` or `rpn_head.` and `roi_head.`, a Cascade model's
+  BatchNorm running statistics and num_batches_tracked included), the meta saying what wrote
   the file (`detection_meta`: the class names under 'CLASSES' when known); with --backbone only
   the `backbone.` part.
 
@@ -37,6 +39,7 @@ import numpy as np
 
 from crossformer_jax.models.crossformer import group_layout, relative_offsets
 from crossformer_jax.models.detection import RetinaNet
+from crossformer_jax.models.mask_rcnn import MaskRCNN
 from crossformer_jax.models.segmentation import SegmentationModel
 from crossformer_jax.weights import convert
 
@@ -97,12 +100,12 @@ def torch_checkpoint(
     (strings, numbers and sequences of them) goes with a detection model's state dict (default:
     `detection_meta()`)."""
     state_dict = convert.flax_to_torch_state_dict(variables)
-    if isinstance(model, (SegmentationModel, RetinaNet)):
+    if isinstance(model, (SegmentationModel, RetinaNet, MaskRCNN)):
         if backbone:
             return {
                 'state_dict': {k: v for k, v in state_dict.items() if k.startswith(BACKBONE_PREFIX)}
             }
-        if isinstance(model, RetinaNet):  # MMDetection: backbone., neck., bbox_head.
+        if isinstance(model, (RetinaNet, MaskRCNN)):  # MMDetection: backbone., neck., heads
             return {'state_dict': state_dict, 'meta': dict(meta or detection_meta())}
         return {'state_dict': state_dict}  # MMSegmentation: backbone., decode_head., ...
     if backbone or model.features_only:

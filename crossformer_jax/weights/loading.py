@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from crossformer_jax.models import create_model
 from crossformer_jax.models.detection import DETECTION_VARIANTS
+from crossformer_jax.models.mask_rcnn import MASK_RCNN_VARIANTS
 from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS
 from crossformer_jax.training import checkpointing
 from crossformer_jax.weights import pretrained
@@ -34,7 +35,9 @@ class LoadedWeights:
 
     task: 'classification' (logits (N, num_classes), or pooled features when num_classes is 0),
     'backbone' (features_only: four stage maps), 'segmentation' (logits (N, H, W, classes)) or
-    'detection' (per-level class logits and box deltas, crossformer_jax.models.detection).
+    'detection' (RetinaNet: per-level class logits and box deltas, crossformer_jax.models.detection)
+    or 'instance_segmentation' ((Cascade) Mask R-CNN's raw outputs,
+    crossformer_jax.models.mask_rcnn).
     """
 
     model: Any
@@ -48,14 +51,16 @@ class LoadedWeights:
 
 
 def task_of(model_name: str, features_only: bool) -> str:
-    """The LoadedWeights.task of a model: 'backbone', 'segmentation', 'detection' or
-    'classification'."""
+    """The LoadedWeights.task of a model: 'backbone', 'segmentation', 'detection',
+    'instance_segmentation' or 'classification'."""
     if features_only:
         return 'backbone'
     if model_name in SEGMENTATION_VARIANTS:
         return 'segmentation'
     if model_name in DETECTION_VARIANTS:
         return 'detection'
+    if model_name in MASK_RCNN_VARIANTS:
+        return 'instance_segmentation'
     return 'classification'
 
 

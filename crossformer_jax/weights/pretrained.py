@@ -35,6 +35,7 @@ from crossformer_jax.data.config import DATA_DEFAULTS, IMAGENET_MEAN, IMAGENET_S
 from crossformer_jax.models import create_model
 from crossformer_jax.models.crossformer import ARCHITECTURE_FIELDS
 from crossformer_jax.models.detection import DETECTION_VARIANTS
+from crossformer_jax.models.mask_rcnn import MASK_RCNN_VARIANTS
 from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS
 from crossformer_jax.training import checkpointing
 from crossformer_jax.weights.convert import CONVERTER_VERSION
@@ -52,9 +53,16 @@ _STORABLE_OVERRIDES = (
     'head_channels',
     'aux_channels',
     'neck_channels',
-    # Detection neck and head (crossformer_jax.models.detection).
+    # Detection neck and heads (crossformer_jax.models.detection, crossformer_jax.models.mask_rcnn).
     'fpn_channels',
     'num_head_convs',
+    'rpn_channels',
+    'box_conv_channels',
+    'box_fc_channels',
+    'mask_channels',
+    'num_box_convs',
+    'num_box_fcs',
+    'num_mask_convs',
 )
 
 
@@ -105,7 +113,7 @@ def default_preprocessing(model_name: str) -> Preprocessing:
     normalisation is ImageNet's mean and std in every case)."""
     if model_name in SEGMENTATION_VARIANTS:
         return Preprocessing(input_size=(512, 512), crop_pct=1.0, interpolation='bilinear')
-    if model_name in DETECTION_VARIANTS:
+    if model_name in DETECTION_VARIANTS or model_name in MASK_RCNN_VARIANTS:
         return Preprocessing(
             input_size=DETECTION_INPUT_SIZE, crop_pct=1.0, interpolation='bilinear'
         )

@@ -15,6 +15,8 @@ from typing import Any
 
 # Top-level prefixes of the heads in MMSegmentation checkpoints (next to `backbone.`).
 SEGMENTATION_PREFIXES = ('decode_head.', 'auxiliary_head.', 'neck.')
+# Top-level prefixes of the heads in MMDetection checkpoints: RetinaNet, (Cascade) Mask R-CNN.
+DETECTION_PREFIXES = ('bbox_head.', 'rpn_head.', 'roi_head.')
 
 
 class CheckpointError(ValueError):
@@ -117,9 +119,9 @@ def extract_state_dict(
     such next to it), {'state_dict': sd} (detection/segmentation releases: the `backbone.*` keys are
     kept with the prefix removed, all others are returned as skipped), and a bare state dict. A
     DataParallel `module.` prefix is removed. With keep_heads, a segmentation state dict (keys
-    under decode_head. / auxiliary_head. / neck.) or a detection state dict (bbox_head.) is
-    returned whole, prefixes kept, for the segmentation / detection model. Returns
-    (state_dict, skipped_keys).
+    under decode_head. / auxiliary_head. / neck.) or a detection state dict (bbox_head.,
+    rpn_head., roi_head.) is returned whole, prefixes kept, for the segmentation / detection
+    model. Returns (state_dict, skipped_keys).
     """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(
@@ -167,8 +169,9 @@ def checkpoint_class_names(checkpoint: Any) -> list[str] | None:
 
 
 def is_detection_state_dict(state_dict: Mapping[str, Any]) -> bool:
-    """True for a whole MMDetection model (`bbox_head.` keys next to `backbone.` and `neck.`)."""
-    return any(strip_module_prefix(k).startswith('bbox_head.') for k in state_dict)
+    """True for a whole MMDetection model: head keys (`bbox_head.` for RetinaNet, `rpn_head.` /
+    `roi_head.` for (Cascade) Mask R-CNN) next to `backbone.` and `neck.`."""
+    return any(strip_module_prefix(k).startswith(DETECTION_PREFIXES) for k in state_dict)
 
 
 def is_segmentation_state_dict(state_dict: Mapping[str, Any]) -> bool:

@@ -3,12 +3,14 @@
 `compare_with_torch` runs the reference (crossformer_jax.reference) holding a state dict and the
 Flax model holding the converted variables on the same seeded random images, output by output.
 For a detection model it also compares the detections each side's post-processing makes of its
-own outputs (`compare_detections`).
+own outputs (`compare_detections`); a (Cascade) Mask R-CNN is compared on its raw outputs: the
+RPN's, and those of every box and mask head on the same seeded random RoIs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,13 +20,16 @@ import torch
 
 from crossformer_jax.detection.postprocess import detect
 from crossformer_jax.models import create_model
+from crossformer_jax.models.mask_rcnn import NUM_CASCADE_STAGES
 from crossformer_jax.models.segmentation import FCNHead, resize_bilinear, segmentation_backbone
 from crossformer_jax.reference.crossformer import create_torch_model
 from crossformer_jax.reference.detection import create_torch_detection_model, detect_single
+from crossformer_jax.reference.mask_rcnn import create_torch_mask_rcnn_model
 from crossformer_jax.reference.segmentation import create_torch_segmentation_model
 from crossformer_jax.weights.convert import (
     is_derived_buffer,
     is_detection_name,
+    is_mask_rcnn_name,
     is_segmentation_name,
     to_numpy,
 )
@@ -40,6 +45,8 @@ DETECTIONS_TOLERANCE = 1e-4
 # compare_detections shifts the class logits so that about this many (box, class) pairs per image
 # score above the threshold.
 CANDIDATES_PER_IMAGE = 300
+# (Cascade) Mask R-CNN: the box and mask heads are compared on this many random RoIs per image.
+ROIS_PER_IMAGE = 16
 
 # -------------------------------------------------------------------------------------------------
 # Verification against the PyTorch reference.
@@ -105,10 +112,16 @@ def compare_with_torch(
     (holding `variables`) on the same seeded random images; returns one Comparison per output
     (the logits, or the four backbone maps compared in NCHW; for segmentation models the logits
     at the input size and, with an auxiliary head, its logits too; for detection models every
-    level's class logits and box deltas, then the detections, see `compare_detections`)."""
+    level's class logits and box deltas, then the detections, see `compare_detections`; for
+    (Cascade) Mask R-CNN every level's objectness and RPN deltas, then each stage's class
+    logits, box deltas and mask logits on `random_rois`)."""
 
     if is_segmentation_name(name):
         return _compare_segmentation_with_torch(
+            state_dict, variables, name, num_classes, image_size, batch_size, seed, overrides
+        )
+    if is_mask_rcnn_name(name):
+        return _compare_mask_rcnn_with_torch(
             state_dict, variables, name, num_classes, image_size, batch_size, seed, overrides
         )
     if is_detection_name(name):
@@ -216,6 +229,78 @@ def _compare_detection_with_torch(
     return comparisons + compare_detections(
         reference, outputs, model.anchor_generator, (height, width)
     )
+
+
+def random_rois(rng: np.random.Generator, batch: int, count: int, height: int, width: int):
+    """(batch, count, 4) float32 xyxy RoIs inside a height x width image: sqrt(area) log-uniform
+    from 4 pixels to the image's shorter side, so that they pool from every level the image's
+    size reaches, aspect ratio log-uniform in [1/3, 3] (within the extent that
+    detection.roi_align pools exactly), positions uniform."""
+    limits = np.array([width, height], np.float64)
+    scale = np.exp(rng.uniform(np.log(4.0), np.log(min(height, width)), size=(batch, count, 1)))
+    aspect = np.exp(rng.uniform(-np.log(3.0), np.log(3.0), size=(batch, count, 1)))
+    sides = np.minimum(
+        np.concatenate([scale * np.sqrt(aspect), scale / np.sqrt(aspect)], -1), limits
+    )
+    corners = rng.uniform(0.0, 1.0, size=(batch, count, 2)) * (limits - sides)
+    return np.concatenate([corners, corners + sides], axis=-1).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def mask_rcnn_outputs(model, variables, images, rois):
+    """MaskRCNN.__call__ with the module static: compiled once per configuration and input
+    shapes (modules of equal fields compare equal), so that repeated checks reuse it."""
+    return model.apply(variables, images, rois)
+
+
+def _compare_mask_rcnn_with_torch(
+    state_dict, variables, name, num_classes, image_size, batch_size, seed, overrides
+) -> list[Comparison]:
+    torch_model = create_torch_mask_rcnn_model(name, num_classes, **overrides)
+    _load_torch_reference(torch_model, state_dict)
+    height, width = image_size
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch_size, 3, height, width)).astype(np.float32)
+    rois = random_rois(rng, batch_size, ROIS_PER_IMAGE, height, width)
+    # MMDetection's RoI rows: (image index, x1, y1, x2, y2).
+    image_index = np.repeat(np.arange(batch_size, dtype=np.float32), ROIS_PER_IMAGE)[:, None]
+    torch_rois = torch.from_numpy(np.concatenate([image_index, rois.reshape(-1, 4)], axis=1))
+    stages = range(NUM_CASCADE_STAGES if torch_model.roi_head.cascade else 1)
+    suffixes = [f'.{s}' if torch_model.roi_head.cascade else '' for s in stages]
+
+    reference = {}
+    with torch.no_grad():
+        levels = torch_model.features(torch.from_numpy(images))
+        for what, outputs in zip(('objectness', 'rpn deltas'), torch_model.rpn(levels)):
+            for level, x in enumerate(outputs):
+                reference[f'level {level} {what}'] = x.numpy()
+        for stage, suffix in zip(stages, suffixes):
+            class_logits, box_deltas = torch_model.box_head(levels, torch_rois, stage)
+            reference[f'roi_head.bbox_head{suffix} class logits'] = class_logits.numpy()
+            reference[f'roi_head.bbox_head{suffix} box deltas'] = box_deltas.numpy()
+            masks = torch_model.mask_head(levels, torch_rois, stage)
+            reference[f'roi_head.mask_head{suffix} mask logits'] = masks.numpy()
+
+    model = create_model(name, num_classes, **overrides)
+    outputs = mask_rcnn_outputs(model, variables, images.transpose(0, 2, 3, 1), rois)
+    outputs = jax.tree.map(np.asarray, outputs)
+    found = {}
+    for what, key in (('objectness', 'objectness'), ('rpn deltas', 'rpn_deltas')):
+        for level, x in enumerate(outputs[key]):
+            found[f'level {level} {what}'] = x.transpose(0, 3, 1, 2)
+    rows = batch_size * ROIS_PER_IMAGE
+    for stage, suffix in zip(stages, suffixes):
+        found[f'roi_head.bbox_head{suffix} class logits'] = outputs['class_logits'][stage].reshape(
+            rows, -1
+        )
+        found[f'roi_head.bbox_head{suffix} box deltas'] = outputs['box_deltas'][stage].reshape(
+            rows, -1
+        )
+        masks = outputs['mask_logits'][stage]
+        found[f'roi_head.mask_head{suffix} mask logits'] = masks.reshape(
+            rows, *masks.shape[2:]
+        ).transpose(0, 3, 1, 2)
+    return [Comparison.of(label, ref, found[label]) for label, ref in reference.items()]
 
 
 def detection_logit_shift(class_logits, score_threshold: float, candidates: int) -> float:
