@@ -98,9 +98,7 @@ def test_two_hosts_train_and_score_every_image(env):
 
     # One process with the 4 devices evaluates the last checkpoint to the same numbers.
     single_env = dict(env['env'])
-    single_env['XLA_FLAGS'] = single_env['XLA_FLAGS'].replace(
-        'device_count=2', 'device_count=4'
-    )
+    single_env['XLA_FLAGS'] = single_env['XLA_FLAGS'].replace('device_count=2', 'device_count=4')
     result = subprocess.run(
         [
             sys.executable,
