@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -568,6 +568,51 @@ ARCHITECTURE_FIELDS = (
     'patch_kernel_sizes',
     'merge_kernel_sizes',
 )
+
+
+# The backbone fields a dense-prediction model (segmentation, detection) may override.
+DENSE_BACKBONE_FIELDS = (*ARCHITECTURE_FIELDS, 'drop_path_rate', 'remat', 'dtype')
+
+
+def dense_model_config(
+    name: str,
+    num_classes: int,
+    overrides: dict[str, Any],
+    *,
+    backbone: str,
+    geometry: dict[str, Any],
+    defaults: dict[str, Any],
+    allowed: Iterable[str],
+) -> dict[str, Any]:
+    """Constructor arguments of a dense-prediction model registered as `name` on the variant
+    `backbone`: its embed_dim, depths, heads, version and drop path, the released `geometry`
+    (group_size, interval), the heads' `defaults`, num_classes, then `overrides` (ValueError
+    naming any not in `allowed`, or a num_classes that is not a positive integer). The caller
+    checks its own fields, then calls normalize_backbone_fields."""
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f'unknown override(s) {unknown} for {name}; allowed: {sorted(allowed)}')
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
+    variant = VARIANTS[backbone]
+    return {
+        **{k: variant[k] for k in ('embed_dim', 'depths', 'num_heads', 'version')},
+        'drop_path_rate': variant['drop_path_rate'],
+        **geometry,
+        **defaults,
+        'num_classes': num_classes,
+        **overrides,
+    }
+
+
+def check_layer_sizes(kwargs: dict[str, Any], widths: Iterable[str], counts: Iterable[str] = ()):
+    """ValueError naming the first of kwargs' `widths` that is not an integer >= 1 or `counts`
+    (numbers of layers) that is not an integer >= 0."""
+    for fields, smallest in ((widths, 1), (counts, 0)):
+        for field in fields:
+            value = kwargs[field]
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                raise ValueError(f'{field} must be an integer >= {smallest}, got {value!r}')
 
 
 def normalize_backbone_fields(kwargs: dict) -> None:

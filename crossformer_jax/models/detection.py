@@ -34,8 +34,9 @@ import jax.numpy as jnp
 
 from crossformer_jax.detection.anchors import AnchorGenerator
 from crossformer_jax.models.crossformer import (
-    ARCHITECTURE_FIELDS,
-    VARIANTS,
+    DENSE_BACKBONE_FIELDS,
+    check_layer_sizes,
+    dense_model_config,
     normalize_backbone_fields,
 )
 from crossformer_jax.models.registry import register_model
@@ -252,14 +253,7 @@ DETECTION_VARIANTS: dict[str, dict[str, Any]] = {
 # Neck and head widths of the released configs.
 HEAD_DEFAULTS: dict[str, Any] = dict(fpn_channels=256, head_channels=256, num_head_convs=4)
 
-_OVERRIDABLE = {
-    *ARCHITECTURE_FIELDS,
-    'drop_path_rate',
-    'remat',
-    'dtype',
-    *HEAD_DEFAULTS,
-    'anchor_generator',
-}
+_OVERRIDABLE = {*DENSE_BACKBONE_FIELDS, *HEAD_DEFAULTS, 'anchor_generator'}
 
 
 def detection_config(name: str, num_classes: int = 80, **overrides) -> dict[str, Any]:
@@ -268,25 +262,16 @@ def detection_config(name: str, num_classes: int = 80, **overrides) -> dict[str,
         raise ValueError(
             f'unknown detection model {name!r}; available: {", ".join(sorted(DETECTION_VARIANTS))}'
         )
-    unknown = sorted(set(overrides) - _OVERRIDABLE)
-    if unknown:
-        raise ValueError(
-            f'unknown override(s) {unknown} for {name}; allowed: {sorted(_OVERRIDABLE)}'
-        )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
     variant = DETECTION_VARIANTS[name]
-    backbone = VARIANTS[variant['backbone']]
-    kwargs = {
-        **{k: backbone[k] for k in ('embed_dim', 'depths', 'num_heads', 'version')},
-        'drop_path_rate': backbone['drop_path_rate'],
-        'group_size': variant['group_size'],
-        'interval': variant['interval'],
-        **HEAD_DEFAULTS,
-        'anchor_generator': AnchorGenerator(),
-        'num_classes': num_classes,
-        **overrides,
-    }
+    kwargs = dense_model_config(
+        name,
+        num_classes,
+        overrides,
+        backbone=variant['backbone'],
+        geometry={k: variant[k] for k in ('group_size', 'interval')},
+        defaults={**HEAD_DEFAULTS, 'anchor_generator': AnchorGenerator()},
+        allowed=_OVERRIDABLE,
+    )
     anchors = kwargs['anchor_generator']
     if not isinstance(anchors, AnchorGenerator):
         raise ValueError(f'anchor_generator must be an AnchorGenerator, got {anchors!r}')
@@ -295,11 +280,7 @@ def detection_config(name: str, num_classes: int = 80, **overrides) -> dict[str,
             f'anchor_generator.strides must be the FPN strides {PYRAMID_STRIDES}, got '
             f'{tuple(anchors.strides)}'
         )
-    for field in HEAD_DEFAULTS:
-        value = kwargs[field]
-        smallest = 0 if field == 'num_head_convs' else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-            raise ValueError(f'{field} must be an integer >= {smallest}, got {value!r}')
+    check_layer_sizes(kwargs, ('fpn_channels', 'head_channels'), ('num_head_convs',))
     normalize_backbone_fields(kwargs)
     return kwargs
 

@@ -49,8 +49,9 @@ import jax.numpy as jnp
 from crossformer_jax.detection.anchors import AnchorGenerator
 from crossformer_jax.detection.roi_align import multilevel_roi_align
 from crossformer_jax.models.crossformer import (
-    ARCHITECTURE_FIELDS,
-    VARIANTS,
+    DENSE_BACKBONE_FIELDS,
+    check_layer_sizes,
+    dense_model_config,
     normalize_backbone_fields,
 )
 from crossformer_jax.models.detection import FPN, ConvLayer
@@ -449,10 +450,7 @@ BOX_HEAD_LAYERS: dict[bool, dict[str, int]] = {
 LAYER_COUNT_FIELDS = ('num_box_convs', 'num_box_fcs', 'num_mask_convs')
 
 _OVERRIDABLE = {
-    *ARCHITECTURE_FIELDS,
-    'drop_path_rate',
-    'remat',
-    'dtype',
+    *DENSE_BACKBONE_FIELDS,
     *HEAD_DEFAULTS,
     *BOX_HEAD_LAYERS[False],
     'rpn_anchor_generator',
@@ -465,27 +463,21 @@ def mask_rcnn_config(name: str, num_classes: int = 80, **overrides) -> dict[str,
         raise ValueError(
             f'unknown Mask R-CNN model {name!r}; available: {", ".join(sorted(MASK_RCNN_VARIANTS))}'
         )
-    unknown = sorted(set(overrides) - _OVERRIDABLE)
-    if unknown:
-        raise ValueError(
-            f'unknown override(s) {unknown} for {name}; allowed: {sorted(_OVERRIDABLE)}'
-        )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
     variant = MASK_RCNN_VARIANTS[name]
-    backbone = VARIANTS[variant['backbone']]
-    kwargs = {
-        **{k: backbone[k] for k in ('embed_dim', 'depths', 'num_heads', 'version')},
-        'drop_path_rate': backbone['drop_path_rate'],
-        'group_size': variant['group_size'],
-        'interval': variant['interval'],
-        'cascade': variant['cascade'],
-        **HEAD_DEFAULTS,
-        **BOX_HEAD_LAYERS[variant['cascade']],
-        'rpn_anchor_generator': RPN_ANCHOR_GENERATOR,
-        'num_classes': num_classes,
-        **overrides,
-    }
+    kwargs = dense_model_config(
+        name,
+        num_classes,
+        overrides,
+        backbone=variant['backbone'],
+        geometry={k: variant[k] for k in ('group_size', 'interval')},
+        defaults={
+            'cascade': variant['cascade'],
+            **HEAD_DEFAULTS,
+            **BOX_HEAD_LAYERS[variant['cascade']],
+            'rpn_anchor_generator': RPN_ANCHOR_GENERATOR,
+        },
+        allowed=_OVERRIDABLE,
+    )
     anchors = kwargs['rpn_anchor_generator']
     if not isinstance(anchors, AnchorGenerator):
         raise ValueError(f'rpn_anchor_generator must be an AnchorGenerator, got {anchors!r}')
@@ -494,11 +486,8 @@ def mask_rcnn_config(name: str, num_classes: int = 80, **overrides) -> dict[str,
             f'rpn_anchor_generator.strides must be the FPN strides {PYRAMID_STRIDES}, got '
             f'{tuple(anchors.strides)}'
         )
-    for field in (*HEAD_DEFAULTS, *LAYER_COUNT_FIELDS):
-        value = kwargs[field]
-        smallest = 0 if field in LAYER_COUNT_FIELDS else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-            raise ValueError(f'{field} must be an integer >= {smallest}, got {value!r}')
+    widths = [field for field in HEAD_DEFAULTS if field not in LAYER_COUNT_FIELDS]
+    check_layer_sizes(kwargs, widths, LAYER_COUNT_FIELDS)
     normalize_backbone_fields(kwargs)
     return kwargs
 

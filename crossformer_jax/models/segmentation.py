@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from crossformer_jax.models.crossformer import (
-    ARCHITECTURE_FIELDS,
-    VARIANTS,
+    DENSE_BACKBONE_FIELDS,
     CrossFormer,
+    dense_model_config,
     normalize_backbone_fields,
 )
 from crossformer_jax.models.registry import register_model
@@ -44,8 +44,6 @@ from crossformer_jax.models.registry import register_model
 BATCH_NORM_MOMENTUM = 0.9  # running = 0.9 * running + 0.1 * batch (PyTorch's momentum 0.1)
 BATCH_NORM_EPS = 1e-5
 POOL_SCALES = (1, 2, 3, 6)
-
-_BACKBONE_FIELDS = (*ARCHITECTURE_FIELDS, 'drop_path_rate', 'remat', 'dtype')
 
 
 # -------------------------------------------------------------------------------------------------
@@ -444,8 +442,8 @@ HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 _OVERRIDABLE = {
-    'upernet': set(_BACKBONE_FIELDS) | {'head_channels', 'aux_channels', 'dropout_rate'},
-    'fpn': set(_BACKBONE_FIELDS) | {'head_channels', 'neck_channels', 'dropout_rate'},
+    'upernet': {*DENSE_BACKBONE_FIELDS, 'head_channels', 'aux_channels', 'dropout_rate'},
+    'fpn': {*DENSE_BACKBONE_FIELDS, 'head_channels', 'neck_channels', 'dropout_rate'},
 }
 
 
@@ -458,26 +456,17 @@ def segmentation_config(name: str, num_classes: int = 150, **overrides) -> dict[
         )
     variant = SEGMENTATION_VARIANTS[name]
     head = variant['head']
-    unknown = sorted(set(overrides) - _OVERRIDABLE[head])
-    if unknown:
-        raise ValueError(
-            f'unknown override(s) {unknown} for {name}; allowed: {sorted(_OVERRIDABLE[head])}'
-        )
-    backbone = VARIANTS[variant['backbone']]
-    kwargs = {
-        'head': head,
-        **{k: backbone[k] for k in ('embed_dim', 'depths', 'num_heads', 'version')},
-        'drop_path_rate': backbone['drop_path_rate'],
-        'group_size': variant['group_size'],
-        'interval': variant['interval'],
-        **HEAD_DEFAULTS[head],
-        'num_classes': num_classes,
-        **overrides,
-    }
+    kwargs = dense_model_config(
+        name,
+        num_classes,
+        overrides,
+        backbone=variant['backbone'],
+        geometry={k: variant[k] for k in ('group_size', 'interval')},
+        defaults={'head': head, **HEAD_DEFAULTS[head]},
+        allowed=_OVERRIDABLE[head],
+    )
     if head == 'fpn':
         kwargs['aux_channels'] = None
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
     normalize_backbone_fields(kwargs)
     return kwargs
 
