@@ -95,3 +95,54 @@ def decode_deltas(
         x1, x2 = jnp.clip(x1, 0, width), jnp.clip(x2, 0, width)
         y1, y2 = jnp.clip(y1, 0, height), jnp.clip(y2, 0, height)
     return jnp.stack([x1, y1, x2, y2], axis=-1)
+
+
+def greedy_nms(
+    boxes: jax.Array,
+    eligible: jax.Array,
+    groups: jax.Array,
+    *,
+    iou_threshold: float,
+    max_keep: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Greedy NMS of boxes ranked best first, batched, with fixed output shapes.
+
+    boxes (B, N, 4) xyxy, best first; eligible (B, N) bool (the candidates); groups (B, N) int
+    (class or level: boxes of different groups never suppress each other). Step by step the first
+    remaining candidate is kept and removes itself and the remaining ones of its group that
+    overlap it by IoU > iou_threshold, until max_keep are kept or none remains. Returns the kept
+    positions (B, max_keep) int32, in keeping order, and whether each slot holds one (B,
+    max_keep) bool. The first keeps of greedy NMS depend on higher-ranked boxes only, so these are
+    exactly the full algorithm's first max_keep keeps.
+    """
+    batch, num = eligible.shape
+    positions = jnp.arange(num)
+
+    def has_work(carry):
+        step, remaining, _, _ = carry
+        return (step < max_keep) & jnp.any(remaining)
+
+    def keep_best(carry):
+        step, remaining, kept_index, kept = carry
+        found = jnp.any(remaining, axis=1)  # (B,)
+        best = jnp.argmax(remaining, axis=1)  # (B,)
+        best_box = jnp.take_along_axis(boxes, best[:, None, None], axis=1)
+        best_group = jnp.take_along_axis(groups, best[:, None], axis=1)
+        overlap = box_iou(best_box, boxes)[:, 0]  # (B, N)
+        suppressed = (overlap > iou_threshold) & (groups == best_group)
+        suppressed |= positions[None, :] == best[:, None]
+        kept_index = kept_index.at[:, step].set(best.astype(jnp.int32))
+        kept = kept.at[:, step].set(found)
+        return step + 1, remaining & ~suppressed, kept_index, kept
+
+    _, _, kept_index, kept = jax.lax.while_loop(
+        has_work,
+        keep_best,
+        (
+            jnp.int32(0),
+            eligible,
+            jnp.zeros((batch, max_keep), jnp.int32),
+            jnp.zeros((batch, max_keep), bool),
+        ),
+    )
+    return kept_index, kept

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from crossformer_jax.detection.anchors import AnchorGenerator
-from crossformer_jax.detection.boxes import box_iou, decode_deltas
+from crossformer_jax.detection.boxes import decode_deltas, greedy_nms
 
 # A COCO RetinaNet at 800 x 1333 has N = 4693 boxes (1000 per level but the smallest), up to 375k
 # (box, class) pairs. Each detection stands for a cluster of near-duplicate pairs that NMS
@@ -111,36 +111,15 @@ def detect(
     candidate_boxes = jnp.take_along_axis(
         boxes, (candidate_index // num_classes)[..., None], axis=1
     )  # (B, C, 4)
-    positions = jnp.arange(num_candidates)
 
-    # 3. Greedy NMS: the first remaining candidate (the best) is kept and removes itself and its
+    # 3. Greedy NMS per class: the first remaining candidate (the best) is kept and removes its
     # class's candidates that overlap it by more than iou_threshold.
-    def has_work(carry):
-        step, remaining, _, _ = carry
-        return (step < max_detections) & jnp.any(remaining)
-
-    def keep_best(carry):
-        step, remaining, kept_index, kept = carry
-        found = jnp.any(remaining, axis=1)  # (B,)
-        best = jnp.argmax(remaining, axis=1)  # (B,)
-        best_box = jnp.take_along_axis(candidate_boxes, best[:, None, None], axis=1)
-        best_class = jnp.take_along_axis(candidate_classes, best[:, None], axis=1)
-        overlap = box_iou(best_box, candidate_boxes)[:, 0]  # (B, C)
-        suppressed = (overlap > iou_threshold) & (candidate_classes == best_class)
-        suppressed |= positions[None, :] == best[:, None]
-        kept_index = kept_index.at[:, step].set(best.astype(jnp.int32))
-        kept = kept.at[:, step].set(found)
-        return step + 1, remaining & ~suppressed, kept_index, kept
-
-    _, _, kept_index, kept = jax.lax.while_loop(
-        has_work,
-        keep_best,
-        (
-            jnp.int32(0),
-            candidate_scores > score_threshold,
-            jnp.zeros((batch, max_detections), jnp.int32),
-            jnp.zeros((batch, max_detections), bool),
-        ),
+    kept_index, kept = greedy_nms(
+        candidate_boxes,
+        candidate_scores > score_threshold,
+        candidate_classes,
+        iou_threshold=iou_threshold,
+        max_keep=max_detections,
     )
     detected_boxes = jnp.take_along_axis(candidate_boxes, kept_index[..., None], axis=1)
     return dict(
