@@ -15,6 +15,10 @@ import jax.numpy as jnp
 MAX_LOG_SCALE = abs(math.log(16 / 1000))
 
 
+# The R-CNN heads' box deltas are encoded with these standard deviations (means 0).
+RCNN_BOX_STDS = (0.1, 0.1, 0.2, 0.2)
+
+
 def _check_boxes(name: str, boxes: jax.Array) -> None:
     if boxes.ndim < 1 or boxes.shape[-1] != 4:
         raise ValueError(f'{name} must be (..., 4), got shape {tuple(boxes.shape)}')

@@ -1,4 +1,6 @@
-"""RetinaNet's test-time post-processing on the device, with fixed output shapes.
+"""Test-time post-processing on the device, with fixed output shapes: `detect` (RetinaNet),
+`rcnn_detect` (a two-stage detector's box head) and the class-wise NMS they share,
+`multiclass_nms`.
 
 detect() follows MMDetection's RetinaHead.get_bboxes + multiclass_nms:
 
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from crossformer_jax.detection.anchors import AnchorGenerator
-from crossformer_jax.detection.boxes import decode_deltas, greedy_nms
+from crossformer_jax.detection.boxes import RCNN_BOX_STDS, decode_deltas, greedy_nms
 
 # A COCO RetinaNet at 800 x 1333 has N = 4693 boxes (1000 per level but the smallest), up to 375k
 # (box, class) pairs. Each detection stands for a cluster of near-duplicate pairs that NMS
@@ -64,17 +66,8 @@ def detect(
     (B, D) int32 and num_detections (B,) int32, D = max_detections, best first; the entries past
     num_detections are zero boxes and scores with class -1.
     """
-    for name, value in (
-        ('pre_nms_top_k', pre_nms_top_k),
-        ('max_detections', max_detections),
-        ('max_candidates', max_candidates),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f'{name} must be a positive integer, got {value!r}')
-    if max_candidates < max_detections:
-        raise ValueError(
-            f'max_candidates ({max_candidates}) must be at least max_detections ({max_detections})'
-        )
+    if not isinstance(pre_nms_top_k, int) or pre_nms_top_k < 1:
+        raise ValueError(f'pre_nms_top_k must be a positive integer, got {pre_nms_top_k!r}')
     feature_sizes, num_classes = anchor_generator.output_sizes(class_logits, box_deltas)
     batch = class_logits[0].shape[0]
     image_shapes = jnp.asarray(image_shapes)
@@ -102,17 +95,53 @@ def detect(
     scores = jnp.concatenate(all_scores, axis=1)  # (B, N, K)
     boxes = jnp.concatenate(all_boxes, axis=1)  # (B, N, 4)
 
-    # 2. The best (box, class) pairs above the threshold, best first.
+    return multiclass_nms(
+        scores,
+        boxes,
+        score_threshold=score_threshold,
+        iou_threshold=iou_threshold,
+        max_detections=max_detections,
+        max_candidates=max_candidates,
+    )
+
+
+def multiclass_nms(
+    scores: jax.Array,
+    boxes: jax.Array,
+    *,
+    score_threshold: float = 0.05,
+    iou_threshold: float = 0.5,
+    max_detections: int = 100,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+) -> dict[str, jax.Array]:
+    """Class-wise NMS of scored boxes (MMDetection's multiclass_nms), with fixed output shapes.
+
+    scores (B, N, K); boxes (B, N, 4) shared by the classes or (B, N, K, 4) one per class. The
+    max_candidates best (box, class) pairs scoring > score_threshold go through greedy NMS per
+    class (IoU > iou_threshold suppresses), max_detections kept (the module docstring says when
+    this equals NMS over every pair). Returns boxes (B, D, 4), scores (B, D), classes (B, D)
+    int32 (-1 past the detections) and num_detections (B,) int32, D = max_detections.
+    """
+    for name, value in (('max_detections', max_detections), ('max_candidates', max_candidates)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f'{name} must be a positive integer, got {value!r}')
+    if max_candidates < max_detections:
+        raise ValueError(
+            f'max_candidates ({max_candidates}) must be at least max_detections ({max_detections})'
+        )
+    batch, num_boxes, num_classes = scores.shape
     flat_scores = scores.reshape(batch, -1)
     num_candidates = min(max_candidates, flat_scores.shape[1])
     above = jnp.where(flat_scores > score_threshold, flat_scores, -jnp.inf)
     candidate_scores, candidate_index = jax.lax.top_k(above, num_candidates)
     candidate_classes = (candidate_index % num_classes).astype(jnp.int32)
-    candidate_boxes = jnp.take_along_axis(
-        boxes, (candidate_index // num_classes)[..., None], axis=1
-    )  # (B, C, 4)
+    if boxes.ndim == 3:  # shared by the classes
+        box_index = candidate_index // num_classes
+    else:
+        boxes, box_index = boxes.reshape(batch, num_boxes * num_classes, 4), candidate_index
+    candidate_boxes = jnp.take_along_axis(boxes, box_index[..., None], axis=1)  # (B, C, 4)
 
-    # 3. Greedy NMS per class: the first remaining candidate (the best) is kept and removes its
+    # Greedy NMS per class: the first remaining candidate (the best) is kept and removes its
     # class's candidates that overlap it by more than iou_threshold.
     kept_index, kept = greedy_nms(
         candidate_boxes,
@@ -127,4 +156,47 @@ def detect(
         scores=jnp.where(kept, jnp.take_along_axis(candidate_scores, kept_index, axis=1), 0.0),
         classes=jnp.where(kept, jnp.take_along_axis(candidate_classes, kept_index, axis=1), -1),
         num_detections=jnp.sum(kept, axis=1, dtype=jnp.int32),
+    )
+
+
+def rcnn_detect(
+    class_logits: jax.Array,
+    box_deltas: jax.Array,
+    rois: jax.Array,
+    roi_valid: jax.Array,
+    image_shapes: jax.Array,
+    *,
+    box_stds: Sequence[float] = RCNN_BOX_STDS,
+    score_threshold: float = 0.05,
+    iou_threshold: float = 0.5,
+    max_detections: int = 100,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+) -> dict[str, jax.Array]:
+    """Detections of a two-stage detector's box head (MMDetection's BBoxHead.get_bboxes):
+    softmax over K + 1 classes (the last one background, dropped), each RoI's class-specific
+    deltas decoded on it and clipped to the image, then multiclass_nms.
+
+    class_logits (B, R, K + 1), box_deltas (B, R, 4 K), rois (B, R, 4) with roi_valid (B, R)
+    bool (invalid RoIs never detect anything), image_shapes (B, 2) (height, width). Returns
+    multiclass_nms's dict.
+    """
+    batch, num_rois, num_outputs = class_logits.shape
+    num_classes = num_outputs - 1
+    if box_deltas.shape != (batch, num_rois, 4 * num_classes):
+        raise ValueError(
+            f'box_deltas must be {(batch, num_rois, 4 * num_classes)} for {num_classes} classes, '
+            f'got {tuple(box_deltas.shape)}'
+        )
+    scores = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[..., :num_classes]
+    scores = jnp.where(roi_valid[..., None], scores, 0.0)
+    deltas = box_deltas.astype(jnp.float32).reshape(batch, num_rois, num_classes, 4)
+    max_shape = jnp.asarray(image_shapes)[:, None, None, :].astype(jnp.float32)
+    boxes = decode_deltas(rois[:, :, None, :].astype(jnp.float32), deltas, box_stds, max_shape)
+    return multiclass_nms(
+        scores,
+        boxes,
+        score_threshold=score_threshold,
+        iou_threshold=iou_threshold,
+        max_detections=max_detections,
+        max_candidates=max_candidates,
     )

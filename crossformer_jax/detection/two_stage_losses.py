@@ -12,11 +12,8 @@ import jax.numpy as jnp
 
 from crossformer_jax.detection.anchors import AnchorGenerator, flatten_levels, pad_shape
 from crossformer_jax.detection.assignment import IGNORED, POSITIVE, assign_anchors
-from crossformer_jax.detection.boxes import encode_deltas
+from crossformer_jax.detection.boxes import RCNN_BOX_STDS, encode_deltas
 from crossformer_jax.detection.sampling import sample
-
-# R-CNN box targets are encoded with these standard deviations (means 0).
-RCNN_BOX_STDS = (0.1, 0.1, 0.2, 0.2)
 
 
 def check_ground_truth(
