@@ -18,14 +18,15 @@ from crossformer_jax.data.config import COCO_DEFAULTS
 DROP_PATH = {'small': 0.2, 'base': 0.3, 'pp_small': 0.2}
 
 
-def get_config(backbone: str) -> ml_collections.ConfigDict:
-    """backbone 'small', 'base' or 'pp_small'."""
+def get_config(backbone: str, detector: str = 'retinanet') -> ml_collections.ConfigDict:
+    """backbone 'small', 'base' or 'pp_small'; detector 'retinanet' or 'mask_rcnn' (the same 1x
+    recipe; Mask R-CNN trains on the instance masks too)."""
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.task = 'detection'
+    config.task = 'detection' if detector == 'retinanet' else 'instance_segmentation'
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = f'retinanet_crossformer_{backbone}'
+    config.model.name = f'{detector}_crossformer_{backbone}'
     config.model.drop_path_rate = DROP_PATH[backbone]
     config.model.dtype = 'float32'
     config.model.remat = False
@@ -40,6 +41,7 @@ def get_config(backbone: str) -> ml_collections.ConfigDict:
     config.data.data_dir = ''
     config.data.train_split = 'train2017'
     config.data.eval_split = 'val2017'
+    config.data.masks = detector == 'mask_rcnn'
 
     config.batch_size = 16
     config.grad_accum_steps = 1

@@ -25,6 +25,9 @@ Batches are dicts of numpy arrays (b = B / n images of this process, M = max_box
 * ``boxes`` float32 (b, M, 4): x1, y1, x2, y2 in resized pixels (crowd boxes left out);
 * ``classes`` int32 (b, M): contiguous class ids 0..K-1 (-1 in padding slots);
 * ``box_mask`` bool (b, M): True for real boxes;
+* with ``config.data.masks`` (training only): ``masks`` uint8 (b, M, S, S), S =
+  ``mask_size``: each box's instance mask cropped to the box and resized to S x S (``crop_mask``;
+  flipped with the image), zeros in padding slots;
 * evaluation also: ``image_id`` int64 (b,) (-1: padding), ``scale_factor`` float32 (b, 4)
   (``box_scale``: resized / original width and height for x1, y1, x2, y2; 1 for padding),
   ``mask`` bool (b,) (False: padding, or a corrupt image, which keeps its image_id); training
@@ -41,6 +44,13 @@ Design
 INTER_LINEAR) and rounded to uint8; boxes are scaled by each axis' ratio of the rounded sizes
 (``box_scale``, as MMDetection does) and clipped to the resized image. Training flips
 horizontally with probability 0.5 (x1' = w - x2, x2' = w - x1).
+
+*Instance masks.* With ``config.data.masks`` the training annotations keep each box's COCO
+'segmentation' (polygons, uncompressed or compressed RLE), checked for its structure when the
+annotations load (``segmentation_error``; a bad one drops its annotation, counted). Each image's
+masks are decoded at its original size with pycocotools (``decode_segmentation``) on the host
+while it loads, and only the S x S crops go into the batch, so no full-size bitmap reaches the
+device.
 
 *Order and resume.* MMDetection groups every batch by aspect ratio; here epoch ``e`` permutes the
 landscape images and the portrait images with randomness of (seed, e), cuts each permutation into
@@ -82,6 +92,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+from pycocotools import mask as mask_util
 
 from crossformer_jax.data import pipeline
 from crossformer_jax.data.ade20k import resize_bilinear_uint8
@@ -117,6 +128,8 @@ class CocoImage:
     boxes: np.ndarray  # float32 (n, 4) x1, y1, x2, y2, clipped to the image
     classes: np.ndarray  # int32 (n,) contiguous class ids
     crowd: np.ndarray  # bool (n,) iscrowd flags (all False in a training split)
+    # The COCO 'segmentation' of each box, as in the JSON (loaded with masks=True; else empty).
+    segmentations: tuple[Any, ...] = ()
 
     @property
     def landscape(self) -> bool:
@@ -186,15 +199,77 @@ def _parse_bbox(bbox: Any) -> tuple[float, float, float, float] | None:
     return values if all(math.isfinite(v) for v in values) else None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def segmentation_error(segmentation: Any, height: int, width: int) -> str | None:
+    """What is wrong with a COCO 'segmentation' of an image of height x width, None if it is
+    well formed: a non-empty list of polygons (each a flat list of at least 3 x, y pairs of
+    finite numbers), or an RLE {'size': [height, width], 'counts': list of non-negative ints
+    (uncompressed) or str (compressed)}. Checks the structure only (cheap: no decoding)."""
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return 'no polygon'
+        for polygon in segmentation:
+            if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+                return 'a polygon that is not a flat list of at least 3 x, y pairs'
+            if not all(_is_number(v) for v in polygon):
+                return 'a polygon with a non-numeric or non-finite coordinate'
+        return None
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get('size'), segmentation.get('counts')
+        if size != [height, width]:
+            return f'RLE size {size!r}, expected [{height}, {width}]'
+        if isinstance(counts, str):
+            return None if counts else 'empty RLE counts'
+        if isinstance(counts, list):
+            ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts)
+            if not counts or not ints:
+                return 'RLE counts that are not non-negative integers'
+            if sum(counts) != height * width:
+                return f'RLE counts summing to {sum(counts)}, expected {height * width}'
+            return None
+        return f'RLE counts of type {type(counts).__name__}'
+    return f'a segmentation of type {type(segmentation).__name__}'
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """A COCO 'segmentation' (polygons, uncompressed or compressed RLE) as a uint8 (height,
+    width) 0/1 mask (pycocotools; the polygons merged). ValueError naming the problem when it
+    is malformed (segmentation_error) or cannot be decoded."""
+    problem = segmentation_error(segmentation, height, width)
+    if problem is not None:
+        raise ValueError(f'bad segmentation: {problem}')
+    try:
+        if isinstance(segmentation, list):
+            rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation['counts'], list):
+            rle = mask_util.frPyObjects(segmentation, height, width)
+        else:
+            rle = {'size': [height, width], 'counts': segmentation['counts'].encode('ascii')}
+        mask = mask_util.decode(rle)
+    except (TypeError, ValueError, UnicodeError) as e:
+        raise ValueError(f'bad segmentation: cannot decode it ({e})') from e
+    if mask.shape != (height, width):
+        raise ValueError(f'bad segmentation: decoded to {mask.shape}, expected {(height, width)}')
+    return mask.astype(np.uint8)
+
+
 @functools.lru_cache(maxsize=8)
-def load_annotations(data_dir: str, split: str, *, training: bool) -> CocoSplit:
+def load_annotations(
+    data_dir: str, split: str, *, training: bool, masks: bool = False
+) -> CocoSplit:
     """Reads and cleans DATA_DIR/annotations/instances_<split>.json (images in DATA_DIR/<split>).
 
     Boxes are clipped to their image; dropped (never an error) are annotations of an unknown
     image or category, with a malformed bbox, entirely outside the image, or smaller than 1 pixel
-    (w < 1 or h < 1 after clipping) or of zero area. Training also leaves out crowd boxes (not
-    targets) and then the images without any box; evaluation keeps every image. The counts are
-    logged in one line. Missing files and malformed JSON raise, naming the file. Cached.
+    (w < 1 or h < 1 after clipping) or of zero area. With masks, the non-crowd annotations keep
+    their 'segmentation' (CocoImage.segmentations) and those with a missing or malformed one
+    (segmentation_error) are dropped too, counted in dropped['segmentation']. Training also
+    leaves out crowd boxes (not targets) and then the images without any box; evaluation keeps
+    every image. The counts are logged in one line. Missing files and malformed JSON raise,
+    naming the file. Cached.
     """
     path = annotation_path(data_dir, split)
     image_dir = os.path.join(data_dir, split)
@@ -228,7 +303,10 @@ def load_annotations(data_dir: str, split: str, *, training: bool) -> CocoSplit:
     dropped = dict.fromkeys(
         ('outside', 'small', 'unknown_category', 'unknown_image', 'malformed'), 0
     )
-    targets = {image_id: [] for image_id in entries}  # image id -> [(box, class, crowd)]
+    if masks:
+        dropped['segmentation'] = 0
+    # image id -> [(box, class, crowd, segmentation)]
+    targets = {image_id: [] for image_id in entries}
     for ann in data['annotations']:
         ann = ann if isinstance(ann, dict) else {}
         image_id, category_id = ann.get('image_id'), ann.get('category_id')
@@ -254,7 +332,11 @@ def load_annotations(data_dir: str, split: str, *, training: bool) -> CocoSplit:
             dropped['small'] += 1
             continue
         crowd = bool(ann.get('iscrowd', 0))
-        targets[image_id].append(((x1, y1, x2, y2), class_of[category_id], crowd))
+        segmentation = ann.get('segmentation') if masks and not crowd else None
+        if masks and not crowd and segmentation_error(segmentation, height, width) is not None:
+            dropped['segmentation'] += 1
+            continue
+        targets[image_id].append(((x1, y1, x2, y2), class_of[category_id], crowd, segmentation))
 
     images, crowd_count, empty_count = [], 0, 0
     for image_id, (name, height, width) in entries.items():
@@ -274,6 +356,7 @@ def load_annotations(data_dir: str, split: str, *, training: bool) -> CocoSplit:
                 boxes=np.asarray([t[0] for t in kept], np.float32).reshape(-1, 4),
                 classes=np.asarray([t[1] for t in kept], np.int32),
                 crowd=np.asarray([t[2] for t in kept], bool),
+                segmentations=tuple(t[3] for t in kept) if masks else (),
             )
         )
 
@@ -282,7 +365,8 @@ def load_annotations(data_dir: str, split: str, *, training: bool) -> CocoSplit:
         f'{name}: dropped {sum(dropped.values())} annotations ({dropped["outside"]} outside the '
         f'image, {dropped["small"]} smaller than 1 pixel or of zero area, '
         f'{dropped["unknown_category"]} of an unknown category, {dropped["unknown_image"]} of an '
-        f'unknown image, {dropped["malformed"]} with a malformed bbox)'
+        f'unknown image, {dropped["malformed"]} with a malformed bbox'
+        + (f', {dropped["segmentation"]} with a bad segmentation)' if masks else ')')
     )
     if training:
         dropped.update(crowd=crowd_count, empty_images=empty_count)
@@ -308,7 +392,8 @@ def dataset_info(data_config) -> DatasetInfo:
     eval_split = coco_field(data_config, 'eval_split')
     have_train = tf.io.gfile.exists(annotation_path(root, train_split))
     have_eval = tf.io.gfile.exists(annotation_path(root, eval_split))
-    train = load_annotations(root, train_split, training=True) if have_train else None
+    masks = bool(coco_field(data_config, 'masks'))
+    train = load_annotations(root, train_split, training=True, masks=masks) if have_train else None
     evaluation = load_annotations(root, eval_split, training=False) if have_eval else None
     if train is None and evaluation is None:
         raise FileNotFoundError(
@@ -395,12 +480,41 @@ def read_image(image: CocoImage) -> np.ndarray:
     return pixels
 
 
-def load_example(image: CocoImage, scale: Sequence[int], flip: bool) -> dict[str, np.ndarray]:
+def _bilinear_taps(start: float, end: float, size: int, length: int):
+    """Bilinear sampling of `size` bin centres spread over [start, end] (pixel coordinates,
+    pixel i centred at i + 0.5) from `length` pixels: (lower index, upper index, upper weight),
+    each (size,); indices clamped to the pixels (edge values repeat)."""
+    centres = start + (np.arange(size) + 0.5) * (end - start) / size - 0.5
+    centres = np.clip(centres, 0, length - 1)
+    lower = np.floor(centres).astype(np.int64)
+    upper = np.minimum(lower + 1, length - 1)
+    return lower, upper, centres - lower
+
+
+def crop_mask(mask: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
+    """A 0/1 mask (H, W) cropped to box (x1, y1, x2, y2, its pixels) and resized to a uint8
+    (size, size) 0/1 mask: bilinear samples of the 0/1 values at the centres of a size x size
+    grid of bins over the box (half-pixel centres), then >= 0.5."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    y_lo, y_hi, y_w = _bilinear_taps(y1, y2, size, mask.shape[0])
+    x_lo, x_hi, x_w = _bilinear_taps(x1, x2, size, mask.shape[1])
+    values = mask.astype(np.float32)
+    top = values[y_lo] * (1 - y_w[:, None]) + values[y_hi] * y_w[:, None]  # (size, W)
+    sampled = top[:, x_lo] * (1 - x_w) + top[:, x_hi] * x_w
+    return (sampled >= 0.5).astype(np.uint8)
+
+
+def load_example(
+    image: CocoImage, scale: Sequence[int], flip: bool, mask_size: int | None = None
+) -> dict[str, np.ndarray]:
     """One image resized (and flipped) with its non-crowd boxes: {'image' uint8 (h, w, 3),
     'boxes' float32 (n, 4) in resized pixels, 'classes' int32 (n,), 'scale_factor' float32 (4,)
-    (box_scale)}.
+    (box_scale)}; with a mask_size S (the image loaded with masks=True) also 'masks' uint8
+    (n, S, S): each box's decoded segmentation cropped to the box in original pixels
+    (crop_mask; the crop maps onto the resized box), flipped left-right with the image.
 
-    Raises CorruptImageError (see read_image).
+    Raises CorruptImageError (see read_image), also when a segmentation cannot be decoded (the
+    image is then skipped like a corrupt one).
     """
     pixels = read_image(image)
     new_h, new_w, _ = resized_size(image.height, image.width, scale)
@@ -413,12 +527,27 @@ def load_example(image: CocoImage, scale: Sequence[int], flip: bool) -> dict[str
     if flip:
         resized = resized[:, ::-1]
         boxes = np.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0], boxes[:, 3]], 1)
-    return {
+    example = {
         'image': resized,
         'boxes': boxes.astype(np.float32),
         'classes': image.classes[targets],
         'scale_factor': factors,
     }
+    if mask_size is not None:
+        if len(image.segmentations) != len(image.boxes):
+            raise ValueError(
+                f'{image.path}: {len(image.segmentations)} segmentations for '
+                f'{len(image.boxes)} boxes (load the annotations with masks=True)'
+            )
+        crops = np.zeros((int(targets.sum()), mask_size, mask_size), np.uint8)
+        for k, index in enumerate(np.flatnonzero(targets)):
+            try:
+                bitmap = decode_segmentation(image.segmentations[index], image.height, image.width)
+            except ValueError as e:
+                raise CorruptImageError(f'box {index}: {e}') from e
+            crops[k] = crop_mask(bitmap, image.boxes[index], mask_size)
+        example['masks'] = crops[:, :, ::-1] if flip else crops
+    return example
 
 
 # ----------------------------------------------------------------------------
@@ -468,6 +597,7 @@ class _BatchLoader:
             raise ValueError(f'config.data.image_scale must be two positive sides: {self._scale}')
         self._buckets = bucket_shapes(self._scale, int(coco_field(cfg, 'size_divisor')))
         self._max_boxes = int(coco_field(cfg, 'max_boxes'))
+        self._mask_size = None  # S: the batches carry masks (b, M, S, S)
         threads = int(coco_field(cfg, 'num_parallel_calls'))
         self._executor = concurrent.futures.ThreadPoolExecutor(
             threads if threads > 0 else os.cpu_count() or 1, thread_name_prefix='coco-load'
@@ -480,7 +610,7 @@ class _BatchLoader:
 
     def _load(self, index: int, flip: bool) -> dict[str, np.ndarray] | CorruptImageError:
         try:
-            return load_example(self.split.images[index], self._scale, flip)
+            return load_example(self.split.images[index], self._scale, flip, self._mask_size)
         except CorruptImageError as e:
             return e
 
@@ -523,6 +653,9 @@ class _BatchLoader:
             'box_mask': np.zeros((b, m), bool),
             'scale_factor': np.ones((b, 4), np.float32),
         }
+        if self._mask_size is not None:
+            s = self._mask_size
+            out['masks'] = np.zeros((b, m, s, s), np.uint8)
         decoded = np.zeros((b,), bool)
         local = batch.indices[self._offset : self._offset + b]
         for slot, example in enumerate(examples):
@@ -548,6 +681,8 @@ class _BatchLoader:
             out['boxes'][slot, :n] = example['boxes'][:n]
             out['classes'][slot, :n] = example['classes'][:n]
             out['box_mask'][slot, :n] = True
+            if self._mask_size is not None:
+                out['masks'][slot, :n] = example['masks'][:n]
             out['scale_factor'][slot] = example['scale_factor']
             decoded[slot] = True
         out['image_id'] = np.asarray(
@@ -594,6 +729,10 @@ class TrainIterator(_BatchLoader):
         self.global_batch_size = global_batch_size
         self._seed = int(seed)
         self._hflip = bool(coco_field(cfg, 'hflip'))
+        if coco_field(cfg, 'masks'):
+            self._mask_size = int(coco_field(cfg, 'mask_size'))
+            if self._mask_size < 1:
+                raise ValueError(f'config.data.mask_size must be >= 1, got {self._mask_size}')
         self._groups = _orientation_groups(split)
         self.steps_per_epoch = sum(-(-len(g) // global_batch_size) for g in self._groups)
         self._return_ids = return_ids
@@ -705,10 +844,12 @@ class EvalIterator(_BatchLoader):
 
 
 def _split_for(data_config, split_field: str, training: bool) -> CocoSplit:
+    """The split's annotations; a training split keeps its segmentations with config masks."""
     return load_annotations(
         str(coco_field(data_config, 'data_dir')),
         str(coco_field(data_config, split_field)),
         training=training,
+        masks=training and bool(coco_field(data_config, 'masks')),
     )
 
 

@@ -66,6 +66,9 @@ COCO_DEFAULTS: Mapping[str, Any] = types.MappingProxyType(
         'size_divisor': 32,  # canvas sides are multiples of this
         'max_boxes': 100,  # boxes per image in a batch (an image with more keeps its first ones)
         'hflip': True,  # training: horizontal flip with probability 0.5
+        # Training batches also carry each box's instance mask cropped to it, mask_size^2.
+        'masks': False,
+        'mask_size': 56,
         'mean': IMAGENET_MEAN_255,
         'std': IMAGENET_STD_255,
     }

@@ -1,8 +1,11 @@
-"""COCO box AP of detections through pycocotools (COCOeval, iouType 'bbox').
+"""COCO box and mask AP of detections through pycocotools (COCOeval, iouType 'bbox' / 'segm').
 
     results = detections_to_coco(image_ids, boxes, scores, classes, num_detections,
                                  split.category_ids)
     metrics, summary = coco_box_metrics(split.annotation_file, results, image_ids=ids)
+    segm = masks_to_coco(image_ids, boxes, mask_probs, scores, classes, num_detections,
+                         split.category_ids, image_sizes)
+    metrics, summary = coco_metrics(split.annotation_file, segm, iou_type='segm', image_ids=ids)
 
 ``metrics``: AP (IoU 0.50:0.95), AP50, AP75, APs, APm, APl, as COCOeval.stats[:6] (0..1; -1
 where the ground truth of the evaluated images has no object of that size, as pycocotools
@@ -15,11 +18,13 @@ import contextlib
 import copy
 import io
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -82,6 +87,85 @@ def detections_to_coco(
     return results
 
 
+def _paste_weights(start: float, end: float, first: int, last: int, size: int) -> np.ndarray:
+    """(last - first, size) bilinear weights reading a mask of `size` pixels spanning [start,
+    end] at the centres of image pixels first..last-1 (torch grid_sample, align_corners False,
+    zeros outside the mask)."""
+    extent = max(end - start, 1e-6)
+    position = (np.arange(first, last) + 0.5 - start) / extent * size - 0.5
+    lower = np.floor(position).astype(np.int64)
+    upper_weight = position - lower
+    weights = np.zeros((last - first, size + 2))  # columns 0 and size + 1: outside, dropped
+    rows = np.arange(last - first)
+    np.add.at(weights, (rows, np.clip(lower + 1, 0, size + 1)), 1 - upper_weight)
+    np.add.at(weights, (rows, np.clip(lower + 2, 0, size + 1)), upper_weight)
+    return weights[:, 1 : size + 1]
+
+
+def paste_mask(
+    mask_probs: np.ndarray, box: np.ndarray, height: int, width: int, threshold: float = 0.5
+) -> np.ndarray:
+    """A (m, m) mask of probabilities over box (x1, y1, x2, y2) pasted into a bool (height,
+    width) image as MMDetection 2.x's paste: bilinear resampling of the probabilities at the
+    pixel centres of the box's integer extent (floor(x1) - 1 .. ceil(x2) + 1, clipped to the
+    image), 0 elsewhere, then >= threshold."""
+    mask_probs = np.asarray(mask_probs, np.float64)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    x_first, x_last = max(math.floor(x1) - 1, 0), min(math.ceil(x2) + 1, width)
+    y_first, y_last = max(math.floor(y1) - 1, 0), min(math.ceil(y2) + 1, height)
+    pasted = np.zeros((height, width), bool)
+    if x_last <= x_first or y_last <= y_first:
+        return pasted
+    rows = _paste_weights(y1, y2, y_first, y_last, mask_probs.shape[0])
+    cols = _paste_weights(x1, x2, x_first, x_last, mask_probs.shape[1])
+    pasted[y_first:y_last, x_first:x_last] = rows @ mask_probs @ cols.T >= threshold
+    return pasted
+
+
+def masks_to_coco(
+    image_ids,
+    boxes,
+    mask_probs,
+    scores,
+    classes,
+    num_detections,
+    category_ids: Sequence[int],
+    image_sizes,
+    threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """COCO segm result entries of the first num_detections[i] detections of each image i.
+
+    As detections_to_coco (image_ids (N,), boxes (N, D, 4) x1, y1, x2, y2 in original pixels,
+    scores, classes (N, D), num_detections (N,)), plus mask_probs (N, D, m, m) mask
+    probabilities over each box (e.g. sigmoid of the mask head's logits of the detection's
+    class) and image_sizes (N, 2) original (height, width). Each mask is pasted into its image
+    (paste_mask) and RLE-encoded. Returns [{'image_id', 'category_id', 'bbox', 'score',
+    'segmentation': {'size': [h, w], 'counts': str}}] in image order, then detection order.
+    """
+    entries = detections_to_coco(image_ids, boxes, scores, classes, num_detections, category_ids)
+    image_ids = np.asarray(image_ids)
+    boxes = np.asarray(boxes, np.float64)
+    mask_probs = np.asarray(mask_probs, np.float32)
+    image_sizes = np.asarray(image_sizes)
+    n, d = boxes.shape[:2]
+    if mask_probs.ndim != 4 or mask_probs.shape[:2] != (n, d):
+        raise ValueError(
+            f'mask_probs: expected shape ({n}, {d}, m, m), got {tuple(mask_probs.shape)}'
+        )
+    if image_sizes.shape != (n, 2) or np.any(image_sizes < 1):
+        raise ValueError(
+            f'image_sizes: expected ({n}, 2) positive (height, width), got '
+            f'{image_sizes.tolist() if image_sizes.size <= 8 else image_sizes.shape}'
+        )
+    valid = np.arange(d)[None, :] < np.asarray(num_detections)[:, None]
+    for entry, (i, j) in zip(entries, zip(*np.nonzero(valid))):
+        height, width = (int(v) for v in image_sizes[i])
+        pasted = paste_mask(mask_probs[i, j], boxes[i, j], height, width, threshold)
+        rle = mask_util.encode(np.asfortranarray(pasted.astype(np.uint8)))
+        entry['segmentation'] = {'size': [height, width], 'counts': rle['counts'].decode('ascii')}
+    return entries
+
+
 def load_coco(annotation_file: str) -> COCO:
     """A pycocotools COCO of an annotation file (read through tf.io.gfile, so gs:// works)."""
     if not tf.io.gfile.exists(annotation_file):
@@ -118,12 +202,32 @@ def coco_box_metrics(
     results: list[dict[str, Any]],
     image_ids: Sequence[int] | None = None,
 ) -> tuple[dict[str, float], str]:
-    """(metrics, summary) of box detections (see the module doc) over image_ids (default: every
+    """coco_metrics with iou_type 'bbox'."""
+    return coco_metrics(annotations, results, iou_type='bbox', image_ids=image_ids)
+
+
+def coco_metrics(
+    annotations: str | COCO,
+    results: list[dict[str, Any]],
+    iou_type: str = 'bbox',
+    image_ids: Sequence[int] | None = None,
+) -> tuple[dict[str, float], str]:
+    """(metrics, summary) of detections (see the module doc) over image_ids (default: every
     image of the annotations; an evaluated image without detections counts its objects missed).
 
-    annotations: an annotation file or a pycocotools COCO; results: COCO result entries (e.g.
-    detections_to_coco). Quiet: pycocotools' prints are captured, the summary table returned.
+    annotations: an annotation file or a pycocotools COCO (with 'segmentation's for 'segm');
+    results: COCO result entries (detections_to_coco for 'bbox', masks_to_coco for 'segm');
+    iou_type: 'bbox' (box IoU) or 'segm' (mask IoU). Quiet: pycocotools' prints are captured,
+    the summary table returned.
     """
+    if iou_type not in ('bbox', 'segm'):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    if iou_type == 'segm':
+        missing = [i for i, r in enumerate(results) if 'segmentation' not in r]
+        if missing:
+            raise ValueError(
+                f"segm results need a 'segmentation'; entries {missing[:10]} have none"
+            )
     ground_truth = load_coco(annotations) if isinstance(annotations, str) else annotations
     known_images = set(ground_truth.getImgIds())
     if image_ids is None:
@@ -141,7 +245,7 @@ def coco_box_metrics(
     if unknown:
         raise ValueError(f'results name categories not in the annotations: {unknown[:10]}')
     with contextlib.redirect_stdout(io.StringIO()):
-        evaluation = COCOeval(ground_truth, _detections(ground_truth, results), iouType='bbox')
+        evaluation = COCOeval(ground_truth, _detections(ground_truth, results), iouType=iou_type)
         evaluation.params.imgIds = image_ids
         evaluation.evaluate()
         evaluation.accumulate()

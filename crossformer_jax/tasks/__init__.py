@@ -38,10 +38,12 @@ import ml_collections
 from crossformer_jax.tasks.base import Task, check_split_directories, model_overrides
 from crossformer_jax.tasks.classification import ClassificationTask
 from crossformer_jax.tasks.detection import DetectionTask
+from crossformer_jax.tasks.instance_segmentation import InstanceSegmentationTask
 from crossformer_jax.tasks.segmentation import SegmentationTask
 
 TASKS: dict[str, type[Task]] = {
-    task.name: task for task in (ClassificationTask, SegmentationTask, DetectionTask)
+    task.name: task
+    for task in (ClassificationTask, SegmentationTask, DetectionTask, InstanceSegmentationTask)
 }
 
 __all__ = ['TASKS', 'Task', 'check_split_directories', 'get_task', 'model_overrides', 'task_class']

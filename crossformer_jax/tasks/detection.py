@@ -82,11 +82,17 @@ class DetectionTask(Task):
 
     name: ClassVar[str] = 'detection'
     best_metric: ClassVar[str] = 'AP'
+    metric_names: ClassVar[tuple[str, ...]] = coco_evaluator.METRIC_NAMES
+
+    @classmethod
+    def check_model(cls, config: ml_collections.ConfigDict) -> None:
+        """Raises ValueError when config.model is not a detector this task trains."""
+        detection.detection_config(config.model.name, **model_overrides(config))
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict, *, mode: str) -> None:
         try:
-            detection.detection_config(config.model.name, **model_overrides(config))
+            cls.check_model(config)
         except ValueError as e:
             raise ValueError(f'config.model: {e}') from None
         data = config.data
@@ -234,21 +240,27 @@ class DetectionTask(Task):
             found = {k: np.concatenate([f[k] for f in found]) for k in found[0]}
             keep = found.pop('mask')
             found = {k: v[keep] for k, v in found.items()}
-            results = coco_evaluator.detections_to_coco(
-                found['image_id'],
-                found['boxes'],
-                found['scores'],
-                found['classes'],
-                found['num_detections'],
-                split.category_ids,
-            )
-            metrics, summary = coco_evaluator.coco_box_metrics(split.annotation_file, results)
+            metrics, summary = self.score(found, split)
             if jax.process_index() == 0:
-                logging.info('COCO box evaluation of %d images:\n%s', len(keep), summary)
-            sums = {k: np.float64(metrics[k]) for k in coco_evaluator.METRIC_NAMES}
+                logging.info('COCO evaluation of %d images:\n%s', int(keep.sum()), summary)
+            sums = {k: np.float64(v) for k, v in metrics.items()}
             return sums | {'count': np.int64(len(found['image_id']))}
 
         return evaluate
+
+    def score(self, found: dict[str, np.ndarray], split) -> tuple[dict[str, float], str]:
+        """(metrics, the COCO table) of the detections `found` of every evaluated image (numpy:
+        image_id, boxes in original pixels, scores, classes, num_detections) against the split's
+        annotations: box AP."""
+        results = coco_evaluator.detections_to_coco(
+            found['image_id'],
+            found['boxes'],
+            found['scores'],
+            found['classes'],
+            found['num_detections'],
+            split.category_ids,
+        )
+        return coco_evaluator.coco_box_metrics(split.annotation_file, results)
 
     def pretrained_params(self, source, target):
         """A classifier checkpoint goes into the `backbone` (the FPN and head start fresh); a
@@ -271,9 +283,7 @@ class DetectionTask(Task):
         )
 
     def final_metrics(self, sums):
-        return {k: float(sums[k]) for k in coco_evaluator.METRIC_NAMES} | {
-            'count': int(sums['count'])
-        }
+        return {k: float(sums[k]) for k in self.metric_names} | {'count': int(sums['count'])}
 
     @staticmethod
     def describe(metrics):
@@ -284,7 +294,8 @@ class DetectionTask(Task):
             return f'{100 * value:.2f}' if value >= 0 else 'n/a'
 
         scores = ' | '.join(
-            f'{"box AP" if name == "AP" else name} {percent(name)}'
-            for name in coco_evaluator.METRIC_NAMES
+            f'{"box AP" if name == "AP" else name.replace("_", " ")} {percent(name)}'
+            for name in metrics
+            if name != 'count'
         )
         return f'{scores} | {metrics["count"]} images'
