@@ -9,6 +9,10 @@ box head and mask head of 64 channels, two mask convolutions), trained from scra
 same train.py, COCO loader (with the masks cropped to their boxes), train step and pycocotools box
 and mask evaluation as COCO. Proposals, sampling, losses and post-processing are the recipe's;
 the optimisation is the demo's own, as in configs/detection/demo.py.
+
+Not yet a quick demo: on a 2-core CPU one step took more than 6 s (no step-50 log line after 5
+minutes of training), far from the RetinaNet demo's ~0.15 s; the RoI heads' cost on the CPU is
+the next thing to measure. The tests train a narrower copy for a few steps.
 """
 
 from configs.detection import common
