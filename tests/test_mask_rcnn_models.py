@@ -54,7 +54,7 @@ def shapes(tree):
 
 
 def test_registry_lists_the_models_with_their_released_configs():
-    assert set(PARAMETER_COUNTS) <= set(crossformer_jax.list_models('detection'))
+    assert set(PARAMETER_COUNTS) == set(crossformer_jax.list_models('instance_segmentation'))
     for name, backbone, cascade in [
         ('mask_rcnn_crossformer_small', 'crossformer_small', False),
         ('mask_rcnn_crossformer_base', 'crossformer_base', False),
@@ -63,7 +63,7 @@ def test_registry_lists_the_models_with_their_released_configs():
     ]:
         model = crossformer_jax.create_model(name)
         assert isinstance(model, M.MaskRCNN) and model.num_classes == 80
-        assert crossformer_jax.models.model_spec(name).task == 'detection'
+        assert crossformer_jax.models.model_spec(name).task == 'instance_segmentation'
         released = crossformer_jax.models.crossformer.VARIANTS[backbone]
         assert (model.embed_dim, model.depths, model.num_heads, model.version) == (
             released['embed_dim'],

@@ -95,16 +95,19 @@ def test_one_registry_serves_every_family():
     classifiers = registry.list_models('classification')
     segmenters = registry.list_models('segmentation')
     detectors = registry.list_models('detection')
-    assert registry.list_models() == classifiers + segmenters + detectors
+    instance_segmenters = registry.list_models('instance_segmentation')
+    assert registry.list_models() == classifiers + segmenters + detectors + instance_segmenters
     assert 'crossformer_tiny' in classifiers and 'upernet_crossformer_small' in segmenters
     assert detectors == [
+        'retinanet_crossformer_base',
+        'retinanet_crossformer_pp_small',
+        'retinanet_crossformer_small',
+    ]
+    assert instance_segmenters == [
         'cascade_mask_rcnn_crossformer_small',
         'mask_rcnn_crossformer_base',
         'mask_rcnn_crossformer_pp_small',
         'mask_rcnn_crossformer_small',
-        'retinanet_crossformer_base',
-        'retinanet_crossformer_pp_small',
-        'retinanet_crossformer_small',
     ]
     spec = registry.model_spec('fpn_crossformer_small')
     assert (spec.task, spec.num_classes) == ('segmentation', 150)

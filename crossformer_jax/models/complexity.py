@@ -178,6 +178,8 @@ def model_macs(
         return count_segmentation_macs(name, image_size, num_classes, **overrides)
     if spec.task == 'detection':
         return count_detection_macs(name, image_size, num_classes, **overrides)
+    if spec.task != 'classification':
+        raise ValueError(f'{name}: MACs of {spec.task} models are not counted yet')
     return count_macs(name, image_size, num_classes, **overrides)
 
 

@@ -500,4 +500,4 @@ def build_mask_rcnn_model(name: str, num_classes: int = 80, **overrides) -> Mask
 
 
 for _name in MASK_RCNN_VARIANTS:
-    register_model(_name, task='detection', num_classes=80, build=build_mask_rcnn_model)
+    register_model(_name, task='instance_segmentation', num_classes=80, build=build_mask_rcnn_model)

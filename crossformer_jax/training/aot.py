@@ -248,7 +248,10 @@ def compile_config(
 
 def model_flops_per_image(config: ml_collections.ConfigDict) -> float:
     """2 x the analytic multiply-accumulates of one image's forward pass, at the height and
-    width of the task's training batch."""
+    width of the task's training batch; NaN for a model whose MACs are not counted (the table
+    then shows no ratio)."""
+    if model_spec(config.model.name).task == 'instance_segmentation':
+        return math.nan
     num_classes = config_num_classes(config)
     task = tasks.get_task(config, num_classes)
     size = task.train_batch_spec(config, 1)['image'].shape[1:3]

@@ -18,10 +18,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from crossformer_jax.models import create_model
-from crossformer_jax.models.detection import DETECTION_VARIANTS
-from crossformer_jax.models.mask_rcnn import MASK_RCNN_VARIANTS
-from crossformer_jax.models.segmentation import SEGMENTATION_VARIANTS
+from crossformer_jax.models import create_model, model_spec
 from crossformer_jax.training import checkpointing
 from crossformer_jax.weights import pretrained
 from crossformer_jax.weights.pretrained import Preprocessing, PretrainedError
@@ -51,17 +48,9 @@ class LoadedWeights:
 
 
 def task_of(model_name: str, features_only: bool) -> str:
-    """The LoadedWeights.task of a model: 'backbone', 'segmentation', 'detection',
-    'instance_segmentation' or 'classification'."""
-    if features_only:
-        return 'backbone'
-    if model_name in SEGMENTATION_VARIANTS:
-        return 'segmentation'
-    if model_name in DETECTION_VARIANTS:
-        return 'detection'
-    if model_name in MASK_RCNN_VARIANTS:
-        return 'instance_segmentation'
-    return 'classification'
+    """The LoadedWeights.task of a model: 'backbone' for features_only, else the registry's
+    task ('classification', 'segmentation', 'detection', 'instance_segmentation')."""
+    return 'backbone' if features_only else model_spec(model_name).task
 
 
 def is_workdir(path: str) -> bool:
