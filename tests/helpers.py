@@ -5,9 +5,11 @@ plug-in), and the plain-JAX group attention the kernels are checked against."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
 
 import jax
@@ -144,3 +146,49 @@ def random_image(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
 def init_params(model, rng, image_size: int):
     """Fresh parameters of a model for square images of image_size."""
     return model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))['params']
+
+
+def demo_writer(module: str, function: str):
+    """`function` of scripts/<module>.py (the demo data writers are scripts, not package code)."""
+    sys.path.insert(0, os.path.join(REPO, 'scripts'))
+    try:
+        return getattr(importlib.import_module(module), function)
+    finally:
+        sys.path.pop(0)
+
+
+def train_py_env(root, config_text: str) -> dict:
+    """Writes root/config.py; returns {'root', 'config', 'env'}: train.py subprocesses on the CPU
+    with one compilation cache under root."""
+    config_path = root / 'config.py'
+    config_path.write_text(config_text)
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]),
+        JAX_PLATFORMS='cpu',
+        JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+        TF_CPP_MIN_LOG_LEVEL='2',
+        XLA_FLAGS=TRAIN_SUBPROCESS_XLA_FLAGS,
+    )
+    return {'root': root, 'config': str(config_path), 'env': env}
+
+
+def run_train_py(run_env: dict, workdir, *args, mode: str = 'train'):
+    """train.py --config run_env['config'] --workdir workdir --mode mode *args; asserts exit 0."""
+    command = [
+        sys.executable,
+        os.path.join(REPO, 'train.py'),
+        '--config',
+        run_env['config'],
+        '--workdir',
+        str(workdir),
+        '--mode',
+        mode,
+        *args,
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, env=run_env['env'], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -10,7 +10,7 @@ import re
 import sys
 
 import pytest
-from helpers import REPO, TRAIN_SUBPROCESS_XLA_FLAGS, _metrics
+from helpers import REPO, TRAIN_SUBPROCESS_XLA_FLAGS, _metrics, demo_writer
 from test_multihost import CACHING_TRAIN_SCRIPT, TwoProcesses
 
 CONFIG = """
@@ -42,12 +42,8 @@ def get_config():
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp('detection_multihost')
-    sys.path.insert(0, os.path.join(REPO, 'scripts'))
-    try:
-        from make_detection_demo import write_detection_demo
-    finally:
-        sys.path.pop(0)
-    write_detection_demo(str(root / 'data'), num_train=16, num_val=10)
+    write = demo_writer('make_detection_demo', 'write_detection_demo')
+    write(str(root / 'data'), num_train=16, num_val=10)
     config_path = root / 'config.py'
     config_path.write_text(CONFIG.format(data_dir=str(root / 'data')))
     launcher = root / 'train_caching.py'

@@ -7,14 +7,12 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, TRAIN_SUBPROCESS_XLA_FLAGS, _metrics, _saved_state
+from helpers import _metrics, _saved_state, demo_writer, run_train_py, train_py_env
 
 from crossformer_jax import models
 from crossformer_jax.tasks.detection import DetectionTask, normalize_canvas
@@ -81,54 +79,20 @@ def get_config():
 @pytest.fixture(scope='module')
 def run_env(tmp_path_factory):
     root = tmp_path_factory.mktemp('detection_training')
-    sys.path.insert(0, os.path.join(REPO, 'scripts'))
-    try:
-        from make_detection_demo import write_detection_demo
-    finally:
-        sys.path.pop(0)
-    write_detection_demo(str(root / 'data'), num_train=16, num_val=6)
-    config_path = root / 'config.py'
-    config_path.write_text(CONFIG.format(data_dir=str(root / 'data')))
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]),
-        JAX_PLATFORMS='cpu',
-        JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-        TF_CPP_MIN_LOG_LEVEL='2',
-        XLA_FLAGS=TRAIN_SUBPROCESS_XLA_FLAGS,
-    )
-    return {'root': root, 'config': str(config_path), 'env': env}
-
-
-def _train_py(run_env, workdir, *args, mode='train'):
-    command = [
-        sys.executable,
-        os.path.join(REPO, 'train.py'),
-        '--config',
-        run_env['config'],
-        '--workdir',
-        str(workdir),
-        '--mode',
-        mode,
-        *args,
-    ]
-    result = subprocess.run(
-        command, cwd=REPO, env=run_env['env'], capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    write = demo_writer('make_detection_demo', 'write_detection_demo')
+    write(str(root / 'data'), num_train=16, num_val=6)
+    return train_py_env(root, CONFIG.format(data_dir=str(root / 'data')))
 
 
 @pytest.fixture(scope='module')
 def trained(run_env):
     """One uninterrupted 6-step run (checkpoints at steps 3 and 6, evaluation at 6)."""
     workdir = run_env['root'] / 'run'
-    result = _train_py(run_env, workdir)
+    result = run_train_py(run_env, workdir)
     return {'workdir': workdir, 'stderr': result.stderr}
 
 
-def test_train_then_evaluate_through_train_py(run_env, trained):
+def test_train_then_evaluate_throughrun_train_py(run_env, trained):
     workdir = trained['workdir']
     assert 'Final validation box AP' in trained['stderr']
     assert 'Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all' in trained['stderr']
@@ -136,7 +100,7 @@ def test_train_then_evaluate_through_train_py(run_env, trained):
     assert len(losses) == 6 and all(np.isfinite(losses))
     evals = [m for m in _metrics(workdir) if 'eval/AP' in m]
     assert len(evals) == 1 and 0.0 <= evals[0]['eval/AP'] <= 1.0
-    result = _train_py(run_env, workdir, mode='evaluate')
+    result = run_train_py(run_env, workdir, mode='evaluate')
     assert 'box AP' in result.stdout + result.stderr and '6 images' in result.stdout + result.stderr
 
 
@@ -147,7 +111,7 @@ def test_resumed_detection_run_is_exact(run_env, trained):
     shutil.copytree(trained['workdir'], workdir)
     shutil.rmtree(workdir / 'checkpoints' / '6')
     os.remove(workdir / 'metrics.jsonl')
-    result = _train_py(run_env, workdir)
+    result = run_train_py(run_env, workdir)
     assert 'Resumed from' in result.stderr and 'at step 3.' in result.stderr
     a, b = _saved_state(trained['workdir'], 6), _saved_state(workdir, 6)
     assert jax.tree.structure(a) == jax.tree.structure(b)

@@ -3,14 +3,10 @@ with pycocotools) through train.py on COCO-format data with polygon masks."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import ml_collections
 import numpy as np
 import pytest
-from helpers import REPO, TRAIN_SUBPROCESS_XLA_FLAGS, _metrics
+from helpers import _metrics, demo_writer, run_train_py, train_py_env
 
 from crossformer_jax import tasks
 
@@ -71,53 +67,20 @@ def test_cascade_and_maskless_configs_are_refused():
 @pytest.fixture(scope='module')
 def run_env(tmp_path_factory):
     root = tmp_path_factory.mktemp('instance_segmentation_training')
-    sys.path.insert(0, os.path.join(REPO, 'scripts'))
-    try:
-        from make_detection_demo import write_detection_demo
-    finally:
-        sys.path.pop(0)
-    write_detection_demo(str(root / 'data'), num_train=12, num_val=6)
-    config_path = root / 'config.py'
-    config_path.write_text(CONFIG.format(data_dir=str(root / 'data')))
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]),
-        JAX_PLATFORMS='cpu',
-        JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-        TF_CPP_MIN_LOG_LEVEL='2',
-        XLA_FLAGS=TRAIN_SUBPROCESS_XLA_FLAGS,
-    )
-    return {'root': root, 'config': str(config_path), 'env': env}
+    write = demo_writer('make_detection_demo', 'write_detection_demo')
+    write(str(root / 'data'), num_train=12, num_val=6)
+    return train_py_env(root, CONFIG.format(data_dir=str(root / 'data')))
 
 
-def _train_py(run_env, workdir, mode='train'):
-    command = [
-        sys.executable,
-        os.path.join(REPO, 'train.py'),
-        '--config',
-        run_env['config'],
-        '--workdir',
-        str(workdir),
-        '--mode',
-        mode,
-    ]
-    result = subprocess.run(
-        command, cwd=REPO, env=run_env['env'], capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def test_train_then_evaluate_boxes_and_masks_through_train_py(run_env):
+def test_train_then_evaluate_boxes_and_masks_throughrun_train_py(run_env):
     workdir = run_env['root'] / 'run'
-    result = _train_py(run_env, workdir)
+    result = run_train_py(run_env, workdir)
     assert 'Final validation box AP' in result.stderr and 'mask AP' in result.stderr
     assert 'IoU=0.50:0.95 | area=   all' in result.stderr
     losses = [m['train/loss'] for m in _metrics(workdir) if 'train/loss' in m]
     assert len(losses) == 4 and all(np.isfinite(losses))
     evals = [m for m in _metrics(workdir) if 'eval/mask_AP' in m]
     assert len(evals) == 1 and 0.0 <= evals[0]['eval/mask_AP'] <= 1.0
-    result = _train_py(run_env, workdir, mode='evaluate')
+    result = run_train_py(run_env, workdir, mode='evaluate')
     output = result.stdout + result.stderr
     assert 'mask AP50' in output and '6 images' in output

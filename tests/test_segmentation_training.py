@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import REPO, TRAIN_SUBPROCESS_XLA_FLAGS, _metrics, _saved_state
+from helpers import _metrics, _saved_state, demo_writer, run_train_py, train_py_env
 from PIL import Image
 
 from crossformer_jax import models
@@ -236,54 +234,20 @@ def get_config():
 @pytest.fixture(scope='module')
 def run_env(tmp_path_factory):
     root = tmp_path_factory.mktemp('segmentation_training')
-    sys.path.insert(0, os.path.join(REPO, 'scripts'))
-    try:
-        from make_segmentation_demo import write_segmentation_demo
-    finally:
-        sys.path.pop(0)
-    write_segmentation_demo(str(root / 'data'), num_train=12, num_validation=3)
-    config_path = root / 'config.py'
-    config_path.write_text(CONFIG.format(data_dir=str(root / 'data')))
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]),
-        JAX_PLATFORMS='cpu',
-        JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-        TF_CPP_MIN_LOG_LEVEL='2',
-        XLA_FLAGS=TRAIN_SUBPROCESS_XLA_FLAGS,
-    )
-    return {'root': root, 'config': str(config_path), 'env': env}
-
-
-def _train_py(run_env, workdir, *args, mode='train'):
-    command = [
-        sys.executable,
-        os.path.join(REPO, 'train.py'),
-        '--config',
-        run_env['config'],
-        '--workdir',
-        str(workdir),
-        '--mode',
-        mode,
-        *args,
-    ]
-    result = subprocess.run(
-        command, cwd=REPO, env=run_env['env'], capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    write = demo_writer('make_segmentation_demo', 'write_segmentation_demo')
+    write(str(root / 'data'), num_train=12, num_validation=3)
+    return train_py_env(root, CONFIG.format(data_dir=str(root / 'data')))
 
 
 @pytest.fixture(scope='module')
 def trained(run_env):
     """One uninterrupted 6-step run (checkpoints at steps 3 and 6, evaluation at 6)."""
     workdir = run_env['root'] / 'run'
-    result = _train_py(run_env, workdir)
+    result = run_train_py(run_env, workdir)
     return {'workdir': workdir, 'stderr': result.stderr}
 
 
-def test_train_then_evaluate_through_train_py(run_env, trained):
+def test_train_then_evaluate_throughrun_train_py(run_env, trained):
     workdir = trained['workdir']
     assert 'Final validation mIoU' in trained['stderr']
     losses = [m['train/loss'] for m in _metrics(workdir) if 'train/loss' in m]
@@ -293,7 +257,7 @@ def test_train_then_evaluate_through_train_py(run_env, trained):
     state = _saved_state(workdir, 6)
     assert 'batch_stats' in state['model_state']  # BatchNorm statistics are checkpointed
 
-    result = _train_py(run_env, workdir, '--config.eval.flip=True', mode='evaluate')
+    result = run_train_py(run_env, workdir, '--config.eval.flip=True', mode='evaluate')
     assert 'mIoU' in result.stdout and 'aAcc' in result.stdout and 'mAcc' in result.stdout
 
 
@@ -304,7 +268,7 @@ def test_resumed_segmentation_run_is_exact(run_env, trained):
     shutil.copytree(trained['workdir'], workdir)
     shutil.rmtree(workdir / 'checkpoints' / '6')
     os.remove(workdir / 'metrics.jsonl')
-    result = _train_py(run_env, workdir)
+    result = run_train_py(run_env, workdir)
     assert 'Resumed from' in result.stderr and 'at step 3.' in result.stderr
     a, b = _saved_state(trained['workdir'], 6), _saved_state(workdir, 6)
     assert jax.tree.structure(a) == jax.tree.structure(b)

@@ -256,6 +256,18 @@ HEAD_DEFAULTS: dict[str, Any] = dict(fpn_channels=256, head_channels=256, num_he
 _OVERRIDABLE = {*DENSE_BACKBONE_FIELDS, *HEAD_DEFAULTS, 'anchor_generator'}
 
 
+def check_anchor_generator(field: str, anchors: Any, strides: Sequence[int]) -> None:
+    """ValueError naming `field` unless anchors is an AnchorGenerator over these pyramid
+    strides."""
+    if not isinstance(anchors, AnchorGenerator):
+        raise ValueError(f'{field} must be an AnchorGenerator, got {anchors!r}')
+    if tuple(anchors.strides) != tuple(strides):
+        raise ValueError(
+            f'{field}.strides must be the FPN strides {tuple(strides)}, got '
+            f'{tuple(anchors.strides)}'
+        )
+
+
 def detection_config(name: str, num_classes: int = 80, **overrides) -> dict[str, Any]:
     """Constructor arguments of RetinaNet for a registered name, overrides applied."""
     if name not in DETECTION_VARIANTS:
@@ -272,14 +284,7 @@ def detection_config(name: str, num_classes: int = 80, **overrides) -> dict[str,
         defaults={**HEAD_DEFAULTS, 'anchor_generator': AnchorGenerator()},
         allowed=_OVERRIDABLE,
     )
-    anchors = kwargs['anchor_generator']
-    if not isinstance(anchors, AnchorGenerator):
-        raise ValueError(f'anchor_generator must be an AnchorGenerator, got {anchors!r}')
-    if tuple(anchors.strides) != PYRAMID_STRIDES:
-        raise ValueError(
-            f'anchor_generator.strides must be the FPN strides {PYRAMID_STRIDES}, got '
-            f'{tuple(anchors.strides)}'
-        )
+    check_anchor_generator('anchor_generator', kwargs['anchor_generator'], PYRAMID_STRIDES)
     check_layer_sizes(kwargs, ('fpn_channels', 'head_channels'), ('num_head_convs',))
     normalize_backbone_fields(kwargs)
     return kwargs

@@ -54,7 +54,7 @@ from crossformer_jax.models.crossformer import (
     dense_model_config,
     normalize_backbone_fields,
 )
-from crossformer_jax.models.detection import FPN, ConvLayer
+from crossformer_jax.models.detection import FPN, ConvLayer, check_anchor_generator
 from crossformer_jax.models.registry import register_model
 from crossformer_jax.models.segmentation import ConvModule, segmentation_backbone
 
@@ -478,14 +478,7 @@ def mask_rcnn_config(name: str, num_classes: int = 80, **overrides) -> dict[str,
         },
         allowed=_OVERRIDABLE,
     )
-    anchors = kwargs['rpn_anchor_generator']
-    if not isinstance(anchors, AnchorGenerator):
-        raise ValueError(f'rpn_anchor_generator must be an AnchorGenerator, got {anchors!r}')
-    if tuple(anchors.strides) != PYRAMID_STRIDES:
-        raise ValueError(
-            f'rpn_anchor_generator.strides must be the FPN strides {PYRAMID_STRIDES}, got '
-            f'{tuple(anchors.strides)}'
-        )
+    check_anchor_generator('rpn_anchor_generator', kwargs['rpn_anchor_generator'], PYRAMID_STRIDES)
     widths = [field for field in HEAD_DEFAULTS if field not in LAYER_COUNT_FIELDS]
     check_layer_sizes(kwargs, widths, LAYER_COUNT_FIELDS)
     normalize_backbone_fields(kwargs)
