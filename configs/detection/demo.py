@@ -14,8 +14,10 @@ short warm-up, one step decay, gradients clipped at norm 1.
 from configs.detection import common
 
 
-def get_config():
-    config = common.get_config('small')
+def demo_config(detector: str):
+    """What the detection demos share: a narrowed, shortened backbone, the demo data and the
+    optimisation; `detector` 'retinanet' or 'mask_rcnn' (see common.get_config)."""
+    config = common.get_config('small', detector)
     config.model.embed_dim = 32
     config.model.depths = (1, 1, 1, 1)
     config.model.num_heads = (1, 2, 4, 8)
@@ -23,8 +25,6 @@ def get_config():
     config.model.interval = (8, 4, 2, 1)
     config.model.drop_path_rate = 0.0
     config.model.fpn_channels = 64
-    config.model.head_channels = 64
-    config.model.num_head_convs = 2
 
     config.data.data_dir = 'workdirs/detection_demo_data'
     config.data.image_scale = (160, 128)
@@ -43,4 +43,11 @@ def get_config():
     config.log_every_steps = 50
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 1
+    return config
+
+
+def get_config():
+    config = demo_config('retinanet')
+    config.model.head_channels = 64
+    config.model.num_head_convs = 2
     return config

@@ -15,23 +15,16 @@ minutes of training), far from the RetinaNet demo's ~0.15 s; the RoI heads' cost
 the next thing to measure. The tests train a narrower copy for a few steps.
 """
 
-from configs.detection import common
+from configs.detection import demo
 
 
 def get_config():
-    config = common.get_config('small', 'mask_rcnn')
-    config.model.embed_dim = 32
-    config.model.depths = (1, 1, 1, 1)
-    config.model.num_heads = (1, 2, 4, 8)
-    config.model.group_size = (4, 4, 4, 4)
-    config.model.interval = (8, 4, 2, 1)
-    config.model.drop_path_rate = 0.0
-    config.model.fpn_channels = 64
+    config = demo.demo_config('mask_rcnn')
     config.model.rpn_channels = 64
     config.model.box_fc_channels = 256
     config.model.num_mask_convs = 2
     config.model.mask_channels = 64
-
+    config.data.mask_size = 28
     # Fewer proposals and sampled RoIs than COCO's 2000 / 1000 / 512: the images are small.
     config.two_stage = dict(
         train_pre_nms_top_k=500,
@@ -40,23 +33,4 @@ def get_config():
         test_proposals=200,
         rcnn_samples=128,
     )
-
-    config.data.data_dir = 'workdirs/detection_demo_data'
-    config.data.image_scale = (160, 128)
-    config.data.max_boxes = 8
-    config.data.mask_size = 28
-    config.data.num_parallel_calls = 2
-
-    config.batch_size = 16
-    config.num_epochs = 6
-    config.lr_decay_epochs = (5,)
-    config.warmup_steps = 100
-    config.base_lr = 1e-3
-    config.grad_clip_norm = 1.0
-
-    config.eval_batch_size = 16
-    config.eval_every_steps = -1
-    config.log_every_steps = 50
-    config.checkpoint_every_steps = 500
-    config.keep_checkpoints = 1
     return config
