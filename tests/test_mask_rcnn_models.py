@@ -5,6 +5,7 @@ every method, BatchNorm of the cascade box heads, and errors."""
 import functools
 import math
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,6 +208,41 @@ def test_head_initialisation():
     assert not np.any(mask['upsample']['bias']) and not np.any(mask['conv_logits']['bias'])
 
 
+def test_upsample_is_the_transposed_convolution():
+    """Upsample2x: the same parameters (names, shapes, initial values) and outputs as a 2x2
+    stride-2 transposed convolution, in value and gradient."""
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 6, 8)), jnp.float32)
+    upsample = M.Upsample2x(12)
+    transposed = flax.linen.ConvTranspose(
+        12,
+        (2, 2),
+        strides=(2, 2),
+        padding='VALID',
+        transpose_kernel=True,
+        kernel_init=M.KAIMING_FAN_OUT,
+    )
+    params = upsample.init(jax.random.key(4), images)
+    reference = transposed.init(jax.random.key(4), images)
+    assert jax.tree.structure(params) == jax.tree.structure(reference)
+    for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(ours, theirs)
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(5), p.shape), params)
+    assert upsample.apply(params, images).shape == (2, 10, 12, 12)
+    np.testing.assert_allclose(
+        upsample.apply(params, images), transposed.apply(params, images), atol=2e-6
+    )
+
+    def gradient(module):
+        return jax.grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x))), argnums=(0, 1))(
+            params, images
+        )
+
+    for ours, theirs in zip(
+        jax.tree.leaves(gradient(upsample)), jax.tree.leaves(gradient(transposed))
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope='module')
 def tiny_cascade():
     model = crossformer_jax.create_model('cascade_mask_rcnn_crossformer_small', 3, **TINY, **NARROW)
@@ -331,6 +367,27 @@ def test_cascade_box_heads_use_and_update_batch_statistics(tiny_cascade):
         np.testing.assert_allclose(new - 0.9 * old, batch, rtol=1e-5, atol=1e-6)
 
 
+def test_roi_exact_extent_changes_only_the_rois_beyond_it():
+    """roi_exact_extent 28 (a smaller RoIAlign patch): RoIs up to 28 map pixels pool exactly as
+    with the default 56; a RoI of 160 x 24 image pixels (40 map pixels on level 0) does not."""
+    default = crossformer_jax.create_model('mask_rcnn_crossformer_small', 3, **TINY, **NARROW)
+    smaller = default.clone(roi_exact_extent=28)
+    images = jnp.asarray(np.random.default_rng(6).standard_normal((1, 64, 160, 3)), jnp.float32)
+    variables = random_variables(default, images.shape[1:3])
+    levels = default.apply(variables, images, method='features')
+    small_rois = jnp.asarray([[[3, 5, 90, 60], [10, 2, 40, 50], [0, 0, 100, 30]]], jnp.float32)
+    long_roi = jnp.asarray([[[0, 20, 160, 44]]], jnp.float32)
+    for method in ('box_head', 'mask_head'):
+
+        def outputs(model, rois, method=method):
+            return jax.tree.leaves(model.apply(variables, levels, rois, method=method))
+
+        for ours, exact in zip(outputs(smaller, small_rois), outputs(default, small_rois)):
+            np.testing.assert_array_equal(ours, exact)
+        for ours, exact in zip(outputs(smaller, long_roi), outputs(default, long_roi)):
+            assert not np.allclose(ours, exact, rtol=1e-3, atol=1e-4)
+
+
 def test_bfloat16_compute_keeps_float32_variables_and_outputs():
     model = crossformer_jax.create_model(
         'mask_rcnn_crossformer_pp_small', num_classes=4, dtype='bfloat16', **TINY, **NARROW
@@ -383,6 +440,8 @@ def test_bad_inputs_and_configs_raise_clear_errors(tiny_cascade):
         create('mask_rcnn_crossformer_small', box_fc_channels=0)
     with pytest.raises(ValueError, match='num_mask_convs must be an integer >= 0, got -1'):
         create('mask_rcnn_crossformer_small', num_mask_convs=-1)
+    with pytest.raises(ValueError, match='roi_exact_extent must be an integer >= 1, got 0'):
+        create('mask_rcnn_crossformer_small', roi_exact_extent=0)
     with pytest.raises(ValueError, match=r'strides must be the FPN strides \(4, 8, 16, 32, 64\)'):
         create('mask_rcnn_crossformer_small', rpn_anchor_generator=AnchorGenerator())
     with pytest.raises(ValueError, match='unknown Mask R-CNN model'):

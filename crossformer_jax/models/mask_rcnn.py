@@ -39,6 +39,7 @@ heads: batch statistics, and the 'batch_stats' collection mutable).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from crossformer_jax.detection.anchors import AnchorGenerator
-from crossformer_jax.detection.roi_align import multilevel_roi_align
+from crossformer_jax.detection.roi_align import EXACT_EXTENT, multilevel_roi_align
 from crossformer_jax.models.crossformer import (
     DENSE_BACKBONE_FIELDS,
     check_layer_sizes,
@@ -169,11 +170,31 @@ class BoxHead(nn.Module):
         return class_logits, box_deltas
 
 
+class Upsample2x(nn.Module):
+    """A 2x2 stride-2 transposed convolution with bias (PyTorch's ConvTranspose2d(in, out, 2,
+    stride=2)). Its four taps never overlap, so each output pixel (2i + a, 2j + b) is input
+    pixel (i, j) times tap (a, b): one matmul and an interleave (XLA:CPU's transposed-convolution
+    gradient is ~10x slower). kernel (2, 2, out, in): PyTorch's weight (in, out, 2, 2) transposed
+    as any conv weight is; Kaiming normal over PyTorch's fan-out (in * 4); bias zero."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, C) -> (N, 2H, 2W, features) in `dtype`."""
+        kernel = self.param('kernel', KAIMING_FAN_OUT, (2, 2, self.features, x.shape[-1]))
+        bias = self.param('bias', nn.initializers.zeros, (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        n, h, w, _ = x.shape
+        y = jnp.einsum('nijc,aboc->niajbo', x, kernel)
+        return y.reshape(n, 2 * h, 2 * w, self.features) + bias
+
+
 class MaskHead(nn.Module):
     """MMDetection's FCNMaskHead: `num_convs` 3x3 conv + ReLU layers (convs_i, with bias), a 2x2
-    stride-2 transposed conv + ReLU (upsample) and a 1x1 conv to K logits (conv_logits). All
-    kernels Kaiming normal, fan-out (PyTorch's fan-out: the transposed conv's input channels
-    times 4), zero biases."""
+    stride-2 transposed conv + ReLU (upsample: Upsample2x) and a 1x1 conv to K logits
+    (conv_logits). All kernels Kaiming normal, fan-out, zero biases."""
 
     num_classes: int
     num_convs: int = 4
@@ -194,18 +215,7 @@ class MaskHead(nn.Module):
                 dtype=self.dtype,
                 name=f'convs_{i}',
             )(x)
-        # transpose_kernel: the kernel is (2, 2, out, in), PyTorch's ConvTranspose2d weight
-        # (in, out, 2, 2) transposed as any conv weight is, with PyTorch's arithmetic.
-        x = nn.ConvTranspose(
-            self.channels,
-            (2, 2),
-            strides=(2, 2),
-            padding='VALID',
-            transpose_kernel=True,
-            dtype=self.dtype,
-            kernel_init=KAIMING_FAN_OUT,
-            name='upsample',
-        )(x)
+        x = Upsample2x(self.channels, dtype=self.dtype, name='upsample')(x)
         x = nn.Conv(
             self.num_classes,
             (1, 1),
@@ -281,9 +291,12 @@ class RoIHead(nn.Module):
         return head(features)
 
 
-def roi_features(levels: Sequence[jax.Array], rois: jax.Array, size: int) -> jax.Array:
+def roi_features(
+    levels: Sequence[jax.Array], rois: jax.Array, size: int, exact_extent: int = EXACT_EXTENT
+) -> jax.Array:
     """RoIAlign (aligned, adaptive sampling) of rois (B, R, 4) xyxy input pixels on the first four
-    FPN levels, each RoI on its level -> (B, R, size, size, C); ValueError for RoIs of another
+    FPN levels, each RoI on its level -> (B, R, size, size, C); exact for RoIs whose long side
+    spans at most `exact_extent` map pixels (detection.roi_align); ValueError for RoIs of another
     shape or batch."""
     return multilevel_roi_align(
         levels[: len(ROI_STRIDES)],
@@ -293,6 +306,7 @@ def roi_features(levels: Sequence[jax.Array], rois: jax.Array, size: int) -> jax
         finest_scale=FINEST_SCALE,
         sampling_ratio=0,
         aligned=True,
+        max_samples=math.ceil(exact_extent / size),
     )
 
 
@@ -336,6 +350,9 @@ class MaskRCNN(nn.Module):
     num_mask_convs: int = 4
     mask_channels: int = 256
     rpn_anchor_generator: AnchorGenerator = RPN_ANCHOR_GENERATOR
+    # RoIAlign pools RoIs exactly up to this long side (half of it short side), in map pixels;
+    # larger ones with fewer samples (detection.roi_align).
+    roi_exact_extent: int = EXACT_EXTENT
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
     patch_kernel_sizes: Sequence[int] = (4, 8, 16, 32)
@@ -383,7 +400,7 @@ class MaskRCNN(nn.Module):
     def box_head(
         self, levels: Sequence[jax.Array], rois: jax.Array, stage: int = 0, train: bool = False
     ) -> tuple[jax.Array, jax.Array]:
-        features = roi_features(levels, rois, BOX_ROI_SIZE)
+        features = roi_features(levels, rois, BOX_ROI_SIZE, self.roi_exact_extent)
         class_logits, box_deltas = self.roi_head.boxes(features, stage, train)
         return class_logits.astype(jnp.float32), box_deltas.astype(jnp.float32)
 
@@ -392,9 +409,8 @@ class MaskRCNN(nn.Module):
     ) -> jax.Array:
         """`train` is accepted for symmetry with box_head: the mask head has no BatchNorm."""
         del train
-        return self.roi_head.masks(roi_features(levels, rois, MASK_ROI_SIZE), stage).astype(
-            jnp.float32
-        )
+        features = roi_features(levels, rois, MASK_ROI_SIZE, self.roi_exact_extent)
+        return self.roi_head.masks(features, stage).astype(jnp.float32)
 
     def __call__(
         self, images: jax.Array, rois: jax.Array | None = None, train: bool = False
@@ -454,6 +470,7 @@ _OVERRIDABLE = {
     *HEAD_DEFAULTS,
     *BOX_HEAD_LAYERS[False],
     'rpn_anchor_generator',
+    'roi_exact_extent',
 }
 
 
@@ -475,12 +492,13 @@ def mask_rcnn_config(name: str, num_classes: int = 80, **overrides) -> dict[str,
             **HEAD_DEFAULTS,
             **BOX_HEAD_LAYERS[variant['cascade']],
             'rpn_anchor_generator': RPN_ANCHOR_GENERATOR,
+            'roi_exact_extent': EXACT_EXTENT,
         },
         allowed=_OVERRIDABLE,
     )
     check_anchor_generator('rpn_anchor_generator', kwargs['rpn_anchor_generator'], PYRAMID_STRIDES)
     widths = [field for field in HEAD_DEFAULTS if field not in LAYER_COUNT_FIELDS]
-    check_layer_sizes(kwargs, widths, LAYER_COUNT_FIELDS)
+    check_layer_sizes(kwargs, [*widths, 'roi_exact_extent'], LAYER_COUNT_FIELDS)
     normalize_backbone_fields(kwargs)
     return kwargs
 
