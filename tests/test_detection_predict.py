@@ -3,7 +3,8 @@ save_pretrained, asked about three small images (landscape, portrait, square; up
 downscaled) and a corrupt file.
 
 The JSON run is shared by the tests (module fixture): the boxes it reports must be those of the
-model + postprocess.detect on the prepared input, brought back to the original pixels.
+model + postprocess.detect on the prepared input (the COCO evaluation loader's canvas, normalised
+here), brought back to the original pixels.
 """
 
 import io
@@ -152,25 +153,26 @@ def test_boxes_equal_the_model_and_detect_on_the_prepared_input(detector, json_r
     mean, std = np.float32(PREPROCESSING.mean), np.float32(PREPROCESSING.std)
     for name, ((height, width), (new_h, new_w), canvas) in IMAGES.items():
         path = str(image_folder / name)
-        model_input, info = predict.detection_prepare(path, PREPROCESSING)
+        model_input, original = predict.detection_prepare(path, PREPROCESSING)
         image = model_input['image']
-        assert image.shape == (*canvas, 3) and model_input['image_size'].tolist() == [new_h, new_w]
-        np.testing.assert_array_equal(
-            info.scale_factor, np.float32([new_w / width, new_h / height] * 2)
-        )
-        assert info.image.shape == (height, width, 3)
-        # The pixels are the COCO evaluation loader's resized image, normalised, on zeros.
+        assert image.shape == (*canvas, 3) and image.dtype == np.uint8
+        assert model_input['image_size'].tolist() == [new_h, new_w]
+        scale_factor = model_input['scale_factor']
+        np.testing.assert_array_equal(scale_factor, np.float32([new_w / width, new_h / height] * 2))
+        assert original.shape == (height, width, 3)
+        # The pixels are the COCO evaluation loader's resized image on a zero canvas.
         no_boxes = (np.zeros((0, 4), np.float32), np.zeros(0, np.int32), np.zeros(0, bool))
         example = coco.load_example(
             coco.CocoImage(path, 0, height, width, *no_boxes), (96, 64), flip=False
         )
-        expected = (example['image'] / np.float32(255) - mean) / std
-        np.testing.assert_allclose(image[:new_h, :new_w], expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(image[:new_h, :new_w], example['image'])
         assert not image[new_h:].any() and not image[:, new_w:].any()
 
-        found = jax.device_get(model_and_detect(image, model_input['image_size']))
+        normalised = np.zeros(image.shape, np.float32)
+        normalised[:new_h, :new_w] = (image[:new_h, :new_w] / np.float32(255) - mean) / std
+        found = jax.device_get(model_and_detect(normalised, model_input['image_size']))
         count = int(found['num_detections'][0])
-        boxes = found['boxes'][0, :count] / info.scale_factor
+        boxes = found['boxes'][0, :count] / scale_factor
         # Each axis is divided by its own resize ratio, so the boxes stay inside the image.
         bounds = np.array([width, height, width, height], np.float32)
         assert np.all(boxes <= bounds + 1e-4)

@@ -6,7 +6,9 @@
 PATH is a pretrained directory (convert_torch_weights.py, save_pretrained) or a train.py workdir
 (its best checkpoint); crossformer_jax.inference.predict says what is printed or written:
 classifiers print the top-k classes, segmentation models write masks into --mask-dir, detection
-models print their boxes scoring at least --score-threshold and draw them into --box-dir.
+models (RetinaNet) print their boxes scoring at least --score-threshold and draw them into
+--box-dir, and Mask R-CNN models do the same with each box's mask (its area printed, COCO RLE in
+--json, filled on the drawn copy).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ def probability(text: str) -> float:
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='predict.py',
-        description='Top-k classes (classifiers), masks (segmentation models) or boxes (detection '
-        'models) of images with a converted checkpoint or a train.py workdir.',
+        description='Top-k classes (classifiers), masks (segmentation models), boxes (detection '
+        'models) or boxes and instance masks (Mask R-CNN) of images with a converted checkpoint '
+        'or a train.py workdir.',
     )
     parser.add_argument(
         '--weights',
@@ -52,7 +55,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         '--batch-size', type=args_lib.positive_int, default=32, help='images per device batch (32)'
     )
-    parser.add_argument('--json', action='store_true', help='one JSON object per line')
+    parser.add_argument(
+        '--json',
+        action='store_true',
+        help='one JSON object per line (Mask R-CNN: each mask as COCO RLE with its area)',
+    )
     parser.add_argument(
         '--mask-dir',
         default='masks',
@@ -61,14 +68,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         '--box-dir',
         default='detections',
-        help='detection models: folder for the images with their boxes drawn, as PNGs (detections)',
+        help='detection and Mask R-CNN models: folder for the images with their boxes (and masks) '
+        'drawn, as PNGs; existing files are kept, a new name gets a _1, _2... suffix (detections)',
     )
     parser.add_argument(
         '--score-threshold',
         type=probability,
         default=0.3,
-        help='detection models: least score of a box printed and drawn (0.3; boxes under the '
-        "model's own 0.05 are never reported)",
+        help='detection and Mask R-CNN models: least score of a box printed and drawn (0.3; '
+        "boxes under the model's own 0.05 are never reported)",
     )
     return parser
 

@@ -16,12 +16,20 @@ image into --mask-dir (pixel value = class index, in a palette of class colours)
 share of each class; their input is the whole image, resized so its long side is the stored
 input size and zero-padded to it.
 
-Detection models (crossformer_jax.models.detection) print the boxes scoring at least
+Detection models (RetinaNet, crossformer_jax.models.detection) print the boxes scoring at least
 --score-threshold (class, score, x1 y1 x2 y2 in the original image's pixels) and write a copy of
-each image with those boxes and their labels drawn into --box-dir; their input is prepared as the
-COCO evaluation prepares it (crossformer_jax.data.coco), so the boxes are the ones it scores.
-Their images are batched per canvas (landscape, portrait), so the results of a mix may come in
-another order than the images were given; each result names its image.
+each image with those boxes and their labels drawn into --box-dir. Their input is prepared as the
+COCO evaluation prepares it (crossformer_jax.data.coco) and run through the evaluation's own
+program (tasks.detection.detect_step), so the boxes are the ones it scores. Their images are
+batched per canvas (landscape, portrait), so the results of a mix may come in another order than
+the images were given; each result names its image.
+
+(Cascade) Mask R-CNN models (crossformer_jax.models.mask_rcnn) do the same through the instance
+segmentation evaluation's program (tasks.instance_segmentation.segment_step, with the test-time
+proposal counts of its TWO_STAGE_DEFAULTS), and also give each box's mask: pasted into the
+original image at 0.5 as the COCO mask evaluation pastes it (evaluators.coco.paste_mask),
+reported as COCO RLE with its area in pixels, and filled semi-transparently in the box's colour
+on the drawn copy.
 
 Each kind of model is one entry of `TASKS` (host-side preparation, device-side outputs, per-image
 results), so a new kind of head is a new entry there.
@@ -40,18 +48,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_util
 
 from crossformer_jax.augment import batch_ops
 from crossformer_jax.data import coco
 from crossformer_jax.data import preprocess_ops as ops
 from crossformer_jax.data.ade20k import resize_bilinear_uint8
 from crossformer_jax.data.config import COCO_DEFAULTS
-from crossformer_jax.detection import postprocess
+from crossformer_jax.evaluators.coco import paste_mask
 from crossformer_jax.runtime import sharding
 from crossformer_jax.runtime.compile_options import inference_compiler_options
+from crossformer_jax.tasks.detection import detect_step
+from crossformer_jax.tasks.instance_segmentation import TWO_STAGE_DEFAULTS, segment_step
 from crossformer_jax.weights.pretrained import Preprocessing, PretrainedError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
@@ -144,9 +156,10 @@ def classification_prepare(path: str, preprocessing: Preprocessing) -> tuple[np.
     return preprocess_image(path, preprocessing), None
 
 
-def classification_outputs(model, variables, images, *, top_k: int):
+def classification_outputs(model, variables, images, *, top_k: int, preprocessing: Preprocessing):
     """Device side of classification: (probabilities, indices), each (N, top_k)."""
 
+    del preprocessing  # applied on the host
     logits = model.apply(variables, images, train=False)
     return jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top_k)
 
@@ -217,10 +230,10 @@ def segmentation_prepare(path: str, preprocessing: Preprocessing):
     return padded, (height, width, new_h, new_w)
 
 
-def segmentation_outputs(model, variables, images, *, top_k: int):
+def segmentation_outputs(model, variables, images, *, top_k: int, preprocessing: Preprocessing):
     """Device side of segmentation: the class of every pixel, (N, H, W) int32."""
 
-    del top_k
+    del top_k, preprocessing
     return jnp.argmax(model.apply(variables, images, train=False), axis=-1).astype(jnp.int32)
 
 
@@ -261,23 +274,28 @@ def segmentation_results(outputs, paths, infos, label_names, options) -> list[Ma
 
 
 @dataclasses.dataclass(frozen=True)
-class DetectionInfo:
-    """What the results of one image need: the decoded original, uint8 (H, W, 3), and the
-    factors from its boxes to the model input's, float32 (4,) for x1, y1, x2, y2
-    (coco.box_scale)."""
-
-    image: np.ndarray
-    scale_factor: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
 class Detection:
-    """One box: class name and index, score (sigmoid) and x1, y1, x2, y2 in original pixels."""
+    """One box: class name and index, score and x1, y1, x2, y2 in original pixels; for Mask
+    R-CNN also its mask in the original image as COCO RLE ({'size': [H, W], 'counts': str}) and
+    the mask's area in pixels."""
 
     label: str
     index: int
     score: float
     box: tuple[float, float, float, float]
+    mask: dict[str, Any] | None = None
+    area: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        found = {
+            'label': self.label,
+            'index': self.index,
+            'score': self.score,
+            'box': list(self.box),
+        }
+        if self.mask is not None:
+            found |= {'mask': self.mask, 'area': self.area}
+        return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,30 +310,28 @@ class DetectionPrediction:
         return {
             'image': self.path,
             'drawn': self.drawn_path,
-            'detections': [
-                {'label': d.label, 'index': d.index, 'score': d.score, 'box': list(d.box)}
-                for d in self.detections
-            ],
+            'detections': [d.to_json() for d in self.detections],
         }
 
     def to_text(self) -> str:
-        """The path line, then one line per box: score, x1 y1 x2 y2, label (last: it may hold
-        spaces)."""
+        """The path line, then one line per box: score, x1 y1 x2 y2, for Mask R-CNN the mask's
+        area ('<pixels> px'), and the label (last: it may hold spaces)."""
         lines = [f'{self.path} -> {self.drawn_path}']
-        lines += [
-            f'  {d.score:5.3f}  {" ".join(f"{v:7.1f}" for v in d.box)}  {d.label}'
-            for d in self.detections
-        ]
+        for d in self.detections:
+            area = '' if d.area is None else f'  {d.area:7d} px'
+            box = ' '.join(f'{v:7.1f}' for v in d.box)
+            lines.append(f'  {d.score:5.3f}  {box}{area}  {d.label}')
         return '\n'.join(lines)
 
 
 def detection_prepare(path: str, preprocessing: Preprocessing):
-    """The image as the COCO evaluation prepares it (crossformer_jax.data.coco): decoded with
-    PIL, resized (aspect kept, coco.resized_size) to fit the input_size = (short, long) limits,
-    bilinearly as OpenCV does, normalised, zero-padded at the bottom/right onto the evaluation's
-    canvas of its orientation (coco.bucket_shapes; landscape when width >= height). Model input
-    {'image': (Hc, Wc, 3) float32, 'image_size': (2,) int32 resized height and width}; info
-    DetectionInfo.
+    """The image as the COCO evaluation loader prepares it (crossformer_jax.data.coco): decoded
+    with PIL, resized (aspect kept, coco.resized_size) to fit the input_size = (short, long)
+    limits, bilinearly as OpenCV does, and placed at the top left of a zero uint8 canvas of its
+    orientation (coco.bucket_shapes; landscape when width >= height); normalised on the device
+    by the evaluation's program. Model input {'image': (Hc, Wc, 3) uint8, 'image_size': (2,)
+    int32 resized height and width, 'scale_factor': (4,) float32 from original to resized
+    x1, y1, x2, y2 (coco.box_scale)}; info: the decoded original, uint8 (H, W, 3).
 
     Two canvases, landscape (the short and long limits rounded up to multiples of 32) and
     portrait (the same transposed), rather than one square canvas of the long limit: they are the
@@ -337,24 +353,56 @@ def detection_prepare(path: str, preprocessing: Preprocessing):
         raise ValueError(f'cannot decode image: {e}') from None
     height, width = image.shape[:2]
     new_h, new_w, _ = coco.resized_size(height, width, scale)
-    resized = resize_bilinear_uint8(image, new_h, new_w).numpy()
     landscape, portrait = coco.bucket_shapes(scale, COCO_DEFAULTS['size_divisor'])
-    canvas_h, canvas_w = landscape if width >= height else portrait
-    padded = np.zeros((canvas_h, canvas_w, 3), np.float32)
-    mean, std = (np.asarray(v, np.float32) for v in (preprocessing.mean, preprocessing.std))
-    padded[:new_h, :new_w] = (resized.astype(np.float32) / 255.0 - mean) / std  # on the host
-    model_input = {'image': padded, 'image_size': np.array([new_h, new_w], np.int32)}
-    return model_input, DetectionInfo(image, coco.box_scale(height, width, new_h, new_w))
+    canvas = np.zeros((*(landscape if width >= height else portrait), 3), np.uint8)
+    canvas[:new_h, :new_w] = resize_bilinear_uint8(image, new_h, new_w).numpy()
+    model_input = {
+        'image': canvas,
+        'image_size': np.array([new_h, new_w], np.int32),
+        'scale_factor': coco.box_scale(height, width, new_h, new_w),
+    }
+    return model_input, image
 
 
-def detection_outputs(model, variables, inputs, *, top_k: int):
-    """Device side of detection: postprocess.detect's fixed-size outputs (boxes (N, D, 4) xyxy in
-    resized pixels, scores (N, D), classes (N, D), num_detections (N,))."""
+def evaluation_step(step: Callable[..., dict], model, variables, inputs, preprocessing, **settings):
+    """`step` (an evaluation program: detect_step, segment_step) on detection_prepare's stacked
+    inputs: the mean and std it normalises with are the weights' on its 0..255 scale, and the
+    evaluation batch's bookkeeping (image_id, mask (N,)), which it passes through, is filled in
+    and dropped from its outputs."""
+    data_config = ml_collections.ConfigDict(
+        {
+            'mean': tuple(255.0 * m for m in preprocessing.mean),
+            'std': tuple(255.0 * s for s in preprocessing.std),
+        }
+    )
+    count = inputs['image'].shape[0]
+    batch = inputs | {'image_id': jnp.zeros(count, jnp.int32), 'mask': jnp.ones(count, bool)}
+    found = step(variables, batch, model=model, data_config=data_config, **settings)
+    return {k: v for k, v in found.items() if k not in ('image_id', 'mask')}
+
+
+def detection_outputs(model, variables, inputs, *, top_k: int, preprocessing: Preprocessing):
+    """Device side of RetinaNet: detect_step's fixed-size outputs (boxes (N, D, 4) xyxy in
+    original pixels, scores (N, D), classes (N, D), num_detections (N,))."""
 
     del top_k
-    class_logits, box_deltas = model.apply(variables, inputs['image'], train=False)
-    return postprocess.detect(
-        class_logits, box_deltas, model.anchor_generator, inputs['image_size']
+    return evaluation_step(detect_step, model, variables, inputs, preprocessing)
+
+
+def instance_outputs(model, variables, inputs, *, top_k: int, preprocessing: Preprocessing):
+    """Device side of Mask R-CNN: segment_step with the test-time proposal counts of
+    TWO_STAGE_DEFAULTS; detection_outputs' fields and masks (N, D, 28, 28), the probabilities of
+    each detection's class over its box."""
+
+    del top_k
+    return evaluation_step(
+        segment_step,
+        model,
+        variables,
+        inputs,
+        preprocessing,
+        pre_nms_top_k=TWO_STAGE_DEFAULTS['test_pre_nms_top_k'],
+        max_proposals=TWO_STAGE_DEFAULTS['test_proposals'],
     )
 
 
@@ -365,12 +413,27 @@ def box_colour(index: int) -> tuple[int, int, int]:
     return round(255 * red), round(255 * green), round(255 * blue)
 
 
+MASK_OPACITY = 0.5  # a drawn mask's pixels: (1 - opacity) * image + opacity * class colour
+
+
+def fill_masks(image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
+    """The uint8 (H, W, 3) image with each detection's mask (those that have one) blended with
+    its class colour at MASK_OPACITY, the lowest score first (the highest ends on top)."""
+    pixels = image.astype(np.float32)
+    for detection in reversed(detections):
+        if detection.mask is not None:
+            inside = mask_util.decode(detection.mask).astype(bool)
+            colour = np.float32(box_colour(detection.index))
+            pixels[inside] += MASK_OPACITY * (colour - pixels[inside])
+    return np.round(pixels).astype(np.uint8)
+
+
 def draw_detections(image: np.ndarray, detections: Sequence[Detection]) -> Image.Image:
-    """A copy of the uint8 (H, W, 3) image with each box outlined in its class colour and a
-    '<label> <score>' tag of that colour on its top-left corner (above the box where there is
-    room; white text on dark tags, black on light ones); the highest score is drawn last, on
-    top."""
-    drawn = Image.fromarray(image)
+    """A copy of the uint8 (H, W, 3) image with the masks filled (fill_masks), then each box
+    outlined in its class colour and a '<label> <score>' tag of that colour on its top-left
+    corner (above the box where there is room; white text on dark tags, black on light ones);
+    the highest score is drawn last, on top."""
+    drawn = Image.fromarray(fill_masks(image, detections))
     draw = ImageDraw.Draw(drawn)
     height, width = image.shape[:2]
     line_width = max(1, round(min(height, width) / 300))
@@ -392,33 +455,47 @@ def draw_detections(image: np.ndarray, detections: Sequence[Detection]) -> Image
 
 
 def detection_results(outputs, paths, infos, label_names, options) -> list[DetectionPrediction]:
-    """Keeps the boxes scoring at least options['score_threshold'], brings them back to the
-    original image (divided by each axis' resize ratio, so within the image up to float
-    rounding, which a clip removes) and writes BOX_DIR/<image name>.png, the image with them
-    drawn, at its own size."""
+    """Keeps the boxes scoring at least options['score_threshold'] (in original pixels already:
+    divided by each axis' resize ratio, so within the image up to float rounding, which a clip
+    removes) and writes BOX_DIR/<image name>.png, the image with them drawn, at its own size.
+
+    With Mask R-CNN's 'masks' (N, D, 28, 28) each kept box's mask is pasted into the original
+    image exactly as the COCO mask evaluation pastes it (paste_mask at 0.5, with the box before
+    the clip) and RLE-encoded (pycocotools)."""
 
     os.makedirs(options['box_dir'], exist_ok=True)
     results = []
-    for row, (path, info) in enumerate(zip(paths, infos)):
+    for row, (path, image) in enumerate(zip(paths, infos)):
         count = int(outputs['num_detections'][row])
-        height, width = info.image.shape[:2]
-        boxes = np.asarray(outputs['boxes'][row, :count]) / info.scale_factor
-        boxes = np.clip(boxes, 0.0, np.float32([width, height, width, height]))
+        height, width = image.shape[:2]
+        boxes = np.asarray(outputs['boxes'][row, :count])
+        clipped = np.clip(boxes, 0.0, np.float32([width, height, width, height]))
         scores = np.asarray(outputs['scores'][row, :count])
         classes = np.asarray(outputs['classes'][row, :count])
-        detections = [
-            Detection(
-                label_names[int(classes[i])] if label_names is not None else str(int(classes[i])),
-                int(classes[i]),
-                float(scores[i]),
-                tuple(float(v) for v in boxes[i]),
+        detections = []
+        for i in np.argsort(-scores, kind='stable'):
+            if scores[i] < options['score_threshold']:
+                continue
+            index = int(classes[i])
+            mask = area = None
+            if 'masks' in outputs:
+                pasted = paste_mask(outputs['masks'][row, i], boxes[i], height, width)
+                rle = mask_util.encode(np.asfortranarray(pasted.astype(np.uint8)))
+                mask = {'size': [height, width], 'counts': rle['counts'].decode('ascii')}
+                area = int(mask_util.area(rle))
+            detections.append(
+                Detection(
+                    label_names[index] if label_names is not None else str(index),
+                    index,
+                    float(scores[i]),
+                    tuple(float(v) for v in clipped[i]),
+                    mask,
+                    area,
+                )
             )
-            for i in np.argsort(-scores, kind='stable')
-            if scores[i] >= options['score_threshold']
-        ]
         stem = os.path.splitext(os.path.basename(path))[0]
         drawn_path = _unique_path(options['box_dir'], stem)
-        draw_detections(info.image, detections).save(drawn_path)
+        draw_detections(image, detections).save(drawn_path)
         results.append(DetectionPrediction(path, drawn_path, detections))
     return results
 
@@ -427,8 +504,8 @@ def detection_results(outputs, paths, infos, label_names, options) -> list[Detec
 class Task:
     """prepare(path, preprocessing) -> (model input, per-image info) on the host, the input an
     image (H, W, 3) or a dict of arrays; outputs(model, variables, inputs stacked to (N, ...),
-    top_k=) on the device (jit-compiled); results(outputs, paths, infos, label_names, options) ->
-    one result per image."""
+    top_k=, preprocessing=) on the device (jit-compiled); results(outputs, paths, infos,
+    label_names, options) -> one result per image."""
 
     prepare: Callable[..., tuple[Any, Any]]
     outputs: Callable[..., Any]
@@ -439,6 +516,7 @@ TASKS = {
     'classification': Task(classification_prepare, classification_outputs, classification_results),
     'segmentation': Task(segmentation_prepare, segmentation_outputs, segmentation_results),
     'detection': Task(detection_prepare, detection_outputs, detection_results),
+    'instance_segmentation': Task(detection_prepare, instance_outputs, detection_results),
 }
 
 
@@ -449,9 +527,9 @@ TASKS = {
 class Predictor:
     """A loaded model, its jit-compiled forward pass and its preprocessing.
 
-    mask_dir: where segmentation models write their mask PNGs. box_dir: where detection models
-    write the images with their boxes drawn; score_threshold: the least score of a box they
-    report (their post-processing already drops boxes under 0.05).
+    mask_dir: where segmentation models write their mask PNGs. box_dir: where detection and
+    Mask R-CNN models write the images with their boxes (and masks) drawn; score_threshold: the
+    least score of a box they report (their post-processing already drops boxes under 0.05).
     """
 
     def __init__(
@@ -486,17 +564,24 @@ class Predictor:
         devices = self.mesh.size
         self.batch_size = -(-batch_size // devices) * devices  # whole rows per device
         self.variables = jax.device_put(weights.variables, sharding.replicated(self.mesh))
+        outputs = functools.partial(
+            self.task.outputs,
+            weights.model,
+            top_k=min(top_k, num_classes),
+            preprocessing=weights.preprocessing,
+        )
         self.forward = jax.jit(
-            functools.partial(self.task.outputs, weights.model, top_k=min(top_k, num_classes)),
+            outputs,
             in_shardings=(sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)),
             out_shardings=sharding.replicated(self.mesh),
             compiler_options=inference_compiler_options(),
         )
 
     def _stack(self, inputs: list[Any]) -> Any:
-        """The model inputs of a batch stacked along a new leading axis, padded with zero inputs
-        to batch_size rows: one compiled shape for every batch."""
-        inputs = inputs + [jax.tree.map(np.zeros_like, inputs[0])] * (self.batch_size - len(inputs))
+        """The model inputs of a batch stacked along a new leading axis, padded to batch_size rows
+        (one compiled shape for every batch) with copies of the first: valid inputs, so the
+        padding rows compute nothing degenerate (a zero image size or scale factor)."""
+        inputs = inputs + inputs[:1] * (self.batch_size - len(inputs))
         return jax.tree.map(lambda *rows: np.stack(rows), *inputs)
 
     def _batches(self, inputs: Sequence[str | ImageError]):

@@ -63,6 +63,7 @@ _STORABLE_OVERRIDES = (
     'num_box_convs',
     'num_box_fcs',
     'num_mask_convs',
+    'roi_exact_extent',
 )
 
 
