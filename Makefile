@@ -9,8 +9,9 @@ TEST_WORKERS ?= 2
 DEMO_DIR ?= workdirs/digits_demo
 SEG_DEMO_DIR ?= workdirs/segmentation_demo
 DET_DEMO_DIR ?= workdirs/detection_demo
+MASK_DEMO_DIR ?= workdirs/mask_rcnn_demo
 
-.PHONY: install lint format test test-slow demo demo-seg demo-det benchmark report clean
+.PHONY: install lint format test test-slow demo demo-seg demo-det demo-mask benchmark report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +58,11 @@ demo-seg: install
 demo-det: install
 	$(PY) scripts/make_detection_demo.py --out workdirs/detection_demo_data
 	CROSSFORMER_CPU_KERNELS=1 $(PY) train.py --config configs/detection/demo.py --workdir $(DET_DEMO_DIR)
+
+# The same data, a small Mask R-CNN (boxes and instance masks) trained from scratch.
+demo-mask: install
+	$(PY) scripts/make_detection_demo.py --out workdirs/detection_demo_data
+	CROSSFORMER_CPU_KERNELS=1 $(PY) train.py --config configs/detection/mask_rcnn_demo.py --workdir $(MASK_DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

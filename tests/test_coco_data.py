@@ -1,6 +1,7 @@
 """Tests of the COCO detection data (crossformer_jax.data.coco) on a tiny COCO folder written to
 tmp_path: annotation cleaning, resize geometry, grouped training batches (boxes against the
-pixels, flips, exact resume, host slices, corrupt files) and the evaluation pass."""
+pixels, flips, exact resume, host slices, corrupt files), the multi-scale and crop training
+geometry (its draws, windows, box clipping, canvases, resume) and the evaluation pass."""
 
 import io
 import json
@@ -16,6 +17,7 @@ from PIL import Image
 
 from crossformer_jax.data import coco, pipeline
 from crossformer_jax.data.ade20k import resize_bilinear_uint8
+from crossformer_jax.data.config import COCO_DEFAULTS
 
 BACKGROUND = (40, 40, 40)
 COLOURS = {2: (220, 30, 30), 5: (30, 220, 30), 9: (30, 30, 220)}  # by COCO category id
@@ -441,6 +443,237 @@ def test_boxes_past_max_boxes_are_counted(data_dir, caplog):
     np.testing.assert_allclose(first['boxes'][0, 0], np.float32(1.6) * np.float32([5, 4, 25, 20]))
     assert sum('keep the first max_boxes=1' in r.getMessage() for r in caplog.records) == 1
     it.close()
+
+
+# ----------------------------------------------------------------------------
+# Multi-scale training with crops ('multiscale_crop')
+
+MULTISCALE = dict(
+    train_augment='multiscale_crop',
+    multiscale_short_sides=(32, 48, 64),  # the test canvas' short side is 64
+    crop_short_sides=(40, 50),
+    crop_size_range=(20, 36),
+)
+
+
+def _recipe_draws(height, width, bounds, count=3000):
+    recipe = coco.MultiScaleCrop.from_config(COCO_DEFAULTS)
+    return [recipe.draw(height, width, np.random.default_rng(i), bounds) for i in range(count)]
+
+
+def test_multiscale_crop_recipe_numbers(data_dir):
+    recipe = coco.MultiScaleCrop.from_config(COCO_DEFAULTS)
+    assert recipe == coco.MultiScaleCrop(
+        1333, (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800), (400, 500, 600), (384, 600)
+    )
+    with pytest.raises(ValueError, match=r'multiscale_short_sides \(480, 832\) must not exceed'):
+        coco.MultiScaleCrop.from_config({'multiscale_short_sides': (480, 832)})
+    with pytest.raises(ValueError, match=r'crop_size_range must be \(min, max\), got \(600, 384'):
+        coco.MultiScaleCrop.from_config({'crop_size_range': (600, 384)})
+    with pytest.raises(ValueError, match=r'crop_short_sides must be a non-empty tuple of posit'):
+        coco.MultiScaleCrop.from_config({'crop_short_sides': ()})
+    with pytest.raises(ValueError, match=r"train_augment must be one of \('resize', 'multiscale"):
+        coco.create_train_iterator(
+            _cfg(data_dir, train_augment='crop'), global_batch_size=1, seed=0
+        )
+
+
+def test_multiscale_resize_policy_sizes():
+    # A 480 x 640 image: short side s -> s x round(s * 4 / 3); all 11 scales, about half of
+    # the images, never past the landscape canvas (800, 1333).
+    draws = _recipe_draws(480, 640, (800, 1333))
+    plain = [g for g in draws if g.crop is None]
+    assert 0.45 < len(plain) / len(draws) < 0.55
+    for g in plain:
+        assert g.final == g.resized == (g.final[0], int(g.final[0] * 640 / 480 + 0.5))
+    assert sorted({g.final[0] for g in plain}) == list(range(480, 801, 32))
+    # The long side bound: 300 x 1000 at any short side from 480 on -> 400 x 1333.
+    long_bound = _recipe_draws(300, 1000, (800, 1333), count=200)
+    assert {g.final for g in long_bound if g.crop is None} == {(400, 1333)}
+
+
+def test_multiscale_crop_policy_sizes_windows_and_canvas_bound():
+    draws = [g for g in _recipe_draws(480, 640, (800, 1333), 6000) if g.crop is not None]
+    # First resize to a short side of 400, 500 or 600.
+    assert {g.resized for g in draws} == {(400, 533), (500, 667), (600, 800)}
+    heights, widths, capped = set(), set(), 0
+    for g in draws:
+        top, left, ch, cw = g.crop
+        h1, w1 = g.resized
+        assert 384 <= ch <= min(h1, 600) and 384 <= cw <= min(w1, 600)
+        assert 0 <= top <= h1 - ch and 0 <= left <= w1 - cw
+        heights.add(ch)
+        widths.add(cw)
+        # The final resize: short side one of 480..800 (mmcv's rule), unless a portrait window
+        # would be taller than the landscape canvas (800): then exactly 800 high.
+        free = [
+            (int(ch * f + 0.5), int(cw * f + 0.5))
+            for f in (s / min(ch, cw) for s in range(480, 801, 32))
+        ]
+        if g.final in free:
+            assert g.final[0] <= 800
+        else:
+            capped += 1
+            assert ch > cw and g.final[0] == 800
+            assert g.final == (800, int(cw * 800 / ch + 0.5))
+        assert g.final[0] <= 800 and g.final[1] <= 1333
+    assert min(heights) == min(widths) == 384 and max(heights) == max(widths) == 600
+    assert 0 < capped < len(draws) / 4
+    # Windows of a portrait image on the portrait canvas, the bound transposed.
+    for g in _recipe_draws(640, 427, (1333, 800), count=500):
+        assert g.final[0] <= 1333 and g.final[1] <= 800
+        if g.crop is not None and g.crop[3] > g.crop[2]:  # a landscape window
+            assert g.final[1] <= 800
+
+
+def test_resized_size_bounds():
+    assert coco.resized_size(600, 400, (1333, 800)) == (1200, 800, 2.0)
+    assert coco.resized_size(600, 400, (1333, 800), bounds=(800, 1333))[:2] == (800, 533)
+    assert coco.resized_size(400, 600, (1333, 800), bounds=(800, 1333)) == (800, 1200, 2.0)
+
+
+def _painted_example(image_id, folder):
+    """A CocoImage of TRAIN_IMAGES[image_id] (its file written to folder) and its pixels."""
+    (h, w), boxes = TRAIN_IMAGES[image_id]
+    pixels = _painted((h, w), boxes)
+    path = folder / f'{image_id}.png'
+    path.write_bytes(_png(pixels))
+    image = coco.CocoImage(
+        path=str(path),
+        image_id=image_id,
+        height=h,
+        width=w,
+        boxes=np.asarray([b for b, _ in boxes], np.float32),
+        classes=np.arange(len(boxes), dtype=np.int32),
+        crowd=np.zeros(len(boxes), bool),
+    )
+    return image, pixels
+
+
+@pytest.mark.parametrize('flip', [False, True])
+def test_crop_geometry_boxes_and_pixels(tmp_path, flip):
+    image, pixels = _painted_example(1, tmp_path)  # 40 x 60: (5, 4, 25, 20), (35, 22, 55, 36)
+    # 2x to 80 x 120, the window rows 10..60 and columns 30..90, then 64 x 77.
+    geometry = coco.Geometry((80, 120), (10, 30, 50, 60), (64, 77))
+    example = coco.load_example(image, SCALE, flip, geometry=geometry)
+    resized = resize_bilinear_uint8(pixels, 80, 120).numpy()
+    expected = resize_bilinear_uint8(resized[10:60, 30:90], 64, 77).numpy()
+    np.testing.assert_array_equal(example['image'], expected[:, ::-1] if flip else expected)
+    # Box 1 (10, 8, 50, 40) at 2x crosses the window's left and top edges: clipped to
+    # (0, 0, 20, 30); box 2 (70, 44, 110, 72) its right and bottom ones: (40, 34, 60, 50).
+    window = np.float32([[0, 0, 20, 30], [40, 34, 60, 50]])
+    boxes = window * np.float32([77 / 60, 64 / 50, 77 / 60, 64 / 50])
+    if flip:
+        boxes = np.stack([77 - boxes[:, 2], boxes[:, 1], 77 - boxes[:, 0], boxes[:, 3]], 1)
+    np.testing.assert_allclose(example['boxes'], boxes, atol=1e-4)
+    np.testing.assert_array_equal(example['classes'], [0, 1])
+    np.testing.assert_allclose(example['scale_factor'], [2 * 77 / 60, 2 * 64 / 50] * 2, 1e-6)
+
+    # A window whose left edge is box 1's right edge (x = 50 at 2x): box 1 has no width
+    # left and is dropped with its class; box 2 stays.
+    geometry = coco.Geometry((80, 120), (0, 50, 80, 70), (80, 70))
+    example = coco.load_example(image, SCALE, flip, geometry=geometry)
+    np.testing.assert_array_equal(example['classes'], [1])
+    expected_box = np.float32([20, 44, 60, 72])
+    if flip:
+        expected_box = np.float32([70 - 60, 44, 70 - 20, 72])
+    np.testing.assert_allclose(example['boxes'], [expected_box], atol=1e-4)
+    # A window with no box in it: the image is kept, without boxes.
+    geometry = coco.Geometry((80, 120), (0, 112, 8, 8), (16, 16))
+    empty = coco.load_example(image, SCALE, flip, geometry=geometry)
+    assert empty['image'].shape == (16, 16, 3) and empty['boxes'].shape == (0, 4)
+    assert empty['classes'].shape == (0,) and (empty['image'] == BACKGROUND).all()
+
+
+def test_geometry_checks_its_window():
+    for window in [(10, 0, 31, 60), (0, 10, 30, 51), (-1, 0, 5, 5), (0, 0, 0, 5)]:
+        with pytest.raises(ValueError, match='the crop window must lie inside the resized'):
+            coco.Geometry((40, 60), window, (40, 60))
+    coco.Geometry((40, 60), (10, 20, 30, 40), (40, 60))  # touching the bottom right corner
+    with pytest.raises(ValueError, match='without a crop the final size is the resized one'):
+        coco.Geometry((40, 60), None, (20, 30))
+
+
+def _expected_multiscale_boxes(image_id, geometry, flip):
+    """(boxes in final pixels, kept classes) of a training image: scaled, shifted by the
+    window, clipped, those without area dropped, scaled to the final size, flipped."""
+    (h, w), boxes = TRAIN_IMAGES[image_id]
+    boxes = np.asarray([b for b, _ in boxes], np.float64).reshape(-1, 4)
+    classes = np.asarray([(2, 5, 9).index(c) for _, c in TRAIN_IMAGES[image_id][1]], np.int32)
+    h1, w1 = geometry.resized
+    boxes = boxes * [w1 / w, h1 / h, w1 / w, h1 / h]
+    final_h, final_w = geometry.final
+    if geometry.crop is not None:
+        top, left, ch, cw = geometry.crop
+        boxes = np.clip(boxes - [left, top, left, top], 0, [cw, ch, cw, ch])
+        kept = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes = boxes[kept] * [final_w / cw, final_h / ch, final_w / cw, final_h / ch]
+        classes = classes[kept]
+    if flip:
+        x1, y1, x2, y2 = boxes.T
+        boxes = np.stack([final_w - x2, y1, final_w - x1, y2], 1)
+    return boxes, classes
+
+
+def test_multiscale_batches_follow_their_geometry_and_fit_the_canvas(data_dir):
+    cfg = _cfg(data_dir, max_boxes=2, **MULTISCALE)
+    it = coco.create_train_iterator(cfg, global_batch_size=4, seed=0, return_ids=True)
+    crops = turned = sizes = 0
+    for k, batch in enumerate(_take(it, 8)):
+        planned = it.global_batch(k)
+        canvas = (64, 96) if planned.landscape else (96, 64)
+        assert batch['image'].shape == (4, *canvas, 3)
+        for slot, index in enumerate(planned.indices):
+            image_id = it.split.images[index].image_id
+            if image_id == CORRUPT_TRAIN:
+                continue
+            geometry = planned.geometries[slot]
+            h, w = geometry.final
+            assert h <= canvas[0] and w <= canvas[1]
+            assert tuple(batch['image_size'][slot]) == (h, w)
+            assert not batch['image'][slot, h:].any() and not batch['image'][slot, :, w:].any()
+            boxes, classes = _expected_multiscale_boxes(image_id, geometry, planned.flips[slot])
+            n = min(len(boxes), 2)
+            np.testing.assert_array_equal(batch['box_mask'][slot], np.arange(2) < n)
+            np.testing.assert_array_equal(batch['classes'][slot, :n], classes[:n])
+            np.testing.assert_allclose(batch['boxes'][slot, :n], boxes[:n], atol=1e-4)
+            crops += geometry.crop is not None
+            # a window of the other orientation than its canvas, fitted into it
+            turned += (h > w) if planned.landscape else (w > h)
+            sizes += 1
+    assert 0 < crops < sizes and turned > 0
+    it.close()
+
+
+def test_multiscale_exact_resume_host_slices_and_seed(data_dir):
+    cfg = _cfg(data_dir, **MULTISCALE)
+    fresh = coco.create_train_iterator(cfg, global_batch_size=4, seed=3, return_ids=True)
+    fresh_batches = _take(fresh, 7)
+    resumed = coco.create_train_iterator(
+        cfg, global_batch_size=4, seed=3, start_step=5, return_ids=True
+    )
+    for a, b in zip(fresh_batches[5:], _take(resumed, 2)):
+        for key in a:
+            assert a[key].tobytes() == b[key].tobytes(), key
+    hosts = [
+        coco.create_train_iterator(cfg, global_batch_size=4, seed=3, start_step=1,
+                                   process_index=p, process_count=2, return_ids=True)
+        for p in range(2)
+    ]  # fmt: skip
+    for step in (1, 2):
+        slices = [next(host) for host in hosts]
+        planned = [fresh.split.images[i].image_id for i in fresh.global_batch(step).indices]
+        valid = np.asarray(planned) != CORRUPT_TRAIN  # filled from its own host's slice
+        for key, value in fresh_batches[step].items():
+            joined = np.concatenate([s[key] for s in slices])
+            np.testing.assert_array_equal(joined[valid], value[valid], err_msg=key)
+    other = coco.create_train_iterator(cfg, global_batch_size=4, seed=4)
+    plain = coco.create_train_iterator(_cfg(data_dir), global_batch_size=4, seed=3)
+    geometries = [fresh.global_batch(k).geometries for k in range(4)]
+    assert geometries != [other.global_batch(k).geometries for k in range(4)]
+    assert all(len(g) == 4 for g in geometries) and plain.global_batch(0).geometries is None
+    for iterator in (fresh, resumed, other, plain, *hosts):
+        iterator.close()
 
 
 # ----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Tests of COCO instance masks: segmentation decoding and cleaning, the box crops in training
-batches (crossformer_jax.data.coco), the R-CNN mask targets (crossformer_jax.detection.
-mask_targets) and mask AP (crossformer_jax.evaluators.coco)."""
+batches (crossformer_jax.data.coco; also cut by the crop windows of multi-scale training), the
+R-CNN mask targets (crossformer_jax.detection.mask_targets) and mask AP
+(crossformer_jax.evaluators.coco)."""
 
 import contextlib
 import io
@@ -299,6 +300,89 @@ def test_resume_and_host_slices_with_masks(data_dir):
         parts = [next(h) for h in hosts]
         for key in expected:
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+
+
+MULTISCALE = dict(
+    train_augment='multiscale_crop',
+    multiscale_short_sides=(32, 48, 64),
+    crop_short_sides=(40, 50),
+    crop_size_range=(20, 36),
+)
+
+
+@pytest.mark.parametrize('flip', [False, True])
+def test_crop_cuts_masks_with_their_boxes(data_dir, flip):
+    coco.load_annotations.cache_clear()
+    split = coco.load_annotations(str(data_dir), 'train2017', training=True, masks=True)
+    first, second = split.images[0], split.images[1]
+
+    def mirrored(crop):
+        return crop[:, ::-1] if flip else crop
+
+    # Image 1 at its own size, the window columns 8..48, doubled: the polygon box (4, 4, 24,
+    # 20), whose object is its left half (x < 14), is cut to (8, 4, 24, 20): the object fills
+    # the first 6 of its 16 columns, 3 of the 8 mask columns. The disk's box (30, 10, 56, 36)
+    # is cut to (30, 10, 48, 36): its mask is the disk's crop over that part.
+    geometry = coco.Geometry((40, 60), (0, 8, 40, 40), (80, 80))
+    example = coco.load_example(first, SCALE, flip, SIZE, geometry)
+    boxes = np.float32([[0, 8, 32, 40], [44, 20, 80, 72]])
+    if flip:
+        boxes = np.stack([80 - boxes[:, 2], boxes[:, 1], 80 - boxes[:, 0], boxes[:, 3]], 1)
+    np.testing.assert_allclose(example['boxes'], boxes, atol=1e-4)
+    half = np.zeros((SIZE, SIZE), np.uint8)
+    half[:, :3] = 1
+    np.testing.assert_array_equal(example['masks'][0], mirrored(half))
+    disk = _object((40, 60), (30, 10, 56, 36), 'rle')[0]
+    cut_disk = coco.crop_mask(disk, np.float32([30, 10, 48, 36]), SIZE)
+    assert (cut_disk != coco.crop_mask(disk, np.float32([30, 10, 56, 36]), SIZE)).any()
+    np.testing.assert_array_equal(example['masks'][1], mirrored(cut_disk))
+
+    # A rectangle object filling its box (10, 8, 34, 32) stays full when the window (rows
+    # 16..40 at 2x, 8..20 of the image) cuts its box; a window missing it leaves neither box
+    # nor mask.
+    geometry = coco.Geometry((80, 120), (16, 0, 24, 120), (24, 120))
+    example = coco.load_example(second, SCALE, flip, SIZE, geometry)
+    box = [120 - 68, 0, 120 - 20, 24] if flip else [20, 0, 68, 24]
+    np.testing.assert_allclose(example['boxes'], [box], atol=1e-4)
+    assert example['masks'].shape == (1, SIZE, SIZE) and example['masks'].all()
+    geometry = coco.Geometry((80, 120), (70, 0, 10, 120), (10, 120))
+    empty = coco.load_example(second, SCALE, flip, SIZE, geometry)
+    assert empty['masks'].shape == (0, SIZE, SIZE) and empty['boxes'].shape == (0, 4)
+
+
+def test_multiscale_masks_follow_their_boxes(data_dir):
+    """Each mask is the object's crop to its box mapped back to the original image."""
+    coco.load_annotations.cache_clear()
+    cfg = _cfg(data_dir, **MULTISCALE)
+    it = coco.create_train_iterator(cfg, global_batch_size=2, seed=1, return_ids=True)
+    crops = cut = 0
+    for step in range(8):
+        batch = next(it)
+        planned = it.global_batch(step)
+        for slot, image_id in enumerate(batch['image_id']):
+            geometry, flip = planned.geometries[slot], planned.flips[slot]
+            size, objects = IMAGES[int(image_id)]
+            h1, w1 = geometry.resized
+            final_h, final_w = geometry.final
+            for k in np.flatnonzero(batch['box_mask'][slot]):
+                x1, y1, x2, y2 = batch['boxes'][slot, k].astype(np.float64)
+                if flip:
+                    x1, x2 = final_w - x2, final_w - x1
+                box = np.array([x1, y1, x2, y2])
+                if geometry.crop is not None:
+                    top, left, ch, cw = geometry.crop
+                    box = box / np.tile([final_w / cw, final_h / ch], 2) + [left, top, left, top]
+                box = box / np.tile([w1 / size[1], h1 / size[0]], 2)
+                category_id = CATEGORIES[batch['classes'][slot, k]]['id']
+                ((kind_box, _, kind),) = [o for o in objects if o[1] == category_id]
+                expected = coco.crop_mask(_object(size, kind_box, kind)[0], box, SIZE)
+                cut += np.abs(box - kind_box).max() > 1  # the window cut this box
+                np.testing.assert_array_equal(
+                    batch['masks'][slot, k], expected[:, ::-1] if flip else expected
+                )
+            crops += geometry.crop is not None
+    assert crops > 0 and cut > 0
+    it.close()
 
 
 # ----------------------------------------------------------------------------

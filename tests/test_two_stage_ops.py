@@ -9,7 +9,8 @@ import pytest
 
 from crossformer_jax.detection.anchors import AnchorGenerator
 from crossformer_jax.detection.assignment import IGNORED, NEGATIVE, POSITIVE
-from crossformer_jax.detection.boxes import MAX_LOG_SCALE
+from crossformer_jax.detection.boxes import CASCADE_BOX_STDS, MAX_LOG_SCALE, aligned_giou
+from crossformer_jax.detection.postprocess import regress_by_class
 from crossformer_jax.detection.proposals import generate_proposals
 from crossformer_jax.detection.sampling import sample
 from crossformer_jax.detection.two_stage_losses import (
@@ -49,17 +50,20 @@ def np_encode(anchors, boxes, stds=(1.0, 1.0, 1.0, 1.0)):
     return np.stack([dx, dy, np.log(gw / pw), np.log(gh / ph)], -1) / np.asarray(stds)
 
 
-def np_decode(anchors, deltas, height, width):
-    anchors, deltas = np.asarray(anchors, np.float64), np.asarray(deltas, np.float64)
+def np_decode(anchors, deltas, height=None, width=None, stds=(1.0, 1.0, 1.0, 1.0)):
+    """Decoded boxes, clipped to [0, width] x [0, height] when those are given."""
+    anchors = np.asarray(anchors, np.float64)
+    deltas = np.asarray(deltas, np.float64) * np.asarray(stds)
     px, py = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
     pw, ph = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
     dw = np.clip(deltas[:, 2], -MAX_LOG_SCALE, MAX_LOG_SCALE)
     dh = np.clip(deltas[:, 3], -MAX_LOG_SCALE, MAX_LOG_SCALE)
     gx, gy = px + pw * deltas[:, 0], py + ph * deltas[:, 1]
     gw, gh = pw * np.exp(dw), ph * np.exp(dh)
-    x1, x2 = np.clip(gx - gw / 2, 0, width), np.clip(gx + gw / 2, 0, width)
-    y1, y2 = np.clip(gy - gh / 2, 0, height), np.clip(gy + gh / 2, 0, height)
-    return np.stack([x1, y1, x2, y2], -1)
+    boxes = np.stack([gx - gw / 2, gy - gh / 2, gx + gw / 2, gy + gh / 2], -1)
+    if height is None:
+        return boxes
+    return np.clip(boxes, 0, [width, height, width, height])
 
 
 def np_proposals(objectness, deltas, height, width, pre_nms_top_k, iou_threshold, max_proposals):
@@ -419,6 +423,90 @@ def test_rcnn_targets_and_loss_match_reference_when_everything_is_sampled():
     np.testing.assert_allclose(stats['rcnn_cls'], total_ce / num_samples, rtol=1e-5)
     np.testing.assert_allclose(stats['rcnn_bbox'], total_l1 / num_samples, rtol=1e-5)
     np.testing.assert_allclose(loss, (total_ce + total_l1) / num_samples, rtol=1e-5)
+
+
+def np_giou(a, b):
+    """Aligned generalised IoU, (N, 4), (N, 4) -> (N,), float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    iw = np.maximum(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0)
+    ih = np.maximum(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0)
+    area = lambda box: (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])  # noqa: E731
+    union = area(a) + area(b) - iw * ih
+    hull = (np.maximum(a[:, 2], b[:, 2]) - np.minimum(a[:, 0], b[:, 0])) * (
+        np.maximum(a[:, 3], b[:, 3]) - np.minimum(a[:, 1], b[:, 1])
+    )
+    return iw * ih / union - (hull - union) / hull
+
+
+def test_aligned_giou():
+    boxes = np.asarray([[0, 0, 1, 1], [0, 0, 2, 2], [0, 0, 4, 2]], np.float32)
+    others = np.asarray([[2, 0, 3, 1], [0, 0, 2, 2], [1, 0, 3, 4]], np.float32)
+    # Disjoint: IoU 0, hull 3, union 2; identical: 1; overlapping: 4 / 12 - (16 - 12) / 16.
+    np.testing.assert_allclose(aligned_giou(boxes, others), [-1 / 3, 1, 4 / 12 - 4 / 16], 1e-6)
+    a, b = random_proposals(8, 50)
+    np.testing.assert_allclose(aligned_giou(a, b), np_giou(a, b), rtol=1e-5, atol=1e-6)
+    # Degenerate boxes: union and hull clamped to 1e-6, no NaN.
+    point = np.asarray([[5, 5, 5, 5]], np.float32)
+    assert np.isfinite(aligned_giou(point, point)).all()
+
+
+def test_giou_box_loss_decodes_the_own_class_deltas():
+    """rcnn_loss(box_loss='giou'): 10 x (1 - GIoU) of each positive's own-class deltas decoded
+    on its RoI (a cascade stage's stds, unclipped) against its gt, over the valid RoIs."""
+    proposals = random_proposals(4, 40)
+    stds = CASCADE_BOX_STDS[1]
+    targets = jax.jit(
+        lambda p, key: rcnn_targets(
+            p,
+            np.ones((2, 40), bool),
+            RCNN_GT_BOXES,
+            RCNN_GT_CLASSES,
+            RCNN_GT_VALID,
+            key,
+            num_classes=NUM_CLASSES,
+            num_samples=64,
+            iou_threshold=0.6,
+            box_stds=stds,
+        )
+    )(proposals, jax.random.key(5))
+    rng = np.random.default_rng(6)
+    class_logits = rng.normal(size=(2, 64, NUM_CLASSES + 1)).astype(np.float32)
+    box_deltas = rng.normal(size=(2, 64, NUM_CLASSES * 4)).astype(np.float32)
+    loss, stats = jax.jit(lambda *a: rcnn_loss(*a, box_loss='giou', box_stds=stds))(
+        class_logits, box_deltas, targets
+    )
+    positive, valid = np.asarray(targets['is_positive']), np.asarray(targets['valid'])
+    labels, rois = np.asarray(targets['labels']), np.asarray(targets['rois'])
+    gts = np.take_along_axis(RCNN_GT_BOXES, np.asarray(targets['matched_gt'])[..., None], axis=1)
+    np.testing.assert_array_equal(np.asarray(targets['matched_boxes'])[positive], gts[positive])
+    own = np.take_along_axis(
+        box_deltas.reshape(2, 64, NUM_CLASSES, 4),
+        np.minimum(labels, NUM_CLASSES - 1)[..., None, None],
+        axis=2,
+    )[:, :, 0]
+    decoded = np_decode(rois[positive], own[positive], stds=stds)
+    expected = 10 * np.sum(1 - np_giou(decoded, gts[positive])) / valid.sum()
+    assert 0 < positive.sum() < valid.sum()
+    np.testing.assert_allclose(stats['rcnn_bbox'], expected, rtol=1e-5)
+    np.testing.assert_allclose(loss, stats['rcnn_cls'] + expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="box_loss must be one of \\('l1', 'giou'\\), got 'l2'"):
+        rcnn_loss(class_logits, box_deltas, targets, box_loss='l2')
+
+
+def test_regress_by_class_moves_each_roi_by_its_label():
+    rois = random_proposals(9, 30)
+    rng = np.random.default_rng(10)
+    deltas = rng.normal(size=(2, 30, NUM_CLASSES * 4)).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, (2, 30)).astype(np.int32)
+    shapes = np.asarray([[60, 90], [100, 70]], np.int32)
+    stds = CASCADE_BOX_STDS[2]
+    moved = jax.jit(lambda *a: regress_by_class(*a, stds))(rois, deltas, labels, shapes)
+    for b in range(2):
+        own = deltas[b].reshape(30, NUM_CLASSES, 4)[np.arange(30), labels[b]]
+        expected = np_decode(rois[b], own, shapes[b, 0], shapes[b, 1], stds)
+        np.testing.assert_allclose(moved[b], expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r'rois and box_deltas must be \(2, 30, 4\)'):
+        regress_by_class(rois[:, :5], deltas, labels, shapes)
 
 
 def test_rcnn_targets_default_sampling_counts():

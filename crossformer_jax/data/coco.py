@@ -27,7 +27,7 @@ Batches are dicts of numpy arrays (b = B / n images of this process, M = max_box
 * ``box_mask`` bool (b, M): True for real boxes;
 * with ``config.data.masks`` (training only): ``masks`` uint8 (b, M, S, S), S =
   ``mask_size``: each box's instance mask cropped to the box and resized to S x S (``crop_mask``;
-  flipped with the image), zeros in padding slots;
+  cut by the crop window like the box, flipped with the image), zeros in padding slots;
 * evaluation also: ``image_id`` int64 (b,) (-1: padding), ``scale_factor`` float32 (b, 4)
   (``box_scale``: resized / original width and height for x1, y1, x2, y2; 1 for padding),
   ``mask`` bool (b,) (False: padding, or a corrupt image, which keeps its image_id); training
@@ -45,6 +45,31 @@ INTER_LINEAR) and rounded to uint8; boxes are scaled by each axis' ratio of the 
 (``box_scale``, as MMDetection does) and clipped to the resized image. Training flips
 horizontally with probability 0.5 (x1' = w - x2, x2' = w - x1).
 
+*Multi-scale training with crops* (``train_augment='multiscale_crop'``, ``MultiScaleCrop``; the
+3x recipe, see ``COCO_DEFAULTS``). Each training image takes one of two policies with
+probability 1/2: (a) resize (as above) to (L, s), s drawn from ``multiscale_short_sides``, L =
+max(image_scale); (b) resize to (L, s1), s1 drawn from ``crop_short_sides``, then crop a window
+of ch x cw pixels, ch drawn uniformly from the integers [min(h, lo), min(h, hi)] and cw from
+[min(w, lo), min(w, hi)] ((lo, hi) = ``crop_size_range``, h x w the resized image), its top-left
+corner uniform over the positions that keep it inside; then resize the window to (L, s2), s2
+drawn from ``multiscale_short_sides``. MMDetection's RandomCrop with crop_type 'absolute_range'
+and allow_negative_crop=True: boxes are shifted, clipped to the window, and those left without
+area (x2 <= x1 or y2 <= y1) are dropped with their classes and masks; an image left without any
+box still trains (all its box slots padding). The flip is applied last (MMDetection flips first;
+the window's offset is uniform, so the two are the same distribution). A ``Geometry`` records
+the sizes and the window of one image.
+
+*Canvases of the multi-scale images.* Batches are planned before anything is decoded, so the
+canvas of an image is its original orientation's, and a window of another orientation than its
+image (600 pixels high and 400 wide, cut from a landscape image) must still fit it. The final
+resize therefore also bounds the image by the canvas: height <= min(image_scale) and width <=
+max(image_scale) on a landscape canvas (transposed on a portrait one; ``resized_size(...,
+bounds=)``). An image or window of its canvas' orientation never meets the bound (its short
+side is s <= min(image_scale)); a window of the other orientation keeps MMDetection's size
+unless its long side would exceed the canvas' short side, and is then shrunk to it (that window
+at s2 = 800 becomes 800 x 533, height x width, instead of 1200 x 800): about 8% of the cropped
+images, 4% of all, on a simulated mix of COCO's usual image sizes.
+
 *Instance masks.* With ``config.data.masks`` the training annotations keep each box's COCO
 'segmentation' (polygons, uncompressed or compressed RLE), checked for its structure when the
 annotations load (``segmentation_error``; a bad one drops its annotation, counted). Each image's
@@ -57,8 +82,9 @@ landscape images and the portrait images with randomness of (seed, e), cuts each
 global batches (the last one of each group filled by wrapping around that group's permutation)
 and shuffles the list of global batches. Epochs follow each other endlessly. Global batch ``k``
 is the same on every process; process ``p`` of ``n`` takes its slots ``[p B/n, (p+1) B/n)``. The
-flip of each slot is drawn from (seed, epoch, batch, slot), so ``start_step=k`` resumes exactly at
-global batch ``k`` (bitwise) without decoding anything before it.
+flip of each slot is drawn from (seed, epoch, batch, slot), and so are its multi-scale sizes and
+window (a stream of its own per slot), so ``start_step=k`` resumes exactly at global batch ``k``
+(bitwise) without decoding anything before it.
 
 *Loading.* A thread pool (``num_parallel_calls`` threads, <= 0: one per CPU) reads, decodes and
 resizes the images of the next ``prefetch`` batches ahead; batches are assembled in order.
@@ -105,7 +131,11 @@ _DEFAULTS = types.MappingProxyType({**DATA_DEFAULTS, **COCO_DEFAULTS})
 
 # Domains of the stateless random streams (numpy SeedSequence entropy (seed, domain, ...)).
 ORDER_DOMAIN = 0  # per-epoch permutations of the groups and of the batches
-FLIP_DOMAIN = 1  # per-slot horizontal flips
+FLIP_DOMAIN = 1  # per-batch horizontal flips of the slots
+SCALE_CROP_DOMAIN = 2  # per-slot multi-scale sizes and crop windows
+
+# config.data.train_augment: the geometry of the training images (see the module doc).
+TRAIN_AUGMENTS = ('resize', 'multiscale_crop')
 
 
 def coco_field(cfg, name: str) -> Any:
@@ -414,14 +444,21 @@ def dataset_info(data_config) -> DatasetInfo:
 
 
 def resized_size(
-    height: int, width: int, scale: Sequence[int] = (1333, 800)
+    height: int,
+    width: int,
+    scale: Sequence[int] = (1333, 800),
+    bounds: Sequence[int] | None = None,
 ) -> tuple[int, int, float]:
     """(new height, new width, factor) of an image resized keeping its aspect ratio to fit
     scale (long and short side limits): factor = min(max(scale) / long side, min(scale) /
-    short side), new side = int(side * factor + 0.5) (mmcv's rescale rule)."""
+    short side), new side = int(side * factor + 0.5) (mmcv's rescale rule). With bounds
+    (max height, max width) the factor is also at most max height / height and max width /
+    width, so the result fits them too (a training canvas, see the module doc)."""
     if height < 1 or width < 1:
         raise ValueError(f'image size must be positive, got {height}x{width}')
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    if bounds is not None:
+        factor = min(factor, bounds[0] / height, bounds[1] / width)
     return int(height * factor + 0.5), int(width * factor + 0.5), factor
 
 
@@ -441,6 +478,95 @@ def bucket_shapes(
     short = -(-min(scale) // size_divisor) * size_divisor
     long = -(-max(scale) // size_divisor) * size_divisor
     return (short, long), (long, short)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Where the pixels of one training image go: resize the image to ``resized`` (height,
+    width); with a ``crop`` (top, left, height, width) window of the resized image, cut it out
+    and resize it to ``final`` (height, width); without one, ``final`` is ``resized``."""
+
+    resized: tuple[int, int]
+    crop: tuple[int, int, int, int] | None
+    final: tuple[int, int]
+
+    def __post_init__(self):
+        if self.crop is None and self.final != self.resized:
+            raise ValueError(f'{self}: without a crop the final size is the resized one')
+        if self.crop is not None:
+            top, left, height, width = self.crop
+            outside = top + height > self.resized[0] or left + width > self.resized[1]
+            if min(top, left) < 0 or min(height, width) < 1 or outside:
+                raise ValueError(f'{self}: the crop window must lie inside the resized image')
+
+
+def _sides(cfg, name: str, count: int | None = None) -> tuple[int, ...]:
+    """config.data.<name> as a tuple of positive ints (count of them, if given)."""
+    value = coco_field(cfg, name)
+    sides = tuple(value) if isinstance(value, (list, tuple)) else ()
+    if (
+        not sides
+        or (count is not None and len(sides) != count)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides)
+    ):
+        expected = f'{count} positive ints' if count else 'a non-empty tuple of positive ints'
+        raise ValueError(f'config.data.{name} must be {expected}, got {value!r}')
+    return sides
+
+
+def _choice(rng: np.random.Generator, values: Sequence[int]) -> int:
+    """One of values, uniformly."""
+    return values[rng.integers(len(values))]
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiScaleCrop:
+    """The numbers of the 'multiscale_crop' training geometry (see the module doc): the long
+    side limit of every resize, the short sides of the final resize, those of the resize before
+    a crop and the (min, max) crop side."""
+
+    long_side: int
+    short_sides: tuple[int, ...]
+    crop_short_sides: tuple[int, ...]
+    crop_size_range: tuple[int, int]
+
+    @classmethod
+    def from_config(cls, cfg) -> MultiScaleCrop:
+        """From config.data: long side max(image_scale); multiscale_short_sides (each at most
+        min(image_scale), the canvas' short side), crop_short_sides, crop_size_range (min <=
+        max). ValueError naming the field otherwise."""
+        scale = tuple(int(s) for s in coco_field(cfg, 'image_scale'))
+        short_sides = _sides(cfg, 'multiscale_short_sides')
+        if max(short_sides) > min(scale):
+            raise ValueError(
+                f'config.data.multiscale_short_sides {short_sides} must not exceed the short '
+                f'side of config.data.image_scale {scale} (the canvas)'
+            )
+        low, high = _sides(cfg, 'crop_size_range', 2)
+        if low > high:
+            raise ValueError(f'config.data.crop_size_range must be (min, max), got {(low, high)}')
+        return cls(max(scale), short_sides, _sides(cfg, 'crop_short_sides'), (low, high))
+
+    def draw(
+        self, height: int, width: int, rng: np.random.Generator, bounds: Sequence[int]
+    ) -> Geometry:
+        """The geometry of an image of height x width: the policy, sizes and window drawn from
+        rng; the final size also fits bounds (max height, max width): the canvas."""
+        if rng.random() < 0.5:  # policy (a): one multi-scale resize
+            scale = (self.long_side, _choice(rng, self.short_sides))
+            new_h, new_w, _ = resized_size(height, width, scale, bounds)
+            return Geometry((new_h, new_w), None, (new_h, new_w))
+        # policy (b): resize, crop, resize
+        scale = (self.long_side, _choice(rng, self.crop_short_sides))
+        resized_h, resized_w, _ = resized_size(height, width, scale)
+        low, high = self.crop_size_range
+        crop_h = int(rng.integers(min(resized_h, low), min(resized_h, high) + 1))
+        crop_w = int(rng.integers(min(resized_w, low), min(resized_w, high) + 1))
+        top = int(rng.integers(resized_h - crop_h + 1))
+        left = int(rng.integers(resized_w - crop_w + 1))
+        scale = (self.long_side, _choice(rng, self.short_sides))
+        new_h, new_w, _ = resized_size(crop_h, crop_w, scale, bounds)
+        return Geometry((resized_h, resized_w), (top, left, crop_h, crop_w), (new_h, new_w))
 
 
 # ----------------------------------------------------------------------------
@@ -505,25 +631,56 @@ def crop_mask(mask: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_example(
-    image: CocoImage, scale: Sequence[int], flip: bool, mask_size: int | None = None
+    image: CocoImage,
+    scale: Sequence[int],
+    flip: bool,
+    mask_size: int | None = None,
+    geometry: Geometry | None = None,
 ) -> dict[str, np.ndarray]:
-    """One image resized (and flipped) with its non-crowd boxes: {'image' uint8 (h, w, 3),
-    'boxes' float32 (n, 4) in resized pixels, 'classes' int32 (n,), 'scale_factor' float32 (4,)
-    (box_scale)}; with a mask_size S (the image loaded with masks=True) also 'masks' uint8
-    (n, S, S): each box's decoded segmentation cropped to the box in original pixels
-    (crop_mask; the crop maps onto the resized box), flipped left-right with the image.
+    """One image resized (cropped, resized again) and flipped with its non-crowd boxes: {'image'
+    uint8 (h, w, 3), 'boxes' float32 (n, 4) in final pixels, 'classes' int32 (n,),
+    'scale_factor' float32 (4,) (box_scale; the product of both resizes' with a crop)}; with a
+    mask_size S (the image loaded with masks=True) also 'masks' uint8 (n, S, S): each box's
+    decoded segmentation cropped to the box in original pixels (crop_mask; the crop maps onto the
+    final box), flipped left-right with the image.
+
+    geometry: the sizes and crop window (a Geometry, MultiScaleCrop.draw); None: resize to fit
+    scale. A crop shifts the boxes, clips them to the window and drops those left without area
+    (x2 <= x1 or y2 <= y1); a mask is then cropped to the part of its box inside the window.
 
     Raises CorruptImageError (see read_image), also when a segmentation cannot be decoded (the
     image is then skipped like a corrupt one).
     """
     pixels = read_image(image)
-    new_h, new_w, _ = resized_size(image.height, image.width, scale)
-    resized = resize_bilinear_uint8(pixels, new_h, new_w).numpy()
-    targets = ~image.crowd
-    factors = box_scale(image.height, image.width, new_h, new_w)
+    if geometry is None:
+        new_h, new_w, _ = resized_size(image.height, image.width, scale)
+        geometry = Geometry((new_h, new_w), None, (new_h, new_w))
+    resized_h, resized_w = geometry.resized
+    resized = resize_bilinear_uint8(pixels, resized_h, resized_w).numpy()
+    targets = np.flatnonzero(~image.crowd)  # the boxes that stay, as indices into image.boxes
+    factors = box_scale(image.height, image.width, resized_h, resized_w)
     boxes = image.boxes[targets] * factors
-    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, new_w)
-    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, new_h)
+    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, resized_w)
+    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, resized_h)
+    mask_boxes = image.boxes[targets]  # what each mask is cropped to, in original pixels
+    if geometry.crop is not None:
+        top, left, crop_h, crop_w = geometry.crop
+        offset = np.array([left, top, left, top], np.float32)
+        boxes = boxes - offset
+        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, crop_w)
+        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, crop_h)
+        kept = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, targets = boxes[kept], targets[kept]
+        mask_boxes = (boxes + offset) / factors  # the part of each box inside the window
+        final_h, final_w = geometry.final
+        final_factors = box_scale(crop_h, crop_w, final_h, final_w)
+        boxes = boxes * final_factors
+        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, final_w)
+        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, final_h)
+        window = resized[top : top + crop_h, left : left + crop_w]
+        resized = resize_bilinear_uint8(window, final_h, final_w).numpy()
+        factors = factors * final_factors
+    new_w = geometry.final[1]
     if flip:
         resized = resized[:, ::-1]
         boxes = np.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0], boxes[:, 3]], 1)
@@ -539,13 +696,13 @@ def load_example(
                 f'{image.path}: {len(image.segmentations)} segmentations for '
                 f'{len(image.boxes)} boxes (load the annotations with masks=True)'
             )
-        crops = np.zeros((int(targets.sum()), mask_size, mask_size), np.uint8)
-        for k, index in enumerate(np.flatnonzero(targets)):
+        crops = np.zeros((len(targets), mask_size, mask_size), np.uint8)
+        for k, index in enumerate(targets):
             try:
                 bitmap = decode_segmentation(image.segmentations[index], image.height, image.width)
             except ValueError as e:
                 raise CorruptImageError(f'box {index}: {e}') from e
-            crops[k] = crop_mask(bitmap, image.boxes[index], mask_size)
+            crops[k] = crop_mask(bitmap, mask_boxes[k], mask_size)
         example['masks'] = crops[:, :, ::-1] if flip else crops
     return example
 
@@ -557,11 +714,14 @@ def load_example(
 @dataclasses.dataclass(frozen=True)
 class GlobalBatch:
     """One global batch: image indices into the split (B,) (-1: padding), its canvas
-    orientation and the flips of its slots (B,) bool."""
+    orientation, the flips of its slots (B,) bool and, with the 'multiscale_crop' training
+    geometry, the Geometry of each slot (B of them; None: each image resized to fit
+    image_scale)."""
 
     indices: np.ndarray
     landscape: bool
     flips: np.ndarray
+    geometries: tuple[Geometry, ...] | None = None
 
 
 def _rng(*entropy: int) -> np.random.Generator:
@@ -608,17 +768,26 @@ class _BatchLoader:
         self.corrupt_files: set[str] = set()
         self.truncated_images = 0  # images with more than max_boxes boxes
 
-    def _load(self, index: int, flip: bool) -> dict[str, np.ndarray] | CorruptImageError:
+    def _load(
+        self, index: int, flip: bool, geometry: Geometry | None
+    ) -> dict[str, np.ndarray] | CorruptImageError:
         try:
-            return load_example(self.split.images[index], self._scale, flip, self._mask_size)
+            return load_example(
+                self.split.images[index], self._scale, flip, self._mask_size, geometry
+            )
         except CorruptImageError as e:
             return e
 
     def _submit(self, batch: GlobalBatch) -> None:
         local = slice(self._offset, self._offset + self.local_batch_size)
+        geometries = batch.geometries or (None,) * len(batch.indices)
         futures = [
-            None if index < 0 else self._executor.submit(self._load, int(index), bool(flip))
-            for index, flip in zip(batch.indices[local], batch.flips[local])
+            None
+            if index < 0
+            else self._executor.submit(self._load, int(index), bool(flip), geometry)
+            for index, flip, geometry in zip(
+                batch.indices[local], batch.flips[local], geometries[local]
+            )
         ]
         self._queue.append((batch, futures))
 
@@ -729,6 +898,14 @@ class TrainIterator(_BatchLoader):
         self.global_batch_size = global_batch_size
         self._seed = int(seed)
         self._hflip = bool(coco_field(cfg, 'hflip'))
+        augment = coco_field(cfg, 'train_augment')
+        if augment not in TRAIN_AUGMENTS:
+            raise ValueError(
+                f'config.data.train_augment must be one of {TRAIN_AUGMENTS}, got {augment!r}'
+            )
+        self._multiscale_crop = (
+            MultiScaleCrop.from_config(cfg) if augment == 'multiscale_crop' else None
+        )
         if coco_field(cfg, 'masks'):
             self._mask_size = int(coco_field(cfg, 'mask_size'))
             if self._mask_size < 1:
@@ -766,7 +943,21 @@ class TrainIterator(_BatchLoader):
             flips = _rng(self._seed, FLIP_DOMAIN, epoch, position).random(len(indices)) < 0.5
         else:
             flips = np.zeros(len(indices), bool)
-        return GlobalBatch(indices=indices, landscape=landscape, flips=flips)
+        geometries = None
+        if self._multiscale_crop is not None:
+            # The final image fits the canvas' (height, width) limits, the image_scale sides.
+            short, long = min(self._scale), max(self._scale)
+            bounds = (short, long) if landscape else (long, short)
+            geometries = tuple(
+                self._multiscale_crop.draw(
+                    self.split.images[index].height,
+                    self.split.images[index].width,
+                    _rng(self._seed, SCALE_CROP_DOMAIN, epoch, position, slot),
+                    bounds,
+                )
+                for slot, index in enumerate(indices)
+            )
+        return GlobalBatch(indices, landscape, flips, geometries)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self

@@ -66,6 +66,18 @@ COCO_DEFAULTS: Mapping[str, Any] = types.MappingProxyType(
         'size_divisor': 32,  # canvas sides are multiples of this
         'max_boxes': 100,  # boxes per image in a batch (an image with more keeps its first ones)
         'hflip': True,  # training: horizontal flip with probability 0.5
+        # The geometry of a training image (crossformer_jax/data/coco.py): 'resize' fits it into
+        # image_scale (the 1x recipe); 'multiscale_crop' is the 3x recipe of Swin Transformer's
+        # COCO configs (mask_rcnn_swin_*_mstrain_480-800_adamw_3x_coco.py), one of two policies
+        # per image with equal probability (MMDetection's AutoAugment): resize to a short side
+        # drawn from multiscale_short_sides; or resize to a short side drawn from
+        # crop_short_sides, crop a random window with sides drawn in crop_size_range (each at
+        # most the image's side), resize that to a short side drawn from multiscale_short_sides.
+        # Every resize keeps the aspect ratio with the long side at most max(image_scale).
+        'train_augment': 'resize',
+        'multiscale_short_sides': tuple(range(480, 801, 32)),  # 480, 512, ..., 800
+        'crop_short_sides': (400, 500, 600),
+        'crop_size_range': (384, 600),  # (min, max) crop height and width, inclusive
         # Training batches also carry each box's instance mask cropped to it, mask_size^2.
         'masks': False,
         'mask_size': 56,

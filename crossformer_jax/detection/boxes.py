@@ -15,8 +15,10 @@ import jax.numpy as jnp
 MAX_LOG_SCALE = abs(math.log(16 / 1000))
 
 
-# The R-CNN heads' box deltas are encoded with these standard deviations (means 0).
+# The R-CNN heads' box deltas are encoded with these standard deviations (means 0); a cascade's
+# stages halve and third them (its later stages see better-placed RoIs).
 RCNN_BOX_STDS = (0.1, 0.1, 0.2, 0.2)
+CASCADE_BOX_STDS = (RCNN_BOX_STDS, (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
 
 
 def _check_boxes(name: str, boxes: jax.Array) -> None:
@@ -45,6 +47,30 @@ def box_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
     union = area1 + area2 - inter
     positive = union > 0
     return jnp.where(positive, inter / jnp.where(positive, union, 1), 0)
+
+
+def aligned_giou(boxes1: jax.Array, boxes2: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """(..., 4), (..., 4) xyxy (broadcast) -> (...,) generalised IoU of each pair: IoU minus the
+    share of the smallest enclosing box outside the union, with the union and the enclosing area
+    clamped to at least eps (MMDetection's bbox_overlaps(mode='giou', is_aligned=True))."""
+    _check_boxes('boxes1', boxes1)
+    _check_boxes('boxes2', boxes2)
+    inner = jnp.clip(
+        jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
+        - jnp.maximum(boxes1[..., :2], boxes2[..., :2]),
+        0,
+    )
+    overlap = inner[..., 0] * inner[..., 1]
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    union = jnp.maximum(area1 + area2 - overlap, eps)
+    outer = jnp.clip(
+        jnp.maximum(boxes1[..., 2:], boxes2[..., 2:])
+        - jnp.minimum(boxes1[..., :2], boxes2[..., :2]),
+        0,
+    )
+    enclosing = jnp.maximum(outer[..., 0] * outer[..., 1], eps)
+    return overlap / union - (enclosing - union) / enclosing
 
 
 def encode_deltas(

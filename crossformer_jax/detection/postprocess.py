@@ -159,6 +159,28 @@ def multiclass_nms(
     )
 
 
+def regress_by_class(
+    rois: jax.Array,
+    box_deltas: jax.Array,
+    labels: jax.Array,
+    image_shapes: jax.Array,
+    box_stds: Sequence[float] = RCNN_BOX_STDS,
+) -> jax.Array:
+    """Each RoI moved by its label's deltas (a cascade stage's refinement; MMDetection's
+    BBoxHead.regress_by_class): rois (B, R, 4), box_deltas (B, R, 4 K), labels (B, R) int in
+    [0, K), image_shapes (B, 2) (height, width) -> (B, R, 4) boxes clipped to the image."""
+    batch, num_rois = labels.shape
+    if rois.shape != (batch, num_rois, 4) or box_deltas.shape[:2] != (batch, num_rois):
+        raise ValueError(
+            f'rois and box_deltas must be ({batch}, {num_rois}, 4) and ({batch}, {num_rois}, 4K) '
+            f'like labels, got {tuple(rois.shape)} and {tuple(box_deltas.shape)}'
+        )
+    per_class = box_deltas.astype(jnp.float32).reshape(batch, num_rois, -1, 4)
+    own = jnp.take_along_axis(per_class, labels[..., None, None], axis=2)[:, :, 0]
+    max_shape = jnp.asarray(image_shapes)[:, None, :].astype(jnp.float32)
+    return decode_deltas(rois.astype(jnp.float32), own, box_stds, max_shape)
+
+
 def rcnn_detect(
     class_logits: jax.Array,
     box_deltas: jax.Array,

@@ -12,8 +12,16 @@ import jax.numpy as jnp
 
 from crossformer_jax.detection.anchors import AnchorGenerator, flatten_levels, pad_shape
 from crossformer_jax.detection.assignment import IGNORED, POSITIVE, assign_anchors
-from crossformer_jax.detection.boxes import RCNN_BOX_STDS, encode_deltas
+from crossformer_jax.detection.boxes import (
+    RCNN_BOX_STDS,
+    aligned_giou,
+    decode_deltas,
+    encode_deltas,
+)
 from crossformer_jax.detection.sampling import sample
+
+BOX_LOSSES = ('l1', 'giou')
+GIOU_LOSS_WEIGHT = 10.0
 
 
 def check_ground_truth(
@@ -164,7 +172,8 @@ def rcnn_targets(
     image (at most pos_fraction positives). Returns, S = num_samples: indices (B, S) int32 into
     the G + P candidates (gts first, then proposals), rois (B, S, 4), labels
     (B, S) int32 (the matched gt's class for positives, num_classes (background) otherwise),
-    box_targets (B, S, 4) (deltas / box_stds of the matched gt; zero for the others), matched_gt
+    box_targets (B, S, 4) (deltas / box_stds of the matched gt; zero for the others),
+    matched_boxes (B, S, 4) (the matched gt box; the RoI itself for the others), matched_gt
     (B, S) int32 (the gt index of the positives, for the mask targets; 0 otherwise), is_positive
     and valid (B, S) bool (invalid slots: fewer candidates than S).
     """
@@ -210,6 +219,7 @@ def rcnn_targets(
             rois=rois,
             labels=jnp.where(positive, classes[matched_gt], num_classes).astype(jnp.int32),
             box_targets=encode_deltas(rois, targets, box_stds),
+            matched_boxes=targets,
             matched_gt=matched_gt,
             is_positive=positive,
             valid=sampled,
@@ -226,15 +236,25 @@ def rcnn_targets(
 
 
 def rcnn_loss(
-    class_logits: jax.Array, box_deltas: jax.Array, targets: dict[str, jax.Array]
+    class_logits: jax.Array,
+    box_deltas: jax.Array,
+    targets: dict[str, jax.Array],
+    *,
+    box_loss: str = 'l1',
+    box_stds: Sequence[float] = RCNN_BOX_STDS,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The box head's loss of a batch, float32.
 
     class_logits (B, S, K + 1) (background last), box_deltas (B, S, K * 4) (class k's deltas at
     4k..4k+3) of the RoIs of rcnn_targets, whose outputs `targets` are. Returns (cls + bbox,
-    dict(rcnn_cls=, rcnn_bbox=)): the softmax cross-entropy of the valid RoIs and the L1 of the
-    positives' own-class deltas, both divided by the batch's number of valid RoIs.
+    dict(rcnn_cls=, rcnn_bbox=)): the softmax cross-entropy of the valid RoIs and the box loss of
+    the positives' own-class deltas, both divided by the batch's number of valid RoIs. box_loss
+    'l1': L1 against the encoded targets; 'giou': GIOU_LOSS_WEIGHT x (1 - GIoU) of the deltas
+    decoded on the RoI (box_stds, unclipped) against the matched gt box (MMDetection's
+    reg_decoded_bbox with GIoULoss, as Swin Transformer's cascade heads).
     """
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f'box_loss must be one of {BOX_LOSSES}, got {box_loss!r}')
     labels, valid, positive = targets['labels'], targets['valid'], targets['is_positive']
     batch, slots = labels.shape
     num_classes = class_logits.shape[-1] - 1
@@ -258,8 +278,13 @@ def rcnn_loss(
     per_class = box_deltas.astype(jnp.float32).reshape(batch, slots, num_classes, 4)
     own_class = jnp.clip(labels, 0, num_classes - 1)[..., None, None]
     own_deltas = jnp.take_along_axis(per_class, own_class, axis=2)[:, :, 0]  # (B, S, 4)
-    l1 = jnp.abs(own_deltas - targets['box_targets'])
-    bbox = jnp.sum(jnp.where(positive[..., None], l1, 0.0)) / avg_factor
+    if box_loss == 'l1':
+        l1 = jnp.sum(jnp.abs(own_deltas - targets['box_targets']), axis=-1)
+        bbox = jnp.sum(jnp.where(positive, l1, 0.0)) / avg_factor
+    else:
+        boxes = decode_deltas(targets['rois'].astype(jnp.float32), own_deltas, box_stds)
+        giou = aligned_giou(boxes, targets['matched_boxes'])
+        bbox = GIOU_LOSS_WEIGHT * jnp.sum(jnp.where(positive, 1 - giou, 0.0)) / avg_factor
     return cls + bbox, dict(rcnn_cls=cls, rcnn_bbox=bbox)
 
 

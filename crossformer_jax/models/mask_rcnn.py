@@ -384,6 +384,11 @@ class MaskRCNN(nn.Module):
             self.dtype,
         )
 
+    @property
+    def num_stages(self) -> int:
+        """The R-CNN stages: 3 for a cascade, else 1."""
+        return NUM_CASCADE_STAGES if self.cascade else 1
+
     def features(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
         self.backbone.check_images(images)
         return tuple(self.neck(self.backbone(images, train)))

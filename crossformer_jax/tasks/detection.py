@@ -138,10 +138,9 @@ class DetectionTask(Task):
         )
 
     def init_variables(self, model: nn.Module, rng: jax.Array) -> dict[str, Any]:
-        images = jnp.zeros(
-            (1, 64, 64, 3), jnp.float32
-        )  # the parameters' shapes do not depend on it
-        return {'params': model.init(rng, images)['params']}
+        """Parameters and, for a cascade, its box heads' BatchNorm statistics (their shapes do
+        not depend on the image size)."""
+        return dict(model.init(rng, jnp.zeros((1, 64, 64, 3), jnp.float32)))
 
     def create_train_iterator(self, config, *, start_step):
         return coco.create_train_iterator(

@@ -30,6 +30,7 @@ import numpy as np
 
 from crossformer_jax.data import coco
 from crossformer_jax.detection import mask_targets, postprocess, proposals, two_stage_losses
+from crossformer_jax.detection.boxes import CASCADE_BOX_STDS
 from crossformer_jax.evaluators import coco as coco_evaluator
 from crossformer_jax.models import mask_rcnn
 from crossformer_jax.tasks.base import backbone_transfer, model_overrides
@@ -41,10 +42,13 @@ TWO_STAGE_DEFAULTS = dict(
     train_proposals=1000,  # proposals kept per image, training
     test_pre_nms_top_k=1000,
     test_proposals=1000,
-    rcnn_samples=512,  # RoIs sampled per image for the R-CNN heads
+    rcnn_samples=512,  # RoIs sampled per image for the R-CNN heads (each stage)
+    rcnn_box_loss='l1',  # or 'giou' (Swin Transformer's cascade heads): see rcnn_loss
 )
 RPN_NMS_IOU = 0.7
 RCNN_POSITIVE_FRACTION = 0.25
+# Each R-CNN stage's (positive IoU threshold, loss weight): Mask R-CNN has the first only.
+RCNN_STAGES = ((0.5, 1.0), (0.6, 0.5), (0.7, 0.25))
 MASK_SIZE = 2 * mask_rcnn.MASK_ROI_SIZE  # the mask head's 28 x 28 outputs
 
 
@@ -52,7 +56,9 @@ def segment_step(
     variables, batch, *, model, data_config, pre_nms_top_k: int, max_proposals: int
 ) -> dict[str, jax.Array]:
     """Detections and their mask probabilities (B, 100, 28, 28) of an evaluation batch, boxes in
-    original image pixels, with the batch's 'image_id' and 'mask' passed through."""
+    original image pixels, with the batch's 'image_id' and 'mask' passed through. A cascade
+    refines the proposals stage by stage (each RoI by its best class), averages the stages'
+    class logits, decodes the last stage's deltas and averages the stages' mask probabilities."""
     images = normalize_canvas(
         batch['image'], batch['image_size'], data_config.mean, data_config.std
     )
@@ -67,11 +73,31 @@ def segment_step(
         iou_threshold=RPN_NMS_IOU,
         max_proposals=max_proposals,
     )
-    class_logits, box_deltas = model.apply(variables, levels, rois, method='box_head')
-    found = postprocess.rcnn_detect(class_logits, box_deltas, rois, valid, batch['image_size'])
-    mask_logits = model.apply(variables, levels, found['boxes'], method='mask_head')
+    stages = range(model.num_stages)
+    logits_sum = 0.0
+    for stage in stages:
+        class_logits, box_deltas = model.apply(variables, levels, rois, stage, method='box_head')
+        logits_sum = logits_sum + class_logits
+        if stage + 1 < model.num_stages:
+            labels = jnp.argmax(class_logits[..., :-1], axis=-1)
+            rois = postprocess.regress_by_class(
+                rois, box_deltas, labels, batch['image_size'], CASCADE_BOX_STDS[stage]
+            )
+    found = postprocess.rcnn_detect(
+        logits_sum / model.num_stages,
+        box_deltas,
+        rois,
+        valid,
+        batch['image_size'],
+        box_stds=CASCADE_BOX_STDS[model.num_stages - 1],
+    )
     classes = jnp.maximum(found['classes'], 0)[:, :, None, None, None]
-    found['masks'] = jax.nn.sigmoid(jnp.take_along_axis(mask_logits, classes, axis=-1)[..., 0])
+    probabilities = [
+        jax.nn.sigmoid(model.apply(variables, levels, found['boxes'], stage, method='mask_head'))
+        for stage in stages
+    ]
+    masks = sum(probabilities) / model.num_stages
+    found['masks'] = jnp.take_along_axis(masks, classes, axis=-1)[..., 0]
     found['boxes'] = found['boxes'] / batch['scale_factor'][:, None, :]
     return found | {'image_id': batch['image_id'], 'mask': batch['mask']}
 
@@ -90,12 +116,7 @@ class InstanceSegmentationTask(DetectionTask):
 
     @classmethod
     def check_model(cls, config: ml_collections.ConfigDict) -> None:
-        kwargs = mask_rcnn.mask_rcnn_config(config.model.name, **model_overrides(config))
-        if kwargs['cascade']:
-            raise ValueError(
-                f'{config.model.name}: training and evaluating the cascade is not supported yet '
-                '(its conversion, verification and export are)'
-            )
+        mask_rcnn.mask_rcnn_config(config.model.name, **model_overrides(config))
         if not coco.coco_field(config.data, 'masks'):
             raise ValueError('config.data.masks must be True: Mask R-CNN trains on the masks')
 
@@ -107,11 +128,23 @@ class InstanceSegmentationTask(DetectionTask):
             raise ValueError(
                 f'unknown config.two_stage field(s) {unknown}; known: {sorted(TWO_STAGE_DEFAULTS)}'
             )
-        two_stage = tuple({**TWO_STAGE_DEFAULTS, **changes}.items())
+        settings = {**TWO_STAGE_DEFAULTS, **changes}
+        for name, value in settings.items():
+            if name == 'rcnn_box_loss':
+                if value not in two_stage_losses.BOX_LOSSES:
+                    raise ValueError(
+                        f'config.two_stage.rcnn_box_loss must be one of '
+                        f'{two_stage_losses.BOX_LOSSES}, got {value!r}'
+                    )
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f'config.two_stage.{name} must be a positive integer, got {value!r}'
+                )
+        two_stage = tuple(settings.items())
         return cls(num_classes=num_classes, data=config.data, two_stage=two_stage)
 
-    def setting(self, name: str) -> int:
-        """One of the two_stage counts."""
+    def setting(self, name: str) -> int | str:
+        """One of the two_stage settings."""
         return dict(self.two_stage)[name]
 
     def train_batch_spec(self, config, batch_size):
@@ -123,13 +156,13 @@ class InstanceSegmentationTask(DetectionTask):
 
     def loss(self, model, params, model_state, batch, rng):
         variables = {'params': params, **model_state}
-        path_rng, rpn_rng, rcnn_rng = jax.random.split(rng, 3)
+        path_rng, rpn_rng, *stage_rngs = jax.random.split(rng, 2 + model.num_stages)
         sizes, gt_boxes, gt_valid = batch['image_size'], batch['boxes'], batch['box_mask']
         levels = model.apply(
             variables, batch['image'], True, method='features', rngs={'dropout': path_rng}
         )
         objectness, deltas = model.apply(variables, levels, method='rpn')
-        rpn_loss, _ = two_stage_losses.rpn_loss(
+        total, _ = two_stage_losses.rpn_loss(
             objectness, deltas, model.rpn_anchor_generator, gt_boxes, gt_valid, sizes, rpn_rng
         )
         rois, _, valid = proposals.generate_proposals(
@@ -141,32 +174,68 @@ class InstanceSegmentationTask(DetectionTask):
             iou_threshold=RPN_NMS_IOU,
             max_proposals=self.setting('train_proposals'),
         )
-        targets = two_stage_losses.rcnn_targets(
-            rois,
-            valid,
-            gt_boxes,
-            batch['classes'],
-            gt_valid,
-            rcnn_rng,
-            num_classes=model.num_classes,
-            num_samples=self.setting('rcnn_samples'),
-            pos_fraction=RCNN_POSITIVE_FRACTION,
-        )
-        class_logits, box_deltas = model.apply(
-            variables, levels, targets['rois'], 0, True, method='box_head'
-        )
-        rcnn_loss, _ = two_stage_losses.rcnn_loss(class_logits, box_deltas, targets)
+        num_samples = self.setting('rcnn_samples')
         # The sampler puts the positives (at most a quarter) in the first slots.
-        most = int(self.setting('rcnn_samples') * RCNN_POSITIVE_FRACTION)
-        positives = {k: v[:, :most] for k, v in targets.items()}
-        mask_logits = model.apply(variables, levels, positives['rois'], method='mask_head')
-        truth = mask_targets.mask_targets(
-            batch['masks'], gt_boxes, positives['rois'], positives['matched_gt'], size=MASK_SIZE
-        )
-        mask_loss = two_stage_losses.mask_loss(
-            mask_logits, truth, positives['labels'], positives['is_positive']
-        )
-        return rpn_loss + rcnn_loss + mask_loss, model_state
+        most_positives = int(num_samples * RCNN_POSITIVE_FRACTION)
+        for stage in range(model.num_stages):
+            iou_threshold, weight = RCNN_STAGES[stage]
+            box_stds = CASCADE_BOX_STDS[stage]
+            targets = two_stage_losses.rcnn_targets(
+                rois,
+                valid,
+                gt_boxes,
+                batch['classes'],
+                gt_valid,
+                stage_rngs[stage],
+                num_classes=model.num_classes,
+                num_samples=num_samples,
+                pos_fraction=RCNN_POSITIVE_FRACTION,
+                iou_threshold=iou_threshold,
+                box_stds=box_stds,
+            )
+            # BatchNorm in the cascade's box heads: batch statistics, running ones updated.
+            (class_logits, box_deltas), updates = model.apply(
+                variables,
+                levels,
+                targets['rois'],
+                stage,
+                True,
+                method='box_head',
+                mutable=['batch_stats'],
+            )
+            variables = {**variables, **updates}
+            box_loss, _ = two_stage_losses.rcnn_loss(
+                class_logits,
+                box_deltas,
+                targets,
+                box_loss=self.setting('rcnn_box_loss'),
+                box_stds=box_stds,
+            )
+            positives = {k: v[:, :most_positives] for k, v in targets.items()}
+            mask_logits = model.apply(
+                variables, levels, positives['rois'], stage, method='mask_head'
+            )
+            truth = mask_targets.mask_targets(
+                batch['masks'], gt_boxes, positives['rois'], positives['matched_gt'], size=MASK_SIZE
+            )
+            mask_loss = two_stage_losses.mask_loss(
+                mask_logits, truth, positives['labels'], positives['is_positive']
+            )
+            total = total + weight * (box_loss + mask_loss)
+            if stage + 1 < model.num_stages:
+                # The next stage's proposals: this stage's sampled RoIs but the ground truths,
+                # moved by their class's deltas (the background ones by their best class's).
+                class_logits, box_deltas = jax.lax.stop_gradient((class_logits, box_deltas))
+                labels = jnp.where(
+                    targets['labels'] == model.num_classes,
+                    jnp.argmax(class_logits[..., :-1], axis=-1),
+                    targets['labels'],
+                )
+                rois = postprocess.regress_by_class(
+                    targets['rois'], box_deltas, labels, sizes, box_stds
+                )
+                valid = targets['valid'] & (targets['indices'] >= gt_boxes.shape[1])
+        return total, {k: v for k, v in variables.items() if k != 'params'}
 
     def eval_program(self, model, config):
         evaluate, inputs, images, batched = super().eval_program(model, config)
