@@ -2,6 +2,7 @@
 every subpackage and data file and runs from outside the checkout."""
 
 import ast
+import glob
 import os
 import pathlib
 import shutil
@@ -106,6 +107,29 @@ def test_the_model_path_does_not_import_torch_or_the_cpu_plug_in():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == 'False'
+
+
+def test_importing_the_library_and_configs_starts_no_backend():
+    """Importing every module of the package and the configs creates no array: a multi-process
+    run loads its config before jax.distributed.initialize, which must come before any backend
+    starts."""
+    names = sorted(n for n in package_modules() if not n.startswith('crossformer_jax.reference'))
+    configs = sorted(
+        os.path.relpath(path, REPO)[:-3].replace(os.sep, '.')
+        for path in glob.glob(os.path.join(REPO, 'configs', '**', '*.py'), recursive=True)
+    )
+    code = (
+        'import importlib, sys\n'
+        f'for name in {names + configs!r}:\n'
+        '    importlib.import_module(name)\n'
+        'from jax._src import xla_bridge\n'
+        'print(sorted(xla_bridge._backends))'
+    )
+    result = subprocess.run(
+        [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == '[]'
 
 
 @pytest.fixture(scope='module')

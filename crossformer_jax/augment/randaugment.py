@@ -33,6 +33,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -246,7 +247,9 @@ def _rotation(degrees: jax.Array, height: int, width: int) -> jax.Array:
 # ----------------------------------------------------------------------------
 # Lookup tables (PIL ImageOps / ImageEnhance)
 
-_VALUES = jnp.arange(256, dtype=jnp.float32)
+# A NumPy constant: a jnp array here would start the XLA backend when the module is imported
+# (before a multi-process run's jax.distributed.initialize).
+_VALUES = np.arange(256, dtype=np.float32)
 
 
 def _histograms(image: jax.Array) -> jax.Array:
