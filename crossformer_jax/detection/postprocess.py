@@ -1,6 +1,6 @@
 """Test-time post-processing on the device, with fixed output shapes: `detect` (RetinaNet),
 `rcnn_detect` (a two-stage detector's box head) and the class-wise NMS they share,
-`multiclass_nms`.
+`multiclass_nms`; `regress_by_class` moves RoIs by their class's deltas (a cascade's stages).
 
 detect() follows MMDetection's RetinaHead.get_bboxes + multiclass_nms:
 

@@ -12,6 +12,12 @@ to its box (`masks` (B, M, S, S), config.data.masks). One train step:
 4. masks: the positive RoIs (the first 128 sampled slots hold them) through the mask head, binary
    cross-entropy of their class's 28 x 28 logits against the ground truth resampled onto them.
 
+Cascade Mask R-CNN repeats steps 3 and 4 for its three stages (RCNN_STAGES: IoU 0.5 / 0.6 /
+0.7, loss weights 1 / 0.5 / 0.25; boxes.CASCADE_BOX_STDS), each stage's proposals being the
+previous stage's sampled RoIs without the ground truths it added, moved by their class's deltas
+(postprocess.regress_by_class); its box heads' BatchNorm statistics are the train state's
+model_state. config.two_stage.rcnn_box_loss 'giou' regresses decoded boxes (Swin's cascade).
+
 Evaluation: proposals (1000 per level, 1000 kept), the box head, `rcnn_detect` (score > 0.05,
 NMS 0.5, 100 per image), the mask head on the detected boxes, each detection's class mask as
 probabilities (B, 100, 28, 28); the host pastes them into the original image at 0.5.
